@@ -1,0 +1,311 @@
+"""One typed config tree: ``conf/*.yaml`` + environment overlay + ``--set`` overrides.
+
+Load order (later wins):
+  1. the dataclass defaults below,
+  2. the YAML file given with ``--conf`` (default ``conf/local.yaml``),
+  3. environment variables ``DELTAREC__SECTION__KEY=value`` (double underscores),
+  4. ``--set section.key=value`` on the command line.
+
+Unknown keys and badly typed values fail with a :class:`ConfigError` that names
+the dotted key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, env var or override that does not fit the schema."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class SparkConfig:
+    master: str | None = "local[2]"  # None: keep what spark-submit / the platform set
+    app_name: str = "deltarec"
+    shuffle_partitions: int = 4
+    driver_memory: str = "4g"
+    conf: dict[str, str] = field(default_factory=dict)  # any extra spark.* settings
+
+
+@dataclass
+class LakeConfig:
+    root: str = "./lake"
+    engine: str = field(default="auto", metadata=_choices("auto", "delta-rs", "delta-spark"))
+    # Delta tables (relative to root) and the checkpoint area.
+    events_table: str = "behavior_events"
+    items_table: str = "items"
+    quarantine_table: str = "quarantine_events"
+    examples_table: str = "training_examples"
+    runs_table: str = "runs"
+    checkpoints_dir: str = "checkpoints"
+
+
+@dataclass
+class ColumnMapping:
+    """Source column (or null) for each field of deltarec's behaviour schema."""
+
+    event_id: str | None = None  # None: derived from a hash of the mapped row
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    event_time: str = "event_time"
+    order_id: str | None = None
+    quantity: str | None = None
+    price: str | None = None
+    rating: str | None = None
+    item_text: str | None = None
+    event_type: str | None = None  # None: every row is `default_event_type`
+    default_event_type: str = "purchase"
+    cancel_prefix: str | None = None  # order ids starting with it are cancellations
+
+
+@dataclass
+class DemoConfig:
+    enabled: bool = False
+    data_path: str = "../shared/data/online_retail/online_retail.parquet"
+    columns: ColumnMapping = field(
+        default_factory=lambda: ColumnMapping(
+            user_id="CustomerID", item_id="StockCode", event_time="InvoiceDate",
+            order_id="InvoiceNo", quantity="Quantity", price="UnitPrice",
+            item_text="Description", cancel_prefix="C",
+        )
+    )
+    nights: int = 4  # days replayed one at a time after the first load
+    history_days: int = 0  # days in the first load; 0: all days before the nights
+    max_days: int = 0  # 0: use the whole file; else only the first N days of it
+    synthetic_users: int = 300
+    synthetic_items: int = 200
+    synthetic_days: int = 30
+    seed: int = 7
+
+
+@dataclass
+class ValidationConfig:
+    max_quarantine_fraction: float = 0.6  # fail the run above this share of bad rows
+    future_tolerance_minutes: int = 60
+    horizon_days: int = 0  # 0: no age limit; else events older than this are late
+    allowed_event_types: list[str] = field(default_factory=lambda: ["purchase", "click", "rating"])
+
+
+@dataclass
+class FeaturesConfig:
+    user_buckets: int = 16384
+    item_buckets: int = 8192
+    negatives: int = 4
+    seed: int = 1234
+    salt: str = ""  # optional salt for user-id hashing
+
+
+@dataclass
+class ModelConfig:
+    name: str = field(default="ranking", metadata=_choices("ranking"))
+    embedding_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    backend: str = field(default="horovod", metadata=_choices("horovod", "torch", "local"))
+    num_proc: int = 2
+    use_gpu: bool = False
+    optimizer: str = field(default="adam", metadata=_choices("sgd", "adagrad", "rmsprop", "adam", "adamw"))
+    lr: float = 0.003
+    weight_decay: float = 0.0
+    batch_size: int = 1024  # global batch: split across workers
+    epochs: int = 1
+    full_epochs: int = 2  # epochs for the first (full) training
+    seed: int = 42
+    grad_clip: float = 0.0  # 0: no clipping
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    k: int = 10
+    popularity_days: int = 7
+
+
+@dataclass
+class Config:
+    env: str = "local"
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    lake: LakeConfig = field(default_factory=LakeConfig)
+    source: ColumnMapping = field(default_factory=ColumnMapping)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+                raise ConfigError(f"unknown config key {dotted!r}")
+            node = getattr(node, part)
+        return node
+
+
+# ---------------------------------------------------------------- loading
+
+ENV_PREFIX = "DELTAREC__"
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config tree from a YAML file, env vars and ``a.b=c`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (pass --conf conf/local.yaml or another file)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top, got {type(loaded).__name__}")
+        raw = loaded
+    environ = os.environ if environ is None else environ
+    for key in sorted(k for k in environ if k.startswith(ENV_PREFIX)):
+        dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
+        _set_dotted(raw, dotted, yaml.safe_load(environ[key]), source=f"environment variable {key}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.01)")
+        dotted, value = item.split("=", 1)
+        _set_dotted(raw, dotted.strip(), yaml.safe_load(value) if value != "" else None, source=f"--set {item}")
+    return _build(Config, raw, "")
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: {part!r} in {dotted!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix + unknown[0]!r}; keys allowed in {where}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], prefix + name, f)
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str, f: dataclasses.Field | None = None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, f)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            raise ConfigError(f"{key} must be set (a string), got null")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        value = str(value)
+        choices = (f.metadata.get("choices") if f is not None else None) or ()
+        if choices and value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    return value
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    """Range checks that types alone cannot express."""
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"{prefix}{name} = {getattr(obj, name)!r} is invalid: {why}")
+
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        v = getattr(obj, f.name)
+        if choices and v not in choices:
+            raise bad(f.name, f"must be one of {', '.join(choices)}")
+    if isinstance(obj, TrainConfig):
+        for name in ("num_proc", "batch_size", "epochs", "full_epochs"):
+            if getattr(obj, name) < 1:
+                raise bad(name, "must be at least 1")
+        if obj.lr <= 0:
+            raise bad("lr", "must be > 0")
+        if obj.batch_size % obj.num_proc:
+            raise bad("batch_size", f"the global batch must divide evenly across train.num_proc={obj.num_proc} workers")
+    if isinstance(obj, FeaturesConfig):
+        for name in ("user_buckets", "item_buckets"):
+            if getattr(obj, name) < 2:
+                raise bad(name, "must be at least 2")
+        if obj.negatives < 0:
+            raise bad("negatives", "must be >= 0")
+    if isinstance(obj, ValidationConfig) and not 0.0 <= obj.max_quarantine_fraction <= 1.0:
+        raise bad("max_quarantine_fraction", "must be between 0 and 1")
+    if isinstance(obj, DemoConfig) and obj.nights < 0:
+        raise bad("nights", "must be >= 0")
+    if isinstance(obj, ModelConfig) and obj.embedding_dim < 1:
+        raise bad("embedding_dim", "must be at least 1")
+    if isinstance(obj, LakeConfig) and not obj.root:
+        raise bad("root", "must name a directory or URI")

@@ -1,0 +1,104 @@
+"""Embedded lake engine: delta-rs (PyPI ``deltalake``), no JVM jars needed.
+
+Spark still does the transforms; Delta reads/writes go through Arrow on the
+driver, which is the right trade on one machine.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from .engine import LakeEngine, LakeError, ConcurrentRunError, Data, plain_strings, to_arrow
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+
+class DeltaRsEngine(LakeEngine):
+    name = "delta-rs"
+
+    def _table(self, table: str, version: int | None = None):
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            dt = DeltaTable(self.uri(table))
+        except TableNotFoundError:
+            raise LakeError(f"Delta table {table!r} does not exist at {self.uri(table)}") from None
+        if version is not None:
+            if version < 0 or version > dt.version():
+                raise LakeError(f"table {table!r} has versions 0..{dt.version()}, not {version}")
+            dt.load_as_version(version)
+        return dt
+
+    def exists(self, table: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(self.uri(table))
+
+    def version(self, table: str) -> int | None:
+        return self._table(table).version() if self.exists(table) else None
+
+    def read_arrow(self, table: str, version: int | None = None, filters: list | None = None) -> pa.Table:
+        return plain_strings(self._table(table, version).to_pyarrow_table(filters=filters))
+
+    def read(self, table: str, version: int | None = None) -> "DataFrame":
+        return self._to_spark(self.read_arrow(table, version))
+
+    def read_changes(self, table: str, first: int, last: int) -> "DataFrame":
+        dt = self._table(table)
+        if first > last or last > dt.version():
+            raise LakeError(f"change feed of {table!r}: bad version range {first}..{last} (latest {dt.version()})")
+        cdf = pa.RecordBatchReader.from_stream(dt.load_cdf(starting_version=first, ending_version=last)).read_all()
+        return self._to_spark(plain_strings(cdf))
+
+    def data_files(self, table: str, partition: dict[str, str] | None = None) -> list[str]:
+        filters = [(k, "=", v) for k, v in (partition or {}).items()] or None
+        return self._table(table).file_uris(partition_filters=filters)
+
+    def history(self, table: str) -> list[dict[str, Any]]:
+        return self._table(table).history()
+
+    def create(self, table: str, schema: pa.Schema, partition_by: list[str] | None = None,
+               enable_cdf: bool = False) -> None:
+        from deltalake import DeltaTable
+
+        if not self.exists(table):
+            configuration = {"delta.enableChangeDataFeed": "true"} if enable_cdf else None
+            DeltaTable.create(self.uri(table), schema, mode="ignore", partition_by=partition_by,
+                              configuration=configuration)
+
+    def write(self, table, data: Data, *, mode="append", partition_by=None, replace_where=None,
+              enable_cdf=False, schema=None) -> int:
+        from deltalake import write_deltalake
+
+        arrow = to_arrow(data, schema)
+        configuration = {"delta.enableChangeDataFeed": "true"} if enable_cdf and not self.exists(table) else None
+        write_deltalake(
+            self.uri(table), arrow, mode=mode, partition_by=partition_by,
+            predicate=replace_where, configuration=configuration,
+        )
+        return self._table(table).version()
+
+    def merge(self, table: str, data: Data, on: list[str], *, update: bool) -> dict[str, int]:
+        from deltalake.exceptions import CommitFailedError
+
+        arrow = to_arrow(data)
+        predicate = " AND ".join(f"t.{c} = s.{c}" for c in on)
+        merger = self._table(table).merge(arrow, predicate, source_alias="s", target_alias="t")
+        if update:
+            merger = merger.when_matched_update_all()
+        try:
+            metrics = merger.when_not_matched_insert_all().execute()
+        except CommitFailedError as e:
+            raise ConcurrentRunError(f"MERGE into {table!r} lost to a concurrent commit: {e}") from e
+        return {"inserted": int(metrics.get("num_target_rows_inserted", 0)),
+                "updated": int(metrics.get("num_target_rows_updated", 0))}
+
+    def delete(self, table: str, predicate: str) -> int:
+        return int(self._table(table).delete(predicate).get("num_deleted_rows", 0))
+
+    def _to_spark(self, arrow: pa.Table) -> "DataFrame":
+        spark = self._require_spark()
+        return spark.createDataFrame(arrow)

@@ -1,0 +1,138 @@
+"""The lake interface. Everything above ``deltarec.lake`` talks to this, never to
+delta-rs or delta-spark directly, so the two engines stay interchangeable.
+
+Tables are addressed by name relative to the lake root. Data goes in as a
+Spark DataFrame or a pyarrow Table; bulk reads come back as Spark DataFrames,
+small tables (ledger, items) also as Arrow.
+"""
+from __future__ import annotations
+
+import abc
+import os
+from typing import TYPE_CHECKING, Any, Union
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+Data = Union["DataFrame", pa.Table]
+
+# Columns every change-feed read returns besides the table's own.
+CHANGE_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
+
+
+class LakeError(RuntimeError):
+    """A lake operation that cannot go on; the message says what to do."""
+
+
+class ConcurrentRunError(LakeError):
+    """Another run committed the same input versions first."""
+
+
+class LakeEngine(abc.ABC):
+    name: str = "?"
+
+    def __init__(self, root: str, spark: "SparkSession | None" = None):
+        self.root = _normalise_root(root)
+        self.spark = spark
+
+    # ------------------------------------------------------------ addressing
+    def uri(self, table: str) -> str:
+        return f"{self.root}/{table}" if "://" in self.root else os.path.join(self.root, table)
+
+    def _require_spark(self) -> "SparkSession":
+        if self.spark is None:
+            raise LakeError(f"the {self.name} engine needs a SparkSession for this operation; pass spark=")
+        return self.spark
+
+    # ------------------------------------------------------------ reads
+    @abc.abstractmethod
+    def exists(self, table: str) -> bool: ...
+
+    @abc.abstractmethod
+    def version(self, table: str) -> int | None:
+        """Latest committed version, or None when the table does not exist."""
+
+    @abc.abstractmethod
+    def read(self, table: str, version: int | None = None) -> "DataFrame":
+        """The table (as of ``version``: time travel) as a Spark DataFrame."""
+
+    @abc.abstractmethod
+    def read_arrow(self, table: str, version: int | None = None, filters: list | None = None) -> pa.Table:
+        """A small table, or a filtered slice of one, into driver memory."""
+
+    @abc.abstractmethod
+    def read_changes(self, table: str, first: int, last: int) -> "DataFrame":
+        """Change Data Feed rows of versions first..last (inclusive) with CHANGE_COLUMNS."""
+
+    @abc.abstractmethod
+    def data_files(self, table: str, partition: dict[str, str] | None = None) -> list[str]:
+        """Parquet files of the current snapshot (of one partition): what workers read."""
+
+    @abc.abstractmethod
+    def history(self, table: str) -> list[dict[str, Any]]: ...
+
+    # ------------------------------------------------------------ writes
+    @abc.abstractmethod
+    def write(
+        self,
+        table: str,
+        data: Data,
+        *,
+        mode: str = "append",
+        partition_by: list[str] | None = None,
+        replace_where: str | None = None,
+        enable_cdf: bool = False,
+        schema: pa.Schema | None = None,
+    ) -> int:
+        """Append or overwrite (all, or only rows matching ``replace_where``);
+        returns the new version. ``enable_cdf`` turns the change feed on when the
+        table is created."""
+
+    @abc.abstractmethod
+    def create(self, table: str, schema: pa.Schema, partition_by: list[str] | None = None,
+               enable_cdf: bool = False) -> None:
+        """Create an empty table if it does not exist (idempotent)."""
+
+    @abc.abstractmethod
+    def merge(self, table: str, data: Data, on: list[str], *, update: bool) -> dict[str, int]:
+        """MERGE ``data`` into ``table`` on equal ``on`` keys: insert new keys and,
+        if ``update``, overwrite matched rows. Returns {"inserted": n, "updated": n}.
+        Concurrent inserts of the same key make one side fail (Delta conflict check)."""
+
+    @abc.abstractmethod
+    def delete(self, table: str, predicate: str) -> int: ...
+
+
+def _normalise_root(root: str) -> str:
+    if "://" in root:
+        return root.rstrip("/")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def to_arrow(data: Data, schema: pa.Schema | None = None) -> pa.Table:
+    """Spark DataFrame or Arrow table → Arrow table (cast to ``schema`` if given)."""
+    if not isinstance(data, pa.Table):
+        data = data.toArrow()
+    data = plain_strings(data)
+    if schema is not None:
+        data = data.select(schema.names).cast(schema)
+    return data
+
+
+def plain_strings(table: pa.Table) -> pa.Table:
+    """delta-rs returns ``string_view``/``large_string`` and unsigned columns,
+    which Spark's createDataFrame rejects: cast them to ``string`` / ``int64``."""
+    fields = []
+    changed = False
+    for f in table.schema:
+        t = f.type
+        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+            t, changed = pa.string(), True
+        elif pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+            t, changed = pa.binary(), True
+        elif pa.types.is_unsigned_integer(t):  # CDF's _commit_version; Spark has no unsigned ints
+            t, changed = pa.int64(), True
+        fields.append(pa.field(f.name, t, f.nullable))
+    return table.cast(pa.schema(fields)) if changed else table

@@ -1,0 +1,229 @@
+"""One nightly run: changes (w, v] → validate → examples → train → verify → ledger.
+
+The ledger commit at the end is the only step that advances the watermark;
+everything before it is idempotent (quarantine and examples are overwritten
+per run id; checkpoints go to a fresh attempt directory), so a crash anywhere
+before it is repaired by simply running again.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..features.examples import build_examples, catalog
+from ..features.validate import check_threshold, validate
+from ..lake import LakeError, open_lake, schemas
+from ..lake.ledger import Ledger, RunRecord
+from ..train.checkpoint import verify_checkpoint
+from ..train.loop import TrainSpec
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from ..config import Config
+    from ..lake.engine import LakeEngine
+
+log = logging.getLogger("deltarec.nightly")
+
+CRASH_ENV = "DELTAREC_CRASH_AT"  # fault injection for tests: kill the process at a named point
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        log.error("crash injected at %s (%s=%s)", name, CRASH_ENV, name)
+        os._exit(86)
+
+
+@dataclass
+class NightResult:
+    status: str  # "committed" or "noop"
+    model: str
+    watermark: int
+    run_id: str | None = None
+    source_versions: tuple[int, int] | None = None
+    rows_consumed: int = 0
+    rows_accepted: int = 0
+    rows_quarantined: int = 0
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    examples: int = 0
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+    prequential: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    strategy: str = ""
+
+
+def code_version() -> str:
+    from .. import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def plan(lake: "LakeEngine", cfg: "Config") -> tuple[int, int | None]:
+    """(watermark, latest source version) for the configured model."""
+    w = Ledger(lake, cfg.lake.runs_table).watermark(cfg.model.name)
+    return w, lake.version(cfg.lake.events_table)
+
+
+def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = None,
+                backend=None) -> NightResult:
+    from pyspark.sql import functions as F
+
+    from ..train.backends import make_backend
+
+    t_start = time.perf_counter()
+    lake = lake or open_lake(cfg.lake, spark)
+    L = cfg.lake
+    model_name = cfg.model.name
+    ledger = Ledger(lake, L.runs_table)
+    ledger.ensure()
+    watermark, latest = ledger.watermark(model_name), lake.version(L.events_table)
+    if latest is None:
+        raise LakeError(
+            f"no behaviour table at {lake.uri(L.events_table)}: load data first "
+            "(demo.enabled=true loads the demo data) or point lake.root at your lake"
+        )
+    if latest <= watermark:
+        log.info("nothing to do: %s is at version %d and model %r has consumed it (watermark %d)",
+                 L.events_table, latest, model_name, watermark)
+        return NightResult("noop", model_name, watermark, seconds=time.perf_counter() - t_start)
+
+    first, last = watermark + 1, latest
+    run_id = f"{model_name}-{first:06d}-{last:06d}"
+    started = dt.datetime.now(dt.timezone.utc)
+    parent = ledger.latest(model_name)
+    strategy = "incremental" if parent else "full"
+    log.info("run %s: consuming %s versions %d..%d (%s)", run_id, L.events_table, first, last, strategy)
+
+    # ---- Spark: validate, quarantine, featurize
+    changes = lake.read_changes(L.events_table, first, last)
+    checked = validate(changes, cfg.validation, run_id)
+    accepted = checked.accepted.cache()
+    quarantined = checked.quarantined.cache()
+    reasons = {r["reason"]: int(r["count"]) for r in quarantined.groupBy("reason").count().collect()}
+    n_accepted = accepted.count()
+    n_quarantined = sum(reasons.values())
+    consumed = n_accepted + n_quarantined
+    check_threshold(reasons, consumed, cfg.validation.max_quarantine_fraction)
+    lake.create(L.quarantine_table, schemas.QUARANTINE_EVENTS)
+    lake.write(L.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
+               schema=schemas.QUARANTINE_EVENTS)
+
+    items = lake.read(L.items_table)
+    examples = build_examples(accepted, items, cfg.features, run_id)
+    lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
+    lake.write(L.examples_table, examples, mode="overwrite", replace_where=f"run_id = '{run_id}'",
+               partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
+    files = lake.data_files(L.examples_table, {"run_id": run_id})
+    new_examples = lake.read(L.examples_table).where(F.col("run_id") == run_id)
+    n_examples = new_examples.count()
+
+    # ---- prequential: score what serves now on the new data, before training on it
+    pre = _prequential(spark, cfg, lake, ledger, new_examples, items) if parent else {}
+
+    # ---- train
+    attempt = uuid.uuid4().hex[:8]
+    ckpt_dir = f"{lake.uri(L.checkpoints_dir)}/{model_name}/{run_id}/{attempt}"
+    T = cfg.train
+    spec = TrainSpec(
+        run_id=run_id, files=files, model_name=model_name,
+        model_params=_model_params(cfg), optimizer=T.optimizer, lr=T.lr, weight_decay=T.weight_decay,
+        batch_size=T.batch_size, epochs=T.epochs if parent else T.full_epochs, seed=T.seed + first,
+        checkpoint_dir=ckpt_dir, parent_path=parent.checkpoint_path if parent else None,
+        parent_sha256=parent.checkpoint_sha256 if parent else None, grad_clip=T.grad_clip,
+        progress=T.progress, use_gpu=T.use_gpu,
+        meta={"parent_run_id": parent.run_id if parent else None, "strategy": strategy,
+              "source_versions": [first, last], "config": cfg.to_dict()},
+    )
+    backend = backend or make_backend(T.backend, spark, T.num_proc, T.use_gpu)
+    t_train = time.perf_counter()
+    result = backend.run(spec)
+    train_seconds = time.perf_counter() - t_train
+    accepted.unpersist()
+    quarantined.unpersist()
+
+    # ---- publish: files are complete and checksummed before the ledger row exists
+    ck = result["checkpoint"]
+    verify_checkpoint(ck["path"], ck["sha256"])
+    crash_point("before_ledger_commit")
+    metrics = {
+        "rows": {"consumed": consumed, "accepted": n_accepted, "quarantined": n_quarantined,
+                 "quarantine_reasons": reasons},
+        "examples": n_examples,
+        "train": {"seconds": round(train_seconds, 3), "loss": result.get("train_loss"),
+                  "steps": result.get("steps"), "world_size": result.get("world_size"),
+                  "backend": backend.name, "ranks": result.get("ranks")},
+        "prequential": pre,
+    }
+    ledger.commit(RunRecord(
+        run_id=run_id, model=model_name, source_table=L.events_table, source_first=first, source_last=last,
+        checkpoint_path=ck["path"], checkpoint_sha256=ck["sha256"], checkpoint_files=ck["files"],
+        config=cfg.to_dict(), code_version=code_version(), metrics=metrics, started_at=started,
+        strategy=strategy, parent_run_id=parent.run_id if parent else None,
+    ))
+    log.info("run %s committed: watermark %d → %d", run_id, watermark, last)
+    return NightResult(
+        "committed", model_name, last, run_id, (first, last), consumed, n_accepted, n_quarantined, reasons,
+        n_examples, train_seconds, time.perf_counter() - t_start, pre, ck, strategy,
+    )
+
+
+def _model_params(cfg: "Config") -> dict[str, Any]:
+    m, f = cfg.model, cfg.features
+    return {"user_buckets": f.user_buckets, "item_buckets": f.item_buckets,
+            "embedding_dim": m.embedding_dim, "hidden": list(m.hidden), "dropout": m.dropout}
+
+
+def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items) -> dict[str, Any]:
+    """HR@K/NDCG@K on the new positives for: the model in service (parent), the
+    first model of the lineage never updated ('stale'), and the most popular
+    items of the last ``eval.popularity_days`` days."""
+    import numpy as np
+    from pyspark.sql import functions as F
+
+    from ..evaluation.prequential import evaluate
+    from ..models import build_model
+    from ..train.checkpoint import load_checkpoint
+
+    k = cfg.eval.k
+    pos = new_examples.where(F.col("label") == 1).select("user_idx", "item_idx", "event_time").toArrow()
+    if pos.num_rows == 0:
+        return {}
+    users = pos["user_idx"].to_numpy()
+    itms = pos["item_idx"].to_numpy()
+    start = min(pos["event_time"].to_pylist())
+    cat = np.unique(catalog(items, cfg.features).select("item_idx").toArrow()["item_idx"].to_numpy())
+
+    runs = ledger.runs(cfg.model.name)
+    committed = [r.run_id for r in runs]
+    since = start - dt.timedelta(days=cfg.eval.popularity_days)
+    pop = (lake.read(cfg.lake.examples_table)
+           .where(F.col("run_id").isin(committed) & (F.col("label") == 1)
+                  & (F.col("event_time") >= F.lit(since)) & (F.col("event_time") < F.lit(start)))
+           .groupBy("item_idx").count().orderBy(F.desc("count"), "item_idx").limit(k).toArrow())
+    popular = pop["item_idx"].to_numpy() if pop.num_rows else None
+
+    def load(run: RunRecord):
+        ck = load_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
+        m = build_model(ck.meta["model"], **ck.meta["model_params"])
+        m.load_state_dict(ck.model_state)
+        return m
+
+    models = {"model": load(runs[-1])}
+    if len(runs) > 1:
+        models["stale"] = load(runs[0])
+    else:
+        models["stale"] = models["model"]
+    return evaluate(models, popular, users, itms, cat, k)

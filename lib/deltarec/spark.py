@@ -1,0 +1,51 @@
+"""The only place a SparkSession is built."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from .config import Config
+
+
+def build_spark(cfg: "Config") -> "SparkSession":
+    """Get or create the session for ``cfg``.
+
+    ``spark.master`` from config is applied only when set (``null`` keeps what
+    spark-submit or the platform chose). With ``lake.engine=delta-spark`` the
+    Delta SQL extension and catalog are configured; the jars themselves must
+    come from ``--packages``/``--jars`` or the platform.
+    """
+    from pyspark.sql import SparkSession
+
+    # Executors (and horovod's workers) must run this interpreter, with torch.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    sc = cfg.spark
+    builder = SparkSession.builder.appName(sc.app_name)
+    if sc.master:
+        builder = builder.master(sc.master)
+    settings = {
+        "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
+        "spark.default.parallelism": str(sc.shuffle_partitions),
+        "spark.driver.memory": sc.driver_memory,
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "true",
+        "spark.pyspark.python": sys.executable,
+    }
+    if cfg.lake.engine == "delta-spark":
+        from .lake.delta_spark import DELTA_CATALOG, DELTA_EXTENSION
+
+        settings["spark.sql.extensions"] = DELTA_EXTENSION
+        settings["spark.sql.catalog.spark_catalog"] = DELTA_CATALOG
+    settings.update(sc.conf)
+    for k, v in settings.items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

@@ -1,0 +1,151 @@
+"""The training loop every backend runs on every worker.
+
+It gets a picklable :class:`TrainSpec` (plain values resolved on the driver)
+and a collective; it knows nothing about horovod or torch.distributed.
+
+Averaged gradients, exactly: each step's loss on a rank is
+``sum(w * bce) * world / global_count`` where ``global_count`` is the number
+of examples all ranks hold in that step (known from the shard sizes gathered
+once, so no extra collective per step). Averaging gradients over ranks then
+gives the gradient of the mean loss over the global batch: N workers on a
+global batch B update exactly like one worker on B. A rank whose shard runs
+out early keeps stepping on empty batches, so uneven shards never hang a
+collective.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..data.shards import read_shard, to_shard
+from ..models import build_model
+from .checkpoint import load_checkpoint, save_checkpoint
+
+OPTIMIZERS = {
+    "sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd),
+    "adagrad": lambda p, lr, wd: torch.optim.Adagrad(p, lr=lr, weight_decay=wd),
+    "rmsprop": lambda p, lr, wd: torch.optim.RMSprop(p, lr=lr, weight_decay=wd),
+    "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd),
+    "adamw": lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+}
+
+
+@dataclass
+class TrainSpec:
+    run_id: str
+    files: list[str]  # parquet files of this run's training_examples
+    model_name: str
+    model_params: dict[str, Any]
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int  # global
+    epochs: int
+    seed: int
+    checkpoint_dir: str  # where rank 0 writes this run's checkpoint
+    meta: dict[str, Any] = field(default_factory=dict)  # saved in meta.json
+    parent_path: str | None = None
+    parent_sha256: str | None = None
+    grad_clip: float = 0.0
+    progress: bool = True
+    use_gpu: bool = False
+
+
+def make_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    try:
+        factory = OPTIMIZERS[spec.optimizer]
+    except KeyError:
+        raise ValueError(f"train.optimizer={spec.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}") from None
+    return factory([p for p in model.parameters() if p.requires_grad], spec.lr, spec.weight_decay)
+
+
+def build(spec: TrainSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+    """Model + optimizer, warm-started from the parent checkpoint when there is one."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model_name, **spec.model_params)
+    optimizer = make_optimizer(spec, model)
+    state: dict[str, Any] = {"global_step": 0}
+    if spec.parent_path:
+        parent = load_checkpoint(spec.parent_path, spec.parent_sha256)
+        model.load_state_dict(parent.model_state)
+        if parent.optimizer_state is not None:
+            optimizer.load_state_dict(parent.optimizer_state)
+        state.update(parent.train_state)
+    return model, optimizer, state
+
+
+def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
+    rank, world = collective.rank, collective.size
+    t0 = time.perf_counter()
+    model, optimizer, state = build(spec)
+    collective.broadcast_state(model, optimizer)
+    dopt = collective.distributed_optimizer(optimizer, model)
+
+    shard = to_shard(read_shard(spec.files, rank, world))
+    data_seconds = time.perf_counter() - t0
+    sizes = collective.allgather_object(len(shard))
+    local_bs = spec.batch_size // world
+    steps = math.ceil(max(sizes) / local_bs) if max(sizes) else 0
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + rank)
+
+    bar = None
+    if spec.progress and rank == 0 and steps:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps * spec.epochs, desc=f"train {spec.run_id} ×{world}", unit="step",
+                   mininterval=2.0, leave=False)
+    model.train()
+    seen, loss_sum, compute_seconds = 0, 0.0, 0.0
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(len(shard), generator=g)
+        for t in range(steps):
+            tw = time.perf_counter()
+            idx = perm[t * local_bs:(t + 1) * local_bs]
+            u, i, y, w = shard.user_idx[idx], shard.item_idx[idx], shard.label[idx], shard.weight[idx]
+            global_count = sum(min(max(n - t * local_bs, 0), local_bs) for n in sizes)
+            tc = time.perf_counter()
+            data_seconds += tc - tw
+            dopt.zero_grad()
+            raw = (loss_fn(model(u, i), y) * w).sum()
+            (raw * world / global_count).backward()
+            if spec.grad_clip > 0:
+                dopt.synchronize()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                with dopt.skip_synchronize():
+                    dopt.step()
+            else:
+                dopt.step()
+            compute_seconds += time.perf_counter() - tc
+            seen += len(idx)
+            loss_sum += float(raw.detach())
+            state["global_step"] = int(state.get("global_step", 0)) + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", ex_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
+                                refresh=False)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    mine = {"rank": rank, "examples": seen, "seconds": round(seconds, 3),
+            "examples_per_second": round(seen / seconds, 1) if seconds else 0.0,
+            "data_seconds": round(data_seconds, 3), "compute_seconds": round(compute_seconds, 3),
+            "loss_sum": loss_sum}
+    ranks = collective.allgather_object(mine)
+    result: dict[str, Any] = {"ranks": ranks, "steps": steps * spec.epochs, "world_size": world}
+    if rank == 0:
+        total = sum(r["examples"] for r in ranks)
+        result["examples"] = total
+        result["train_loss"] = sum(r["loss_sum"] for r in ranks) / total if total else None
+        state["rng_torch"] = torch.get_rng_state()
+        saved = save_checkpoint(spec.checkpoint_dir, model, optimizer,
+                                meta={**spec.meta, "model": spec.model_name, "model_params": spec.model_params,
+                                      "run_id": spec.run_id, "global_step": state["global_step"]},
+                                train_state=state)
+        result["checkpoint"] = {"path": saved.path, "sha256": saved.sha256, "files": saved.files}
+    collective.barrier()
+    return result

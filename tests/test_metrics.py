@@ -1,0 +1,238 @@
+"""Tests for deltarec.evaluation.metrics: hand-computed values, sklearn parity, Spark parity."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, precision_recall_fscore_support, roc_auc_score
+
+from deltarec.evaluation.metrics import (
+    auc, gauc, logloss, precision_recall_f1, ranking_metrics, spark_auc, spark_gauc, spark_logloss,
+    spark_ranking_metrics, topk_from_scores,
+)
+
+approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-12)  # noqa: E731
+
+
+# ------------------------------------------------------------- hand-computed
+def test_auc_hand():
+    # pos scores {0.8, 0.4}, neg {0.4, 0.1}. Pairs: (0.8>0.4)=1, (0.8>0.1)=1,
+    # (0.4=0.4)=0.5, (0.4>0.1)=1 -> 3.5 / 4 = 0.875
+    assert auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == approx(0.875)
+    # perfectly inverted -> 0; all tied -> 0.5
+    assert auc([1, 0], [0.1, 0.9]) == 0.0
+    assert auc([1, 0, 1, 0], [3, 3, 3, 3]) == 0.5
+    # weight 3 on the tied positive: pairs weighted (1*1 + 1*1 + 3*0.5 + 3*1) / (4*2) = 6.5/8
+    assert auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1], weights=[1, 3, 1, 1]) == approx(0.8125)
+
+
+def test_auc_errors():
+    with pytest.raises(ValueError, match="one class"):
+        auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"0 or 1, got 2.*index 1"):
+        auc([1, 2, 0], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="NaN"):
+        auc([1, 0], [0.1, float("nan")])
+    with pytest.raises(ValueError, match="length 3, expected 2"):
+        auc([1, 0], [0.1, 0.2, 0.3])
+
+
+def test_logloss_hand():
+    # y=1,p=0.8 -> -ln 0.8 = 0.22314; y=0,p=0.4 -> -ln 0.6 = 0.51083; mean = 0.36698
+    assert logloss([1, 0], [0.8, 0.4]) == approx((-math.log(0.8) - math.log(0.6)) / 2)
+    # weighted: (1*0.22314 + 3*0.51083) / 4
+    assert logloss([1, 0], [0.8, 0.4], weights=[1, 3]) == approx((-math.log(0.8) - 3 * math.log(0.6)) / 4)
+    # clipping: p=0 for a positive costs -ln(eps) instead of inf
+    assert logloss([1], [0.0], eps=1e-7) == approx(-math.log(1e-7))
+    with pytest.raises(ValueError, match=r"\[0, 1\], got 1.5"):
+        logloss([1], [1.5])
+
+
+def test_gauc_hand():
+    # user a: pos {0.9}, neg {0.5, 0.95} -> AUC 1/2, n=3
+    # user b: pos {0.3, 0.2}, neg {0.2} -> (1 + 0.5)/2 = 0.75, n=3
+    # user c: only positives -> skipped
+    # GAUC = (3*0.5 + 3*0.75) / 6 = 0.625
+    users = ["a", "a", "a", "b", "b", "b", "c"]
+    labels = [1, 0, 0, 1, 1, 0, 1]
+    scores = [0.9, 0.5, 0.95, 0.3, 0.2, 0.2, 0.1]
+    assert gauc(users, labels, scores) == approx(0.625)
+    assert math.isnan(gauc([1, 2], [1, 0], [0.5, 0.5]))  # nobody has both classes
+
+
+def test_precision_recall_f1_hand():
+    # pred = [1, 1, 0, 0, 1] at 0.5 (>=); y = [1, 0, 1, 0, 1] -> TP=2, FP=1, FN=1
+    # precision 2/3, recall 2/3, f1 = 4/(4+1+1) = 2/3
+    r = precision_recall_f1([1, 0, 1, 0, 1], [0.9, 0.5, 0.2, 0.1, 0.7])
+    assert r == approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
+    # threshold 0.8 -> pred [1,0,0,0,0]: TP=1, FP=0, FN=2 -> P=1, R=1/3, F1=2/(2+0+2)=0.5
+    assert precision_recall_f1([1, 0, 1, 0, 1], [0.9, 0.5, 0.2, 0.1, 0.7], 0.8) == approx(
+        {"precision": 1.0, "recall": 1 / 3, "f1": 0.5})
+    # nothing predicted positive and no positives: every ratio undefined -> 0.0
+    assert precision_recall_f1([0, 0], [0.1, 0.2]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_ranking_metrics_hand():
+    top = np.array([[10, 20, 30],    # relevant {20}: hit at rank 2
+                    [40, 50, 60],    # relevant {40, 60, 70, 80}: hits at ranks 1 and 3
+                    [1, 2, 3],       # relevant {}: excluded
+                    [7, 8, 9]])      # relevant {99}: no hit
+    rel = [{20}, {40, 60, 70, 80}, set(), {99}]
+    # user0: hr 1, dcg 1/log2(3), idcg 1 -> ndcg 1/log2(3)=0.63093, recall 1, mrr 1/2
+    # user1: hr 1, dcg 1 + 1/log2(4) = 1.5, idcg (min(4,3)=3 items) 1 + 1/log2(3) + 1/2,
+    #        recall 2/4, mrr 1
+    # user3: all 0
+    idcg1 = 1 + 1 / math.log2(3) + 0.5
+    want = {"hr": 2 / 3, "ndcg": (1 / math.log2(3) + 1.5 / idcg1) / 3, "recall": 1.5 / 3, "mrr": 1.5 / 3}
+    assert ranking_metrics(top, rel, 3) == approx(want)
+    # same via CSR (indptr, indices)
+    indptr, indices = np.array([0, 1, 5, 5, 6]), np.array([20, 40, 60, 70, 80, 99])
+    assert ranking_metrics(top, (indptr, indices), 3) == approx(want)
+    # k=1 cuts each list: user0 misses (20 is at rank 2); user1 hits at 1 with idcg 1
+    assert ranking_metrics(top, rel, 1) == approx({"hr": 1 / 3, "ndcg": 1 / 3, "recall": 0.25 / 3, "mrr": 1 / 3})
+    # a repeated item counts once: [20, 20, 30] with {20, 30} -> hits at ranks 1 and 3
+    # dcg 1 + 0.5, idcg 1 + 1/log2(3), recall 1, mrr 1
+    r = ranking_metrics(np.array([[20, 20, 30]]), [{20, 30}], 3)
+    assert r == approx({"hr": 1.0, "ndcg": 1.5 / (1 + 1 / math.log2(3)), "recall": 1.0, "mrr": 1.0})
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3\].*got 4"):
+        ranking_metrics(top, rel, 4)
+    with pytest.raises(ValueError, match="4 users"):
+        ranking_metrics(top, rel[:3], 3)
+    assert all(math.isnan(v) for v in ranking_metrics(top, [set()] * 4, 3).values())
+
+
+def test_topk_from_scores():
+    s = np.array([[0.1, 0.9, 0.5, 0.9, 0.3],
+                  [2.0, 2.0, 2.0, 2.0, 2.0],
+                  [0.0, 1.0, -np.inf, 3.0, 1.0]])
+    # row0: 0.9@1, 0.9@3 (tie -> lower index first), 0.5@2
+    # row1: all tied -> indices 0, 1, 2
+    # row2: 3.0@3, then 1.0@1 and 1.0@4 tied at the boundary -> 1 wins
+    assert topk_from_scores(s, 3).tolist() == [[1, 3, 2], [0, 1, 2], [3, 1, 4]]
+    assert topk_from_scores(s, 2).tolist() == [[1, 3], [0, 1], [3, 1]]
+    ids = np.array([100, 101, 102, 103, 104])
+    assert topk_from_scores(s, 1, item_ids=ids).tolist() == [[101], [100], [103]]
+    with pytest.raises(ValueError, match="got 6"):
+        topk_from_scores(s, 6)
+
+
+def test_topk_from_scores_random_matches_stable_sort():
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, size=(200, 40)).astype(np.float32)  # many ties
+    for k in (1, 7, 40):
+        want = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(topk_from_scores(s, k), want)
+
+
+# ------------------------------------------------------------ sklearn parity
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(42)
+    n = 3000
+    users = rng.integers(0, 60, n)
+    labels = (rng.random(n) < 0.3).astype(int)
+    scores = np.round(rng.random(n) + 0.3 * labels, 2)  # coarse -> many ties, AUC well above 0.5
+    probs = np.clip(np.round(rng.random(n), 2), 0.01, 0.99)
+    weights = rng.random(n) * 2
+    return users, labels, scores, probs, weights
+
+
+def test_auc_vs_sklearn(data):
+    _, y, s, _, w = data
+    assert auc(y, s) == approx(roc_auc_score(y, s))
+    assert auc(y, s, weights=w) == pytest.approx(roc_auc_score(y, s, sample_weight=w), rel=1e-10)
+
+
+def test_logloss_vs_sklearn(data):
+    _, y, _, p, w = data
+    assert logloss(y, p) == pytest.approx(log_loss(y, p), rel=1e-10)
+    assert logloss(y, p, weights=w) == pytest.approx(log_loss(y, p, sample_weight=w), rel=1e-10)
+
+
+def test_gauc_vs_sklearn_per_user(data):
+    u, y, s, _, _ = data
+    num = den = 0.0
+    for user in np.unique(u):
+        m = u == user
+        if 0 < y[m].sum() < m.sum():
+            num += m.sum() * roc_auc_score(y[m], s[m])
+            den += m.sum()
+    assert gauc(u, y, s) == pytest.approx(num / den, rel=1e-10)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.995])
+def test_prf_vs_sklearn(data, threshold):
+    _, y, _, p, _ = data
+    want = precision_recall_fscore_support(y, (p >= threshold).astype(int), average="binary", zero_division=0)
+    got = precision_recall_f1(y, p, threshold)
+    assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(want[:3], rel=1e-12)
+
+
+# -------------------------------------------------------------- Spark parity
+@pytest.fixture(scope="module")
+def spark():
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    from pyspark.sql import SparkSession
+
+    return (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+            .config("spark.sql.shuffle.partitions", "2").getOrCreate())
+
+
+@pytest.fixture(scope="module")
+def sdf(spark, data):
+    u, y, s, p, _ = data
+    rows = list(zip(u.tolist(), y.tolist(), s.tolist(), p.tolist()))
+    return spark.createDataFrame(rows, "user long, label int, score double, prob double")
+
+
+def test_spark_auc(sdf, data):
+    _, y, s, _, _ = data
+    assert spark_auc(sdf) == approx(auc(y, s))
+    assert spark_auc(sdf.where("user < 5")) == approx(auc(y[data[0] < 5], s[data[0] < 5]))
+
+
+def test_spark_auc_errors(spark):
+    with pytest.raises(ValueError, match="one class"):
+        spark_auc(spark.createDataFrame([(1, 0.1), (1, 0.2)], "label int, score double"))
+    with pytest.raises(ValueError, match="not 0/1"):
+        spark_auc(spark.createDataFrame([(1, 0.1), (2, 0.2), (0, 0.3)], "label int, score double"))
+
+
+def test_spark_gauc(sdf, data):
+    u, y, s, _, _ = data
+    assert spark_gauc(sdf, "user", "label", "score") == pytest.approx(gauc(u, y, s), rel=1e-12)
+    one_class = sdf.where("label = 1")
+    assert math.isnan(spark_gauc(one_class))
+
+
+def test_spark_logloss(sdf, data):
+    _, y, _, p, _ = data
+    assert spark_logloss(sdf, "label", "prob") == pytest.approx(logloss(y, p), rel=1e-12)
+    # clipping: probabilities of exactly 0 and 1 with eps=1e-3
+    hard = np.where(p < 0.5, 0.0, 1.0)
+    hard_df = sdf.withColumn("prob", (sdf.prob >= 0.5).cast("double"))
+    assert spark_logloss(hard_df, "label", "prob", eps=1e-3) == pytest.approx(
+        logloss(y, hard, eps=1e-3), rel=1e-12)
+    with pytest.raises(ValueError, match="outside"):
+        spark_logloss(sdf.withColumn("prob", sdf.prob + 1), "label", "prob")
+
+
+def test_spark_ranking_metrics(spark):
+    rng = np.random.default_rng(7)
+    U, N, K = 80, 30, 10
+    top = np.stack([rng.permutation(N)[:K] for _ in range(U)])
+    rel = [set(rng.choice(N, size=rng.integers(0, 6), replace=False).tolist()) for _ in range(U)]
+    top[5] = -1  # user 5 has no recommendations at all (absent from recs_df)
+    rel[5] = {1, 2}
+    recs = [(u, int(i), r + 1) for u in range(U) for r, i in enumerate(top[u]) if i >= 0]
+    truth = [(u, i) for u in range(U) for i in rel[u]]
+    truth += truth[:3]  # duplicate pairs in truth_df are ignored
+    recs_df = spark.createDataFrame(recs, "user long, item long, rank int")
+    truth_df = spark.createDataFrame(truth, "user long, item long")
+    assert sum(1 for r in rel if r) > 40 and any(not r for r in rel)  # data exercises the exclusion rule
+    for k in (1, 5, K):
+        want = ranking_metrics(top, rel, k)
+        got = spark_ranking_metrics(recs_df, truth_df, k)
+        assert got == pytest.approx(want, rel=1e-12), k
+        assert 0 < want["ndcg"] < 1 and want["hr"] > 0
