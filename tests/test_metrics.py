@@ -170,13 +170,7 @@ def test_prf_vs_sklearn(data, threshold):
 
 
 # -------------------------------------------------------------- Spark parity
-@pytest.fixture(scope="module")
-def spark():
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    from pyspark.sql import SparkSession
-
-    return (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
-            .config("spark.sql.shuffle.partitions", "2").getOrCreate())
+# `spark`: the shared session fixture from conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def _open(uri: str):
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
+        return None, uri  # local: let parquet open it
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -48,7 +48,7 @@ def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS) -> pa.Ta
     handles = {}
     for f in sorted(files):
         fs, path = _open(f)
-        pf = pq.ParquetFile(fs.open_input_file(path))
+        pf = pq.ParquetFile(path if fs is None else fs.open_input_file(path))
         handles[f] = pf
         for rg in range(pf.metadata.num_row_groups):
             pieces.append((f, rg, pf.metadata.row_group(rg).num_rows))

@@ -14,14 +14,14 @@ if TYPE_CHECKING:
 
 # Reason codes, in the order they are checked: a row gets the first that applies.
 NULL_EVENT_ID = "null_event_id"
+RETRACTION = "retraction_not_supported"  # a deleted source row (retractions: issue "delta jobs")
+CANCELLED_INVOICE = "cancelled_invoice"
+NON_POSITIVE_QUANTITY = "non_positive_quantity"
+NON_POSITIVE_PRICE = "non_positive_price"
 NULL_USER_ID = "null_user_id"
 NULL_ITEM_ID = "null_item_id"
 NULL_EVENT_TIME = "null_event_time"
-RETRACTION = "retraction_not_supported"  # a deleted source row
-CANCELLED_INVOICE = "cancelled_invoice"
 UNKNOWN_EVENT_TYPE = "unknown_event_type"
-NON_POSITIVE_QUANTITY = "non_positive_quantity"
-NON_POSITIVE_PRICE = "non_positive_price"
 FUTURE_TIMESTAMP = "future_timestamp"
 TOO_LATE = "too_late"
 DUPLICATE_EVENT_ID = "duplicate_event_id"
@@ -56,16 +56,19 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str) -> Vali
     c = F.col
     rows = changes.where(c("_change_type").isin(*CONSUMED_CHANGES))
     tol = F.expr(f"INTERVAL {int(cfg.future_tolerance_minutes)} MINUTES")
+    # What a row *is* (a retraction, a cancellation, an adjustment) comes before
+    # whether it can be attributed: in Online Retail every negative-quantity
+    # adjustment also lacks a customer, and "adjustment" is the useful reason.
     checks = [
         (NULL_EVENT_ID, _blank(c("event_id"))),
+        (RETRACTION, c("_change_type") == "delete"),
+        (CANCELLED_INVOICE, c("event_type") == "cancel"),
+        (NON_POSITIVE_QUANTITY, c("quantity").isNotNull() & (c("quantity") <= 0)),
+        (NON_POSITIVE_PRICE, c("price").isNotNull() & (c("price") <= 0)),
         (NULL_USER_ID, _blank(c("user_id"))),
         (NULL_ITEM_ID, _blank(c("item_id"))),
         (NULL_EVENT_TIME, c("event_time").isNull()),
-        (RETRACTION, c("_change_type") == "delete"),
-        (CANCELLED_INVOICE, c("event_type") == "cancel"),
         (UNKNOWN_EVENT_TYPE, ~F.coalesce(c("event_type").isin(*cfg.allowed_event_types), F.lit(False))),
-        (NON_POSITIVE_QUANTITY, c("quantity").isNotNull() & (c("quantity") <= 0)),
-        (NON_POSITIVE_PRICE, c("price").isNotNull() & (c("price") <= 0)),
         # An event cannot happen after it was committed (plus clock skew).
         (FUTURE_TIMESTAMP, c("event_time") > c("_commit_timestamp") + tol),
     ]

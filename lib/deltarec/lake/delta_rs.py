@@ -15,6 +15,32 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
 
+def sql_where(filters: list) -> str:
+    """[(col, op, value), ...] → a SQL conjunction with quoted literals."""
+    ops = {"=", "==", "!=", ">", ">=", "<", "<=", "in"}
+    parts = []
+    for col, op, value in filters:
+        if op not in ops:
+            raise LakeError(f"unsupported filter operator {op!r} (use one of {sorted(ops)})")
+        if op == "in":
+            parts.append(f'"{col}" IN ({", ".join(_literal(v) for v in value)})')
+        else:
+            parts.append(f'"{col}" {"=" if op == "==" else op} {_literal(value)}')
+    return " AND ".join(parts)
+
+
+def _literal(v) -> str:
+    if isinstance(v, str):
+        return "'" + v.replace("'", "''") + "'"
+    if isinstance(v, bool) or v is None:
+        raise LakeError(f"unsupported filter value {v!r}")
+    return repr(v)
+
+
+def _arrow_schema(dt) -> pa.Schema:
+    return plain_strings(pa.schema(dt.schema()).empty_table()).schema
+
+
 class DeltaRsEngine(LakeEngine):
     name = "delta-rs"
 
@@ -41,7 +67,16 @@ class DeltaRsEngine(LakeEngine):
         return self._table(table).version() if self.exists(table) else None
 
     def read_arrow(self, table: str, version: int | None = None, filters: list | None = None) -> pa.Table:
-        return plain_strings(self._table(table, version).to_pyarrow_table(filters=filters))
+        # Through delta-rs's own query engine, not to_pyarrow_table(): after the
+        # latter, deltalake 1.6.6 often aborts the interpreter at exit
+        # ("terminate called without an active exception").
+        from deltalake import QueryBuilder
+
+        dt = self._table(table, version)
+        sql = "SELECT * FROM t" + (f" WHERE {sql_where(filters)}" if filters else "")
+        reader = QueryBuilder().register("t", dt).execute(sql)
+        out = pa.RecordBatchReader.from_stream(reader).read_all()
+        return plain_strings(out).cast(_arrow_schema(dt)) if out.num_rows == 0 else plain_strings(out)
 
     def read(self, table: str, version: int | None = None) -> "DataFrame":
         return self._to_spark(self.read_arrow(table, version))
@@ -55,7 +90,7 @@ class DeltaRsEngine(LakeEngine):
 
     def data_files(self, table: str, partition: dict[str, str] | None = None) -> list[str]:
         filters = [(k, "=", v) for k, v in (partition or {}).items()] or None
-        return self._table(table).file_uris(partition_filters=filters)
+        return self._table(table).file_uris(file_pruning_predicate=filters)
 
     def history(self, table: str) -> list[dict[str, Any]]:
         return self._table(table).history()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +29,29 @@ class CheckpointCorrupt(CheckpointError):
     pass
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        import os
+class _LocalFS:
+    """Plain Python file IO for local paths. (pyarrow's LocalFileSystem after a
+    delta-rs read aborts the interpreter at exit: "terminate called without an
+    active exception".)"""
 
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    @staticmethod
+    def create_dir(path, recursive=True):
+        os.makedirs(path, exist_ok=True)
+
+    @staticmethod
+    def open_output_stream(path):
+        return open(path, "wb")
+
+    @staticmethod
+    def open_input_stream(path):
+        return open(path, "rb")
+
+
+def _fs(uri: str):
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" not in uri:
+        return _LocalFS(), os.path.abspath(uri)
     return pafs.FileSystem.from_uri(uri)
 
 

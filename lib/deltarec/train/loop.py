@@ -53,6 +53,7 @@ class TrainSpec:
     grad_clip: float = 0.0
     progress: bool = True
     use_gpu: bool = False
+    shuffle: bool = True  # per-epoch seeded shuffle of each rank's shard
 
 
 def make_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -102,7 +103,7 @@ def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
     model.train()
     seen, loss_sum, compute_seconds = 0, 0.0, 0.0
     for epoch in range(spec.epochs):
-        perm = torch.randperm(len(shard), generator=g)
+        perm = torch.randperm(len(shard), generator=g) if spec.shuffle else torch.arange(len(shard))
         for t in range(steps):
             tw = time.perf_counter()
             idx = perm[t * local_bs:(t + 1) * local_bs]

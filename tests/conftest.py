@@ -1,0 +1,50 @@
+"""Shared fixtures: one local[2] SparkSession for the whole run (a JVM takes
+~15 s to start here), a fresh lake directory per test, small real data."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+REAL_DATA = (ROOT / ".." / "shared" / "data" / "online_retail" / "online_retail.parquet").resolve()
+
+
+def make_config(lake_root, *overrides: str, conf: str | None = None):
+    from deltarec.config import load_config
+
+    base = [
+        f"lake.root={lake_root}", "lake.engine=delta-rs", "train.backend=local", "train.num_proc=1",
+        "train.progress=false", "train.batch_size=256", "features.user_buckets=2048",
+        "features.item_buckets=1024", "model.embedding_dim=8", "model.hidden=[16]",
+        "spark.shuffle_partitions=2", "demo.enabled=true", "demo.max_days=5", "demo.nights=2",
+        f"demo.data_path={REAL_DATA}",
+    ]
+    return load_config(conf or ROOT / "conf" / "local.yaml", base + list(overrides), environ={})
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from deltarec.spark import build_spark
+
+    cfg = make_config("/tmp/unused", "spark.master=local[2]")
+    session = build_spark(cfg)
+    yield session
+
+
+@pytest.fixture
+def lake_root(tmp_path):
+    return tmp_path / "lake"
+
+
+@pytest.fixture(scope="session")
+def real_data_path():
+    if not REAL_DATA.is_file():
+        pytest.skip(f"real Online Retail data not found at {REAL_DATA}")
+    return REAL_DATA

@@ -1,0 +1,128 @@
+"""End to end on small real data: the demo's runs, the no-op rerun, a crash
+before the ledger commit, and the quarantine threshold."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_config
+from deltarec.cli import main
+from deltarec.features.validate import QuarantineThresholdExceeded
+from deltarec.lake import open_lake
+from deltarec.lake.ledger import Ledger
+from deltarec.pipeline.demo import append_day, demo_days, run_demo
+from deltarec.pipeline.nightly import CRASH_ENV, run_nightly
+from deltarec.train.checkpoint import sha256_bytes, verify_checkpoint
+
+
+def status_json(lake_root, *extra) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "deltarec.cli", "status", "--json", "--conf", str(ROOT / "conf" / "local.yaml"),
+         "--set", f"lake.root={lake_root}", *extra], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "lib")})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def checkpoint_dirs(lake_root) -> set[str]:
+    return {str(p.parent) for p in Path(lake_root, "checkpoints").rglob("manifest.json")}
+
+
+def test_demo_runs_nights_then_rerun_is_a_noop(spark, lake_root, real_data_path):
+    cfg = make_config(lake_root)
+    results = run_demo(spark, cfg, out=lambda *_: None)
+    assert [r.status for r in results] == ["committed"] * 3
+    assert results[0].strategy == "full" and {r.strategy for r in results[1:]} == {"incremental"}
+
+    st = status_json(lake_root, "--verify")
+    runs = st["runs"]
+    assert len(runs) == 3 and all(r["status"] == "succeeded" for r in runs)
+    ranges = [tuple(r["source_versions"]) for r in runs]
+    assert ranges[0][0] == 0 and ranges[-1][1] == st["watermark"] == st["source_latest_version"]
+    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+        assert a1 + 1 == b0 and a0 <= a1  # contiguous, no overlap
+    for r in runs:
+        ck = r["checkpoint"]
+        assert ck["verified"] is True
+        manifest = Path(ck["path"], "manifest.json").read_bytes()
+        assert sha256_bytes(manifest) == ck["sha256"]
+        for name, digest in ck["files"].items():
+            assert sha256_bytes(Path(ck["path"], name).read_bytes()) == digest
+    assert [r["parent"] for r in runs] == [None, runs[0]["run_id"], runs[1]["run_id"]]
+    # every night reports rows and prequential metrics measured before training
+    for r in runs[1:]:
+        m = r["metrics"]
+        assert m["rows"]["consumed"] == m["rows"]["accepted"] + m["rows"]["quarantined"] > 0
+        assert {"model", "stale", "popularity"} <= set(m["prequential"])
+        assert 0.0 <= m["prequential"]["model"]["ndcg"] <= 1.0
+
+    before = checkpoint_dirs(lake_root)
+    again = run_demo(spark, cfg, out=lambda *_: None)  # lake exists: just a nightly run
+    assert [r.status for r in again] == ["noop"]
+    assert checkpoint_dirs(lake_root) == before
+    assert len(Ledger(open_lake(cfg.lake, spark)).runs()) == 3
+
+
+def seed_days(spark, cfg, n):
+    lake = open_lake(cfg.lake, spark)
+    days, items, _ = demo_days(cfg)
+    for _, ev in days[:n]:
+        append_day(lake, cfg, ev, items)
+    return lake
+
+
+def test_crash_after_checkpoint_before_ledger_commit_keeps_watermark(spark, lake_root, real_data_path):
+    cfg = make_config(lake_root, "demo.enabled=false")
+    lake = seed_days(spark, cfg, 2)
+    args = [sys.executable, "-m", "deltarec.cli", "nightly", "--conf", str(ROOT / "conf" / "local.yaml")]
+    for o in ["lake.root=" + str(lake_root), "demo.enabled=false", "train.backend=local", "train.num_proc=1",
+              "train.batch_size=256", "features.user_buckets=2048", "features.item_buckets=1024",
+              "model.embedding_dim=8", "model.hidden=[16]", "spark.master=local[1]"]:
+        args += ["--set", o]
+    crashed = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                             env={**os.environ, CRASH_ENV: "before_ledger_commit",
+                                  "PYTHONPATH": str(ROOT / "lib")})
+    assert crashed.returncode == 86, crashed.stderr[-3000:]
+    orphans = checkpoint_dirs(lake_root)
+    assert len(orphans) == 1  # the files were written and are complete ...
+    verify_checkpoint(orphans.pop())
+    ledger = Ledger(lake)
+    assert ledger.watermark(cfg.model.name) == -1 and ledger.runs() == []  # ... but nothing was committed
+
+    res = run_nightly(spark, cfg, lake=lake)
+    assert res.status == "committed" and res.source_versions == (0, 1)
+    runs = ledger.runs()
+    assert len(runs) == 1 and ledger.watermark(cfg.model.name) == 1
+    assert runs[0].checkpoint_path not in orphans  # the orphan is never referenced
+
+
+def test_quarantine_threshold_fails_the_run_and_commits_nothing(spark, lake_root, real_data_path):
+    cfg = make_config(lake_root, "demo.enabled=false", "validation.max_quarantine_fraction=0.01")
+    lake = seed_days(spark, cfg, 1)
+    with pytest.raises(QuarantineThresholdExceeded, match="null_user_id="):
+        run_nightly(spark, cfg, lake=lake)
+    assert Ledger(lake).watermark(cfg.model.name) == -1
+    assert checkpoint_dirs(lake_root) == set()
+
+
+def test_nightly_with_two_horovod_processes(spark, lake_root, real_data_path):
+    cfg = make_config(lake_root, "train.backend=horovod", "train.num_proc=2", "demo.max_days=3",
+                      "demo.nights=1")
+    results = run_demo(spark, cfg, out=lambda *_: None)
+    assert [r.status for r in results] == ["committed", "committed"]
+    run = Ledger(open_lake(cfg.lake, spark)).runs()[-1]
+    train = run.metrics["train"]
+    assert train["backend"] == "horovod" and train["world_size"] == 2
+    assert sorted(r["rank"] for r in train["ranks"]) == [0, 1]
+    assert all(r["examples"] > 0 for r in train["ranks"])
+    assert sum(r["examples"] for r in train["ranks"]) == run.metrics["examples"] * cfg.train.epochs
+
+
+def test_nightly_without_source_table_says_what_to_do(spark, lake_root):
+    from deltarec.lake import LakeError
+
+    with pytest.raises(LakeError, match="load data first"):
+        run_nightly(spark, make_config(lake_root, "demo.enabled=false"))
