@@ -142,7 +142,6 @@ class Config:
     env: str = "local"
     spark: SparkConfig = field(default_factory=SparkConfig)
     lake: LakeConfig = field(default_factory=LakeConfig)
-    source: ColumnMapping = field(default_factory=ColumnMapping)
     demo: DemoConfig = field(default_factory=DemoConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)

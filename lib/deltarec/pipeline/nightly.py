@@ -71,12 +71,6 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def plan(lake: "LakeEngine", cfg: "Config") -> tuple[int, int | None]:
-    """(watermark, latest source version) for the configured model."""
-    w = Ledger(lake, cfg.lake.runs_table).watermark(cfg.model.name)
-    return w, lake.version(cfg.lake.events_table)
-
-
 def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = None,
                 backend=None) -> NightResult:
     from pyspark.sql import functions as F
@@ -121,7 +115,8 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     lake.write(L.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
                schema=schemas.QUARANTINE_EVENTS)
 
-    items = lake.read(L.items_table)
+    # The catalogue negatives are drawn from: the items table, else the items seen tonight.
+    items = lake.read(L.items_table) if lake.exists(L.items_table) else accepted.select("item_id").distinct()
     examples = build_examples(accepted, items, cfg.features, run_id)
     lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
     lake.write(L.examples_table, examples, mode="overwrite", replace_where=f"run_id = '{run_id}'",
