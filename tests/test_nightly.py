@@ -126,3 +126,18 @@ def test_nightly_without_source_table_says_what_to_do(spark, lake_root):
 
     with pytest.raises(LakeError, match="load data first"):
         run_nightly(spark, make_config(lake_root, "demo.enabled=false"))
+
+
+def test_corrupt_latest_checkpoint_is_refused_and_the_previous_one_used(spark, lake_root, real_data_path):
+    cfg = make_config(lake_root, "demo.history_days=3", "demo.nights=1")
+    first, second = run_demo(spark, cfg, out=lambda *_: None)
+    weights = Path(second.checkpoint["path"], "model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    lake = open_lake(cfg.lake, spark)
+    days, items, _ = demo_days(cfg)
+    append_day(lake, cfg, days[4][1], items)
+    third = run_nightly(spark, cfg, lake=lake)
+    assert third.status == "committed"
+    runs = Ledger(lake).runs()
+    assert runs[-1].parent_run_id == first.run_id  # not the corrupt second run
+    assert runs[-1].source_first == second.source_versions[1] + 1  # the watermark still moves on

@@ -120,3 +120,52 @@ def test_warm_start_restores_model_and_optimizer(tmp_path):
     restored = opt.state_dict()["state"]
     for k, st in parent.optimizer_state["state"].items():
         assert torch.equal(restored[k]["exp_avg"], st["exp_avg"])
+
+
+def test_horovod_worker_error_names_the_failing_rank(spark, tmp_path):
+    t = examples(B * 2)
+    bad = t.column("item_idx").to_numpy().copy()
+    bad[B:] = 999  # out of range only in rank 1's half
+    t = t.set_column(1, "item_idx", pa.array(bad))
+    pq.write_table(t, tmp_path / "x.parquet")
+    with pytest.raises(Exception, match=r"worker rank 1/2 \(horovod\) failed: IndexError") as e:
+        HorovodBackend(spark, WORLD).run(spec([tmp_path / "x.parquet"], tmp_path / "ck"))
+    assert "rank 0/2" not in str(e.value).split("\n")[0]
+    # the session survives a failed training job
+    assert spark.range(3).count() == 3
+
+
+CRASHING_WORKER = """
+import sys
+sys.path.insert(0, {lib!r})
+from deltarec.train.backends import LocalBackend
+from deltarec.train.loop import TrainSpec
+LocalBackend().run(TrainSpec(**{spec!r}))
+"""
+
+
+def test_crashed_run_resumes_from_in_run_checkpoint_to_the_same_weights(tmp_path):
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pq.write_table(examples(B * 6), tmp_path / "d.parquet")
+    common = dict(optimizer="adam", epochs=2, shuffle=True, checkpoint_every_steps=4)
+    straight = LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "a", resume_dir=str(tmp_path / "ra"),
+                                       **common))
+    crash_spec = spec([tmp_path / "d.parquet"], tmp_path / "b", resume_dir=str(tmp_path / "rb"), **common)
+    code = CRASHING_WORKER.format(lib=str(ROOT / "lib"), spec=dataclasses.asdict(crash_spec))
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DELTAREC_CRASH_AT": "after_inrun_checkpoint"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 86, proc.stderr[-2000:]
+    assert not (tmp_path / "b" / "manifest.json").exists()  # it died mid-run
+    resumed = LocalBackend().run(crash_spec)
+    assert resumed["resumed_from"] is not None and resumed["resumed_from"].endswith("step-000000004")
+    assert resumed["ranks"][0]["examples"] == straight["ranks"][0]["examples"] - 4 * B  # 4 steps not redone
+    a = load_checkpoint(straight["checkpoint"]["path"]).model_state
+    b = load_checkpoint(resumed["checkpoint"]["path"]).model_state
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)

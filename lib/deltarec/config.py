@@ -128,6 +128,7 @@ class TrainConfig:
     full_epochs: int = 2  # epochs for the first (full) training
     seed: int = 42
     grad_clip: float = 0.0  # 0: no clipping
+    checkpoint_every_steps: int = 500  # in-run checkpoints a crashed run resumes from; 0: off
     progress: bool = True
 
 

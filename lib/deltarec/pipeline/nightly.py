@@ -97,7 +97,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     first, last = watermark + 1, latest
     run_id = f"{model_name}-{first:06d}-{last:06d}"
     started = dt.datetime.now(dt.timezone.utc)
-    parent = ledger.latest(model_name)
+    parent = _usable_parent(ledger, model_name)
     strategy = "incremental" if parent else "full"
     log.info("run %s: consuming %s versions %d..%d (%s)", run_id, L.events_table, first, last, strategy)
 
@@ -126,11 +126,12 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     n_examples = new_examples.count()
 
     # ---- prequential: score what serves now on the new data, before training on it
-    pre = _prequential(spark, cfg, lake, ledger, new_examples, items) if parent else {}
+    pre = _prequential(spark, cfg, lake, ledger, new_examples, items, parent) if parent else {}
 
     # ---- train
     attempt = uuid.uuid4().hex[:8]
-    ckpt_dir = f"{lake.uri(L.checkpoints_dir)}/{model_name}/{run_id}/{attempt}"
+    run_dir = f"{lake.uri(L.checkpoints_dir)}/{model_name}/{run_id}"
+    ckpt_dir = f"{run_dir}/{attempt}"
     T = cfg.train
     spec = TrainSpec(
         run_id=run_id, files=files, model_name=model_name,
@@ -139,6 +140,8 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         checkpoint_dir=ckpt_dir, parent_path=parent.checkpoint_path if parent else None,
         parent_sha256=parent.checkpoint_sha256 if parent else None, grad_clip=T.grad_clip,
         progress=T.progress, use_gpu=T.use_gpu,
+        resume_dir=f"{run_dir}/inrun" if "://" not in run_dir else None,
+        checkpoint_every_steps=T.checkpoint_every_steps,
         meta={"parent_run_id": parent.run_id if parent else None, "strategy": strategy,
               "source_versions": [first, last], "config": cfg.to_dict()},
     )
@@ -169,10 +172,28 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         strategy=strategy, parent_run_id=parent.run_id if parent else None,
     ))
     log.info("run %s committed: watermark %d → %d", run_id, watermark, last)
+    if spec.resume_dir:
+        import shutil
+
+        shutil.rmtree(spec.resume_dir, ignore_errors=True)  # in-run state is only for crashes
     return NightResult(
         "committed", model_name, last, run_id, (first, last), consumed, n_accepted, n_quarantined, reasons,
         n_examples, train_seconds, time.perf_counter() - t_start, pre, ck, strategy,
     )
+
+
+def _usable_parent(ledger: Ledger, model: str) -> RunRecord | None:
+    """The newest committed run whose checkpoint verifies. A corrupt one is
+    refused, loudly, and the one before it is used."""
+    from ..train.checkpoint import CheckpointError
+
+    for run in sorted(ledger.runs(model), key=lambda r: r.source_last, reverse=True):
+        try:
+            verify_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
+            return run
+        except CheckpointError as e:
+            log.error("refusing checkpoint of run %s as warm start: %s; trying the previous run", run.run_id, e)
+    return None
 
 
 def _model_params(cfg: "Config") -> dict[str, Any]:
@@ -181,7 +202,8 @@ def _model_params(cfg: "Config") -> dict[str, Any]:
             "embedding_dim": m.embedding_dim, "hidden": list(m.hidden), "dropout": m.dropout}
 
 
-def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items) -> dict[str, Any]:
+def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items,
+                 parent: RunRecord) -> dict[str, Any]:
     """HR@K/NDCG@K on the new positives for: the model in service (parent), the
     first model of the lineage never updated ('stale'), and the most popular
     items of the last ``eval.popularity_days`` days."""
@@ -216,7 +238,7 @@ def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items
         m.load_state_dict(ck.model_state)
         return m
 
-    models = {"model": load(runs[-1])}
+    models = {"model": load(parent)}
     if len(runs) > 1:
         models["stale"] = load(runs[0])
     else:

@@ -46,6 +46,11 @@ def _horovod_entry(spec: TrainSpec) -> dict[str, Any]:
         torch.cuda.set_device(hvd.local_rank())
     try:
         return _guarded(spec, HorovodCollective(hvd))
+    except TrainingFailed as e:
+        # Returned, not raised: horovod.spark.run would replace the message with
+        # "one or more processes exited with non-zero status". Shutting down
+        # here makes the other ranks' pending collectives fail instead of hang.
+        return {"error": str(e), "rank": hvd.rank()}
     finally:
         hvd.shutdown()
 
@@ -96,6 +101,7 @@ class HorovodBackend:
                                         use_gloo=True, use_mpi=False, verbose=int(os.environ.get("DELTAREC_HOROVOD_VERBOSE", "0")))
         except Exception as e:
             raise TrainingFailed(_worker_message(e)) from e
+        _raise_worker_errors(results)
         return results[0]
 
 
@@ -115,6 +121,17 @@ class TorchBackend:
                                     use_gpu=self.use_gpu).run(_torch_entry, spec)
         except Exception as e:
             raise TrainingFailed(_worker_message(e)) from e
+
+
+def _raise_worker_errors(results: list[dict[str, Any]]) -> None:
+    errors = [r for r in results if "error" in r]
+    if not errors:
+        return
+    # The rank that failed first has its own error; the others only saw horovod shut down.
+    own = [r for r in errors if "shut down" not in r["error"]] or errors
+    first = min(own, key=lambda r: r["rank"])
+    others = ", ".join(str(r["rank"]) for r in errors if r is not first)
+    raise TrainingFailed(first["error"] + (f"\n(ranks {others} stopped because of it)" if others else ""))
 
 
 def _worker_message(e: Exception) -> str:

@@ -54,6 +54,10 @@ class TrainSpec:
     progress: bool = True
     use_gpu: bool = False
     shuffle: bool = True  # per-epoch seeded shuffle of each rank's shard
+    # In-run checkpoints: every N optimizer steps rank 0 saves the full state
+    # under resume_dir; a rerun of the same run id resumes from the newest one.
+    resume_dir: str | None = None
+    checkpoint_every_steps: int = 0
 
 
 def make_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -79,10 +83,63 @@ def build(spec: TrainSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict
     return model, optimizer, state
 
 
+CRASH_ENV = "DELTAREC_CRASH_AT"  # tests: "after_inrun_checkpoint" kills the process right after one
+
+
+def _latest_inrun(spec: TrainSpec) -> str | None:
+    """Newest complete, checksum-valid in-run checkpoint of this run, if any."""
+    import os
+
+    from .checkpoint import CheckpointError, verify_checkpoint
+
+    if not spec.resume_dir or not os.path.isdir(spec.resume_dir):
+        return None
+    for name in sorted(os.listdir(spec.resume_dir), reverse=True):
+        path = os.path.join(spec.resume_dir, name)
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError:
+            continue  # a crash while writing it: try the one before
+    return None
+
+
+def _resume(spec: TrainSpec, model, optimizer, state: dict[str, Any]) -> str | None:
+    path = _latest_inrun(spec)
+    if path is None:
+        return None
+    ck = load_checkpoint(path)
+    if ck.meta.get("run_id") != spec.run_id or ck.meta.get("files") != sorted(spec.files):
+        return None  # another run's or other data's state: never resume from it
+    model.load_state_dict(ck.model_state)
+    optimizer.load_state_dict(ck.optimizer_state)
+    state.clear()
+    state.update(ck.train_state)
+    return path
+
+
+def _save_inrun(spec: TrainSpec, model, optimizer, state: dict[str, Any]) -> None:
+    import os
+    import shutil
+
+    path = os.path.join(spec.resume_dir, f"step-{state['global_step']:09d}")
+    save_checkpoint(path, model, optimizer, {"run_id": spec.run_id, "files": sorted(spec.files)}, dict(state))
+    for old in sorted(os.listdir(spec.resume_dir))[:-1]:  # keep the newest only
+        shutil.rmtree(os.path.join(spec.resume_dir, old), ignore_errors=True)
+    if os.environ.get(CRASH_ENV) == "after_inrun_checkpoint":
+        os._exit(86)
+
+
 def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
     rank, world = collective.rank, collective.size
     t0 = time.perf_counter()
     model, optimizer, state = build(spec)
+    # Position inside this run: (epoch, step) of the next batch to train.
+    state.update(run_epoch=0, run_step=0)
+    resumed_from = _resume(spec, model, optimizer, state) if rank == 0 else None
+    # Every rank starts from rank 0's state and position.
+    position = collective.allgather_object((state["run_epoch"], state["run_step"], state["global_step"]))[0]
+    state["run_epoch"], state["run_step"], state["global_step"] = position
     collective.broadcast_state(model, optimizer)
     dopt = collective.distributed_optimizer(optimizer, model)
 
@@ -92,7 +149,6 @@ def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
     local_bs = spec.batch_size // world
     steps = math.ceil(max(sizes) / local_bs) if max(sizes) else 0
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
-    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + rank)
 
     bar = None
     if spec.progress and rank == 0 and steps:
@@ -102,9 +158,14 @@ def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
                    mininterval=2.0, leave=False)
     model.train()
     seen, loss_sum, compute_seconds = 0, 0.0, 0.0
-    for epoch in range(spec.epochs):
+    start_epoch, start_step = state["run_epoch"], state["run_step"]
+    if bar is not None and (start_epoch or start_step):
+        bar.update(start_epoch * steps + start_step)
+    for epoch in range(start_epoch, spec.epochs):
+        # A fresh generator per (epoch, rank): a resumed run draws the same order.
+        g = torch.Generator().manual_seed((spec.seed * 1_000_003 + epoch) * 1_009 + rank)
         perm = torch.randperm(len(shard), generator=g) if spec.shuffle else torch.arange(len(shard))
-        for t in range(steps):
+        for t in range(start_step if epoch == start_epoch else 0, steps):
             tw = time.perf_counter()
             idx = perm[t * local_bs:(t + 1) * local_bs]
             u, i, y, w = shard.user_idx[idx], shard.item_idx[idx], shard.label[idx], shard.weight[idx]
@@ -125,6 +186,10 @@ def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
             seen += len(idx)
             loss_sum += float(raw.detach())
             state["global_step"] = int(state.get("global_step", 0)) + 1
+            state["run_epoch"], state["run_step"] = (epoch, t + 1) if t + 1 < steps else (epoch + 1, 0)
+            if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0 \
+                    and rank == 0 and spec.resume_dir:
+                _save_inrun(spec, model, optimizer, state)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", ex_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
@@ -137,12 +202,15 @@ def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
             "data_seconds": round(data_seconds, 3), "compute_seconds": round(compute_seconds, 3),
             "loss_sum": loss_sum}
     ranks = collective.allgather_object(mine)
-    result: dict[str, Any] = {"ranks": ranks, "steps": steps * spec.epochs, "world_size": world}
+    result: dict[str, Any] = {"ranks": ranks, "steps": steps * spec.epochs, "world_size": world,
+                              "resumed_from": resumed_from}
     if rank == 0:
         total = sum(r["examples"] for r in ranks)
         result["examples"] = total
         result["train_loss"] = sum(r["loss_sum"] for r in ranks) / total if total else None
         state["rng_torch"] = torch.get_rng_state()
+        for k in ("run_epoch", "run_step"):  # positions inside this run mean nothing to the next one
+            state.pop(k, None)
         saved = save_checkpoint(spec.checkpoint_dir, model, optimizer,
                                 meta={**spec.meta, "model": spec.model_name, "model_params": spec.model_params,
                                       "run_id": spec.run_id, "global_step": state["global_step"]},
