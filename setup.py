@@ -37,5 +37,5 @@ setup(
         "mlflow": ["mlflow>=2.10"],
         "dev": ["pytest>=8", "matplotlib>=3.8", "scikit-learn>=1.4"],
     },
-    entry_points={"console_scripts": ["deltarec=deltarec.cli:main"]},
+    entry_points={"console_scripts": ["deltarec=deltarec.cli:entry"]},
 )

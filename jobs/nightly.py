@@ -4,8 +4,7 @@
 """
 import sys
 
-from deltarec.cli import main
-
+from deltarec.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["nightly", *sys.argv[1:]]))
+    entry(["nightly", *sys.argv[1:]])

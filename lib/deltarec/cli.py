@@ -44,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all-models", action="store_true", help="runs of every model, not only model.name")
     p.add_argument("--verify", action="store_true", help="re-hash every checkpoint file against the ledger")
+    p = sub.add_parser("plan", help="what the next nightly run would consume; writes nothing",
+                       description="Show the watermark, the source table's latest version, the version range "
+                                   "the next run would consume and its change-feed rows per change type.")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("config", help="print the resolved config (or one value with --get)")
     _common(p)
     p.add_argument("--get", metavar="KEY", help="print one dotted key, e.g. spark.master")
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltarec: config error: {e}", file=sys.stderr)
         return 2
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
-        "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config,
+        "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
     }
     return commands[args.command](args, cfg)
 
@@ -117,6 +122,17 @@ def run_nightly_job(cfg: Config) -> int:
         log.debug("nightly failed", exc_info=True)
         print(f"deltarec nightly: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        spark.stop()
+    return 0
+
+
+def cmd_plan(args, cfg: Config) -> int:
+    from .pipeline.plan import describe_plan, plan
+    from .spark import build_spark
+
+    p = plan(build_spark(cfg), cfg)
+    print(json.dumps(p, indent=1) if args.json else describe_plan(p))
     return 0
 
 
@@ -177,5 +193,15 @@ def _spark_lake(cfg: Config):
     return open_lake(cfg.lake, build_spark(cfg))
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """Console-script / job entry: exit with main()'s code without running
+    native-library teardown, which can abort a finished process (seen with
+    deltalake 1.6.6 + pyarrow: "terminate called without an active exception")."""
+    rc = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
