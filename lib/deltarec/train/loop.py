@@ -68,10 +68,20 @@ def make_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optim
     return factory([p for p in model.parameters() if p.requires_grad], spec.lr, spec.weight_decay)
 
 
-def build(spec: TrainSpec) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
+def device_for(spec: TrainSpec, local_rank: int = 0) -> torch.device:
+    """CUDA device of this worker when asked for and present, else the CPU."""
+    if spec.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def build(spec: TrainSpec, device: torch.device | None = None
+          ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
     """Model + optimizer, warm-started from the parent checkpoint when there is one."""
     torch.manual_seed(spec.seed)
     model = build_model(spec.model_name, **spec.model_params)
+    if device is not None:
+        model.to(device)  # before the optimizer loads its state, so the state lands on the device too
     optimizer = make_optimizer(spec, model)
     state: dict[str, Any] = {"global_step": 0}
     if spec.parent_path:
@@ -133,7 +143,9 @@ def _save_inrun(spec: TrainSpec, model, optimizer, state: dict[str, Any]) -> Non
 def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
     rank, world = collective.rank, collective.size
     t0 = time.perf_counter()
-    model, optimizer, state = build(spec)
+    device = device_for(spec, collective.local_rank)
+    cuda = device.type == "cuda"
+    model, optimizer, state = build(spec, device)
     # Position inside this run: (epoch, step) of the next batch to train.
     state.update(run_epoch=0, run_step=0)
     resumed_from = _resume(spec, model, optimizer, state) if rank == 0 else None
@@ -144,6 +156,9 @@ def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
     dopt = collective.distributed_optimizer(optimizer, model)
 
     shard = to_shard(read_shard(spec.files, rank, world))
+    if cuda:  # the shard's four columns fit on the GPU: one pinned, asynchronous copy, then index there
+        shard = type(shard)(*(t.pin_memory().to(device, non_blocking=True)
+                              for t in (shard.user_idx, shard.item_idx, shard.label, shard.weight)))
     data_seconds = time.perf_counter() - t0
     sizes = collective.allgather_object(len(shard))
     local_bs = spec.batch_size // world
@@ -168,12 +183,15 @@ def train_worker(spec: TrainSpec, collective) -> dict[str, Any]:
         for t in range(start_step if epoch == start_epoch else 0, steps):
             tw = time.perf_counter()
             idx = perm[t * local_bs:(t + 1) * local_bs]
+            idx = idx.to(device)
             u, i, y, w = shard.user_idx[idx], shard.item_idx[idx], shard.label[idx], shard.weight[idx]
             global_count = sum(min(max(n - t * local_bs, 0), local_bs) for n in sizes)
             tc = time.perf_counter()
             data_seconds += tc - tw
             dopt.zero_grad()
-            raw = (loss_fn(model(u, i), y) * w).sum()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 matmuls on GPU
+                logits = model(u, i)
+            raw = (loss_fn(logits.float(), y) * w).sum()
             (raw * world / global_count).backward()
             if spec.grad_clip > 0:
                 dopt.synchronize()
