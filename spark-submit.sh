@@ -66,7 +66,9 @@ fi
 engine="$(cfg_get lake.engine)"
 
 mkdir -p "$ROOT/build"
-(cd "$ROOT/lib" && rm -f "$ROOT/build/deltarec.zip" && "$PY" -m zipfile -c "$ROOT/build/deltarec.zip" deltarec >/dev/null)
+# Built under a temporary name and renamed: two submits at once never ship a half-written zip.
+tmpzip="$(mktemp "$ROOT/build/.deltarec.XXXXXX.zip")"; rm -f "$tmpzip"
+(cd "$ROOT/lib" && "$PY" -m zipfile -c "$tmpzip" deltarec >/dev/null) && mv -f "$tmpzip" "$ROOT/build/deltarec.zip"
 
 cmd=("$SUBMIT")
 [ -n "$master" ] && cmd+=(--master "$master")

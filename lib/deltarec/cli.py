@@ -107,17 +107,13 @@ def cmd_nightly(args, cfg: Config) -> int:
 
 def run_nightly_job(cfg: Config) -> int:
     """parse → config → session → one library call → exit code (shared with jobs/nightly.py)."""
-    from .pipeline.demo import describe, run_demo
-    from .pipeline.nightly import run_nightly
+    from .pipeline.demo import run_configured
     from .spark import build_spark
 
     log.info("config: %s", cfg.to_json())
     spark = build_spark(cfg)
     try:
-        if cfg.demo.enabled:
-            run_demo(spark, cfg)
-        else:
-            print(describe(run_nightly(spark, cfg)))
+        run_configured(spark, cfg)
     except Exception as e:  # one readable line, then the traceback in debug
         log.debug("nightly failed", exc_info=True)
         print(f"deltarec nightly: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
@@ -173,11 +169,11 @@ def cmd_status(args, cfg: Config) -> int:
               f"{'HR@k':>7} {'NDCG@k':>7}  committed")
         for d in entries[-15:]:
             pre = d["metrics"].get("prequential", {}).get("model", {})
+            hr, ndcg = (f"{pre[k]:>7.4f}" if k in pre else f"{'-':>7}" for k in ("hr", "ndcg"))
             v = d["source_versions"]
             flag = "" if d["checkpoint"].get("verified", True) else "  CHECKSUM MISMATCH"
             print(f"{d['run_id']:<24} {d['strategy']:<11} {f'{v[0]}..{v[1]}':<11} {d['status']:<10} "
-                  f"{d['metrics'].get('examples', 0):>9} {pre.get('hr', float('nan')):>7.4f} "
-                  f"{pre.get('ndcg', float('nan')):>7.4f}  {d['committed_at']}{flag}")
+                  f"{d['metrics'].get('examples', 0):>9} {hr} {ndcg}  {d['committed_at']}{flag}")
         if current:
             print(f"current checkpoint: {current.checkpoint_path}\n  sha256 {current.checkpoint_sha256}")
         else:
@@ -197,6 +193,9 @@ def entry(argv: list[str] | None = None) -> None:
     """Console-script / job entry: exit with main()'s code without running
     native-library teardown, which can abort a finished process (seen with
     deltalake 1.6.6 + pyarrow: "terminate called without an active exception")."""
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `deltarec status | head` ends quietly
     rc = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -90,6 +90,16 @@ def run_demo(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResul
     return results
 
 
+def run_configured(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResult]:
+    """What ``deltarec nightly`` does: the demo when ``demo.enabled`` (on a lake
+    that already has data that is one nightly run), else one nightly run."""
+    if cfg.demo.enabled:
+        return run_demo(spark, cfg, out=out)
+    result = run_nightly(spark, cfg)
+    out(describe(result))
+    return [result]
+
+
 # ------------------------------------------------------------ printing
 def describe(r: NightResult) -> str:
     if r.status == "noop":

@@ -1,0 +1,79 @@
+"""What the next nightly run would do, computed without writing anything.
+
+``plan`` reads the ledger's watermark, the source table's latest version and
+the change feed of the versions in between; it never creates a table (not
+even an empty ledger), so it is safe on a production lake and in dry runs.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..lake import open_lake
+from ..lake.ledger import Ledger
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from ..config import Config
+    from ..lake.engine import LakeEngine
+
+
+def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = None) -> dict[str, Any]:
+    """The next run of ``cfg.model.name`` over ``cfg.lake.events_table``:
+
+    - ``watermark``: last source version consumed by a committed run (-1: none);
+    - ``latest_version``: the source table's latest version (None: no table);
+    - ``next_range``: ``(first, last)`` versions the next run would consume, or
+      None when there is nothing new;
+    - ``change_types``: change-feed rows per ``_change_type`` in that range
+      (``rows``: their total).
+    """
+    from pyspark.sql import functions as F
+
+    lake = lake or open_lake(cfg.lake, spark)
+    L = cfg.lake
+    ledger = Ledger(lake, L.runs_table)
+    runs = ledger.runs(cfg.model.name)
+    watermark = ledger.watermark(cfg.model.name)
+    latest = lake.version(L.events_table)
+    next_range = (watermark + 1, latest) if latest is not None and latest > watermark else None
+    change_types: dict[str, int] = {}
+    if next_range is not None:
+        counts = (lake.read_changes(L.events_table, *next_range)
+                  .groupBy("_change_type").agg(F.count(F.lit(1)).alias("n")).collect())
+        change_types = {r["_change_type"]: int(r["n"]) for r in sorted(counts, key=lambda r: r["_change_type"])}
+    if latest is None:
+        note = (f"no source table {lake.uri(L.events_table)}: "
+                + ("the next run loads the demo data (demo.enabled=true)" if cfg.demo.enabled
+                   else "load data first or point lake.root at your lake"))
+    elif next_range is None:
+        note = f"nothing new: model {cfg.model.name!r} has consumed version {latest}"
+    else:
+        note = (f"the next run consumes versions {next_range[0]}..{next_range[1]} "
+                f"({'incremental from ' + runs[-1].run_id if runs else 'full: first run of this lineage'})")
+    return {
+        "model": cfg.model.name,
+        "lake": lake.root,
+        "engine": lake.name,
+        "source_table": L.events_table,
+        "runs_table": L.runs_table,
+        "runs": len(runs),
+        "watermark": watermark,
+        "latest_version": latest,
+        "next_range": next_range,
+        "change_types": change_types,
+        "rows": sum(change_types.values()),
+        "note": note,
+    }
+
+
+def describe_plan(p: dict[str, Any]) -> str:
+    """A few lines for people: the plan as `deltarec plan` prints it."""
+    lines = [f"lake {p['lake']} ({p['engine']}); model {p['model']!r}; ledger {p['runs_table']} ({p['runs']} runs)",
+             f"watermark: {p['watermark']}   {p['source_table']} latest version: {p['latest_version']}"]
+    if p["next_range"] is not None:
+        first, last = p["next_range"]
+        kinds = ", ".join(f"{k}={v}" for k, v in p["change_types"].items()) or "no change-feed rows"
+        lines.append(f"next run: versions {first}..{last}, {p['rows']} change-feed rows ({kinds})")
+    lines.append(p["note"])
+    return "\n".join(lines)
