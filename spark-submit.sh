@@ -20,7 +20,7 @@
 #   5. prints the exact spark-submit command, then runs it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DELTA_VERSION="${DELTA_VERSION:-4.0.0}"
+DELTA_VERSION="${DELTA_VERSION:-4.4.1}"  # keep in step with the delta-spark pin in setup.py
 
 if [ $# -eq 0 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0

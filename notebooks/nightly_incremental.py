@@ -30,13 +30,9 @@ from deltarec import notebook as nb
 from deltarec.evaluation.report import load_runs, plot_nights
 from deltarec.pipeline.plan import describe_plan, plan
 
-try:  # Databricks provides both; elsewhere use the local stand-ins
-    dbutils, display  # noqa: B018, F821
-except NameError:  # widgets from the command line when run as a script (not in Jupyter), else env/defaults
-    dbutils, display = nb.local_dbutils(sys.argv[1:] if "__file__" in globals() else []), nb.local_display()
+dbutils, display = nb.platform(globals())  # Databricks' own, else local stand-ins
 
-dbutils.widgets.text("config_file", "conf/local.yaml", "Config file")
-dbutils.widgets.text("overrides", "", "Overrides (key=value, newline- or comma-separated)")
+nb.config_widgets(dbutils)
 dbutils.widgets.dropdown("dry_run", "false", ["true", "false"], "Dry run (plan only)")
 dbutils.widgets.text("report_dir", "reports", "Directory for the plot")
 

@@ -215,6 +215,8 @@ def test_databricks_job_runs_a_notebook_with_its_widgets_and_a_valid_config():
     name = Path(nb_task["notebook_path"]).name
     source = (ROOT / f"{nb_task['notebook_path']}.py").read_text()
     widgets = set(re.findall(r'dbutils\.widgets\.(?:text|dropdown)\("(\w+)"', source))
+    if "nb.config_widgets(dbutils)" in source:  # the shared config_file / overrides pair
+        widgets |= {"config_file", "overrides"}
     params = nb_task["base_parameters"]
     assert name == "nightly_incremental" and set(params) <= widgets, (set(params) - widgets)
     cfg = notebook_config(params["config_file"], params["overrides"])

@@ -123,6 +123,21 @@ def local_dbutils(argv: Sequence[str] | None = None) -> LocalDbutils:
     return LocalDbutils(argv)
 
 
+def platform(namespace: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(dbutils, display): Databricks' own when the notebook's ``namespace``
+    has them, else local stand-ins with widgets from the command line (when
+    run as a script) or from env vars / defaults."""
+    if "dbutils" in namespace and "display" in namespace:
+        return namespace["dbutils"], namespace["display"]
+    return local_dbutils(sys.argv[1:] if "__file__" in namespace else []), local_display()
+
+
+def config_widgets(dbutils: Any) -> None:
+    """The two widgets every notebook has: the config file and overrides."""
+    dbutils.widgets.text("config_file", "conf/local.yaml", "Config file")
+    dbutils.widgets.text("overrides", "", "Overrides (key=value, newline- or comma-separated)")
+
+
 # ------------------------------------------------------------ display
 class LocalDisplay:
     """Stands in for Databricks' ``display``: prints tables, dicts and text;
