@@ -141,3 +141,19 @@ def test_corrupt_latest_checkpoint_is_refused_and_the_previous_one_used(spark, l
     runs = Ledger(lake).runs()
     assert runs[-1].parent_run_id == first.run_id  # not the corrupt second run
     assert runs[-1].source_first == second.source_versions[1] + 1  # the watermark still moves on
+
+
+def test_full_strategy_retrains_from_scratch_over_all_history(spark, lake_root, real_data_path):
+    cfg = make_config(lake_root, "demo.history_days=3", "demo.nights=1")
+    run_demo(spark, cfg, out=lambda *_: None)
+    lake = open_lake(cfg.lake, spark)
+    days, items, _ = demo_days(cfg)
+    append_day(lake, cfg, days[4][1], items)
+    full = make_config(lake_root, "demo.history_days=3", "demo.nights=1", "train.strategy=full")
+    res = run_nightly(spark, full, lake=lake)
+    runs = Ledger(lake).runs()
+    train = runs[-1].metrics["train"]
+    assert res.strategy == "full" and train["warm_start"] is None
+    assert runs[-1].parent_run_id == runs[-2].run_id  # lineage still links the runs
+    all_examples = sum(r.metrics["examples"] for r in runs)
+    assert train["examples_trained"] == all_examples * full.train.full_epochs

@@ -181,3 +181,59 @@ def test_gpu_bf16_training_tracks_the_cpu_result(tmp_path):  # pragma: no cover 
     assert all(v.device.type == "cpu" for v in b.values())  # checkpoints are device-free
     for k in a:  # bf16 autocast: close, not equal
         torch.testing.assert_close(b[k], a[k], rtol=5e-2, atol=5e-2, msg=k)
+
+
+def test_finetune_keeps_frozen_modules_and_trains_the_rest(tmp_path):
+    pq.write_table(examples(B * 3), tmp_path / "d.parquet")
+    parent = LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "p", optimizer="adam"))["checkpoint"]
+    child = LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "c", optimizer="adam",
+                                    parent_path=parent["path"], parent_sha256=parent["sha256"],
+                                    freeze=["user_emb", "mlp"]))["checkpoint"]
+    before, after = load_checkpoint(parent["path"]), load_checkpoint(child["path"])
+    for k, v in before.model_state.items():
+        same = torch.equal(after.model_state[k], v)
+        assert same == (k.startswith("user_emb.") or k.startswith("mlp.")), k
+    # the optimizer kept the Adam moments of the parameters still trained
+    names = after.train_state["optimizer_params"]
+    assert "user_emb.weight" not in names and "item_emb.weight" in names
+    with pytest.raises(Exception, match="'towers' names no module of the model; modules: bias, item_bias"):
+        LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "x", freeze=["towers"]))
+
+
+def test_warm_start_continues_lr_schedule_and_rng(tmp_path):
+    from deltarec.train.loop import build
+
+    pq.write_table(examples(B * 2), tmp_path / "d.parquet")
+    kw = dict(optimizer="adam", lr_schedule="exponential", lr_decay=0.9)
+    first = LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "p", **kw))["checkpoint"]
+    parent = load_checkpoint(first["path"])
+    step = parent.train_state["global_step"]
+    torch.manual_seed(999)  # whatever the process did before
+    _, opt, state = build(spec([], tmp_path / "q", parent_path=first["path"], **kw))
+    assert state["global_step"] == step == 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.9 ** step)
+    assert torch.equal(torch.get_rng_state(), parent.train_state["rng_torch"])
+    _, opt2, _ = build(spec([], tmp_path / "r", scale_lr_by_workers=True), world=4)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 * 4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    pq.write_table(examples(B * STEPS), tmp_path / "d.parquet")
+    one = LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "a"))
+    acc = LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "b", accumulation_steps=4))
+    assert acc["steps"] == one["steps"] == STEPS
+    a = load_checkpoint(one["checkpoint"]["path"]).model_state
+    b = load_checkpoint(acc["checkpoint"]["path"]).model_state
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_early_stopping_on_the_validation_slice(tmp_path):
+    pq.write_table(examples(B * 8), tmp_path / "d.parquet")  # random labels: nothing to learn, it overfits
+    res = LocalBackend().run(spec([tmp_path / "d.parquet"], tmp_path / "a", optimizer="adam", lr=0.05,
+                                  epochs=40, validation_fraction=0.25, patience=2, shuffle=True))
+    hist = res["val_history"]
+    assert res["epochs_run"] == len(hist) < 40
+    best = min(range(len(hist)), key=hist.__getitem__)
+    assert len(hist) - 1 - best == 2  # stopped after exactly `patience` epochs without improvement
+    assert res["examples"] == res["epochs_run"] * (B * 8 - B * 2)  # validation rows never trained on

@@ -129,6 +129,17 @@ class TrainConfig:
     seed: int = 42
     grad_clip: float = 0.0  # 0: no clipping
     checkpoint_every_steps: int = 500  # in-run checkpoints a crashed run resumes from; 0: off
+    # auto: full on the first run, incremental after. full: from scratch over every
+    # committed run's examples plus tonight's. incremental: warm start, tonight's
+    # examples only. finetune: incremental with the `freeze` modules kept fixed.
+    strategy: str = field(default="auto", metadata=_choices("auto", "full", "incremental", "finetune"))
+    freeze: list[str] = field(default_factory=list)  # module names, e.g. [user_emb, mlp]
+    lr_schedule: str = field(default="constant", metadata=_choices("constant", "exponential"))
+    lr_decay: float = 1.0  # exponential: lr * lr_decay ** global_step (continues across nights)
+    scale_lr_by_workers: bool = False  # lr * num_proc
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+    validation_fraction: float = 0.0  # > 0: early stopping on this held-out share of the examples
+    patience: int = 1  # epochs without improvement before stopping
     progress: bool = True
 
 
@@ -293,8 +304,17 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise bad(name, "must be at least 1")
         if obj.lr <= 0:
             raise bad("lr", "must be > 0")
-        if obj.batch_size % obj.num_proc:
-            raise bad("batch_size", f"the global batch must divide evenly across train.num_proc={obj.num_proc} workers")
+        if obj.batch_size % (obj.num_proc * obj.accumulation_steps):
+            raise bad("batch_size", f"the global batch must divide evenly across train.num_proc={obj.num_proc} "
+                                    f"workers × train.accumulation_steps={obj.accumulation_steps}")
+        if obj.accumulation_steps < 1 or obj.patience < 1:
+            raise bad("accumulation_steps" if obj.accumulation_steps < 1 else "patience", "must be at least 1")
+        if obj.freeze and obj.strategy != "finetune":
+            raise bad("freeze", f"only applies with train.strategy=finetune (it is {obj.strategy!r})")
+        if not 0.0 <= obj.validation_fraction < 0.5:
+            raise bad("validation_fraction", "must be in [0, 0.5)")
+        if not 0.0 < obj.lr_decay <= 1.0:
+            raise bad("lr_decay", "must be in (0, 1]")
     if isinstance(obj, FeaturesConfig):
         for name in ("user_buckets", "item_buckets"):
             if getattr(obj, name) < 2:

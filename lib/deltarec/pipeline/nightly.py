@@ -98,7 +98,13 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     run_id = f"{model_name}-{first:06d}-{last:06d}"
     started = dt.datetime.now(dt.timezone.utc)
     parent = _usable_parent(ledger, model_name)
-    strategy = "incremental" if parent else "full"
+    strategy = cfg.train.strategy
+    if strategy == "auto" or (strategy in ("incremental", "finetune") and parent is None):
+        if strategy != "auto":
+            log.warning("train.strategy=%s needs a parent checkpoint and there is none: training from scratch",
+                        strategy)
+        strategy = "incremental" if parent else "full"
+    warm = parent if strategy != "full" else None
     log.info("run %s: consuming %s versions %d..%d (%s)", run_id, L.events_table, first, last, strategy)
 
     # ---- Spark: validate, quarantine, featurize
@@ -122,6 +128,9 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     lake.write(L.examples_table, examples, mode="overwrite", replace_where=f"run_id = '{run_id}'",
                partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
     files = lake.data_files(L.examples_table, {"run_id": run_id})
+    if strategy == "full":  # every committed run's examples plus tonight's
+        for r in ledger.runs(model_name):
+            files += lake.data_files(L.examples_table, {"run_id": r.run_id})
     new_examples = lake.read(L.examples_table).where(F.col("run_id") == run_id)
     n_examples = new_examples.count()
 
@@ -136,13 +145,18 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     spec = TrainSpec(
         run_id=run_id, files=files, model_name=model_name,
         model_params=_model_params(cfg), optimizer=T.optimizer, lr=T.lr, weight_decay=T.weight_decay,
-        batch_size=T.batch_size, epochs=T.epochs if parent else T.full_epochs, seed=T.seed + first,
-        checkpoint_dir=ckpt_dir, parent_path=parent.checkpoint_path if parent else None,
-        parent_sha256=parent.checkpoint_sha256 if parent else None, grad_clip=T.grad_clip,
+        batch_size=T.batch_size, epochs=T.epochs if warm else T.full_epochs, seed=T.seed + first,
+        checkpoint_dir=ckpt_dir, parent_path=warm.checkpoint_path if warm else None,
+        parent_sha256=warm.checkpoint_sha256 if warm else None, grad_clip=T.grad_clip,
+        freeze=list(T.freeze) if strategy == "finetune" else [], lr_schedule=T.lr_schedule,
+        lr_decay=T.lr_decay, scale_lr_by_workers=T.scale_lr_by_workers,
+        accumulation_steps=T.accumulation_steps, validation_fraction=T.validation_fraction,
+        patience=T.patience,
         progress=T.progress, use_gpu=T.use_gpu,
         resume_dir=f"{run_dir}/inrun" if "://" not in run_dir else None,
         checkpoint_every_steps=T.checkpoint_every_steps,
         meta={"parent_run_id": parent.run_id if parent else None, "strategy": strategy,
+              "warm_start": warm.run_id if warm else None,
               "source_versions": [first, last], "config": cfg.to_dict()},
     )
     backend = backend or make_backend(T.backend, spark, T.num_proc, T.use_gpu)
@@ -162,7 +176,9 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         "examples": n_examples,
         "train": {"seconds": round(train_seconds, 3), "loss": result.get("train_loss"),
                   "steps": result.get("steps"), "world_size": result.get("world_size"),
-                  "backend": backend.name, "ranks": result.get("ranks")},
+                  "backend": backend.name, "ranks": result.get("ranks"),
+                  "examples_trained": result.get("examples"), "epochs_run": result.get("epochs_run"),
+                  "val_history": result.get("val_history"), "warm_start": warm.run_id if warm else None},
         "prequential": pre,
     }
     ledger.commit(RunRecord(

@@ -73,7 +73,7 @@ class LocalCollective:
     def broadcast_state(self, model, optimizer) -> None:
         pass
 
-    def distributed_optimizer(self, optimizer, model):
+    def distributed_optimizer(self, optimizer, model, backward_passes_per_step: int = 1):
         return _AveragingOptimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lambda t: t)
 
     def barrier(self) -> None:
@@ -113,7 +113,8 @@ class TorchCollective:
         if self.rank != 0:
             optimizer.load_state_dict(state[0])
 
-    def distributed_optimizer(self, optimizer, model):
+    def distributed_optimizer(self, optimizer, model, backward_passes_per_step: int = 1):
+        # Gradients accumulate locally over the micro-batches; one allreduce per step.
         return _AveragingOptimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
                                    self.allreduce_mean)
 
@@ -147,10 +148,10 @@ class HorovodCollective:
         if self.rank != 0:
             optimizer.load_state_dict(state)
 
-    def distributed_optimizer(self, optimizer, model):
+    def distributed_optimizer(self, optimizer, model, backward_passes_per_step: int = 1):
         return self.hvd.DistributedOptimizer(
             optimizer, named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad],
-            op=self.hvd.Average,
+            op=self.hvd.Average, backward_passes_per_step=backward_passes_per_step,
         )
 
     def barrier(self) -> None:
