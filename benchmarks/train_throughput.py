@@ -1,13 +1,13 @@
 """Training throughput: the real pipeline (Parquet → Arrow shard → tensors →
-steps with averaged gradients) against a ceiling (the same model and batches
-from tensors already in memory, one process), measured side by side.
+steps with averaged gradients) against a ceiling (the same training loop,
+model and batches on tensors already in memory, one process), side by side.
 
     .venv/bin/python benchmarks/train_throughput.py [--quick] [--rows N]
 
 Prints a table of examples/second for 1 and 2 workers on each backend and the
 ceiling; the last line is ``pipeline_to_ceiling=<float>``: the per-worker
-throughput of the 2-worker Horovod pipeline over the single-process ceiling
-(the goal is >= 0.8). Results also go to benchmarks/results/train_throughput.json.
+throughput of the 2-worker Horovod pipeline over the ceiling (the goal is
+>= 0.8). Results also go to benchmarks/results/train_throughput.json.
 """
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
-from deltarec.models import build_model  # noqa: E402
 from deltarec.train.backends import HorovodBackend, LocalBackend, TorchBackend  # noqa: E402
-from deltarec.train.loop import TrainSpec, make_optimizer  # noqa: E402
+from deltarec.train.loop import TrainSpec, train_worker  # noqa: E402
 
 PARAMS = {"user_buckets": 16384, "item_buckets": 8192, "embedding_dim": 32, "hidden": [64, 32]}
 
@@ -51,28 +50,18 @@ def spec(path: Path, out: Path, batch: int) -> TrainSpec:
                      checkpoint_dir=str(out), progress=False)
 
 
-def ceiling(n: int, batch: int) -> float:
-    """Same model, optimizer and batch size; tensors already in memory; one process."""
+def ceiling(path: Path, out: Path, batch: int) -> float:
+    """The same training loop, model, optimizer and batches in one process, on
+    tensors already in memory: only the data path and the other workers are
+    missing. Warmed up once (allocator, lazy init) so it is the steady state."""
+    from deltarec.data.shards import read_shard, to_shard
+    from deltarec.train.collective import LocalCollective
+
+    shard = to_shard(read_shard([str(path)], 0, 1))
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    u = torch.from_numpy(rng.integers(0, PARAMS["user_buckets"], n))
-    i = torch.from_numpy(rng.integers(0, PARAMS["item_buckets"], n))
-    y = torch.from_numpy((rng.random(n) < 0.2).astype(np.float32))
-    torch.manual_seed(1)
-    model = build_model("ranking", **PARAMS)
-    opt = make_optimizer(spec(Path("x"), Path("y"), batch), model)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-
-    def steps(stop: int) -> None:
-        for s in range(0, stop, batch):
-            opt.zero_grad()
-            loss_fn(model(u[s:s + batch], i[s:s + batch]), y[s:s + batch]).backward()
-            opt.step()
-
-    steps(20 * batch)  # warm-up (allocator, lazy init), untimed: the ceiling is the steady state
-    t0 = time.perf_counter()
-    steps(n)
-    return n / (time.perf_counter() - t0)
+    train_worker(spec(path, out / "warm", batch), LocalCollective(), shard=shard)
+    res = train_worker(spec(path, out / "ceil", batch), LocalCollective(), shard=shard)
+    return res["ranks"][0]["examples_per_second"]
 
 
 def main(argv=None) -> int:
@@ -92,8 +81,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "examples.parquet"
         make_data(n, data)
-        ceil = ceiling(n, args.batch)
-        rows.append(("ceiling (in-memory, 1 process)", 1, ceil, ceil))
+        ceil = ceiling(data, Path(tmp), args.batch)
+        rows.append(("ceiling (same loop, tensors in memory, 1 process)", 1, ceil, ceil))
         runs = [("local", 1, LocalBackend())]
         for w in (1, 2):
             runs += [("horovod", w, HorovodBackend(spark, w)), ("torch", w, TorchBackend(spark, w))]
