@@ -1,7 +1,5 @@
 """Tests for deltarec.evaluation.metrics: hand-computed values, sklearn parity, Spark parity."""
 import math
-import os
-import sys
 
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, make_config
-from deltarec.cli import main
 from deltarec.features.validate import QuarantineThresholdExceeded
 from deltarec.lake import open_lake
 from deltarec.lake.ledger import Ledger

@@ -7,7 +7,6 @@ gradients across workers in ``DistributedOptimizer.synchronize``.
 from __future__ import annotations
 
 import contextlib
-import pickle
 from typing import Any
 
 import torch
@@ -156,7 +155,3 @@ class HorovodCollective:
 
     def barrier(self) -> None:
         self.hvd.barrier()
-
-
-def _roundtrip(obj):  # used in tests: objects must survive pickling to cross processes
-    return pickle.loads(pickle.dumps(obj))
