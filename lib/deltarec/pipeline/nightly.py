@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..features.examples import build_examples, catalog
-from ..features.validate import check_threshold, validate
-from ..lake import LakeError, open_lake, schemas
+from ..features.examples import catalog
+from ..lake import LakeError, open_lake
 from ..lake.ledger import Ledger, RunRecord
 from ..train.checkpoint import verify_checkpoint
 from ..train.loop import TrainSpec
+from .delta_job import prepare_night
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -73,7 +73,6 @@ def code_version() -> str:
 
 def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = None,
                 backend=None) -> NightResult:
-    from pyspark.sql import functions as F
 
     from ..train.backends import make_backend
 
@@ -107,32 +106,11 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     warm = parent if strategy != "full" else None
     log.info("run %s: consuming %s versions %d..%d (%s)", run_id, L.events_table, first, last, strategy)
 
-    # ---- Spark: validate, quarantine, featurize
-    changes = lake.read_changes(L.events_table, first, last)
-    checked = validate(changes, cfg.validation, run_id)
-    accepted = checked.accepted.cache()
-    quarantined = checked.quarantined.cache()
-    reasons = {r["reason"]: int(r["count"]) for r in quarantined.groupBy("reason").count().collect()}
-    n_accepted = accepted.count()
-    n_quarantined = sum(reasons.values())
-    consumed = n_accepted + n_quarantined
-    check_threshold(reasons, consumed, cfg.validation.max_quarantine_fraction)
-    lake.create(L.quarantine_table, schemas.QUARANTINE_EVENTS)
-    lake.write(L.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
-               schema=schemas.QUARANTINE_EVENTS)
-
-    # The catalogue negatives are drawn from: the items table, else the items seen tonight.
-    items = lake.read(L.items_table) if lake.exists(L.items_table) else accepted.select("item_id").distinct()
-    examples = build_examples(accepted, items, cfg.features, run_id)
-    lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
-    lake.write(L.examples_table, examples, mode="overwrite", replace_where=f"run_id = '{run_id}'",
-               partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
-    files = lake.data_files(L.examples_table, {"run_id": run_id})
-    if strategy == "full":  # every committed run's examples plus tonight's
-        for r in ledger.runs(model_name):
-            files += lake.data_files(L.examples_table, {"run_id": r.run_id})
-    new_examples = lake.read(L.examples_table).where(F.col("run_id") == run_id)
-    n_examples = new_examples.count()
+    # ---- Spark: validate, quarantine, state, featurize (pipeline/delta_job.py)
+    night = prepare_night(spark, cfg, lake, first, last, run_id)
+    consumed, n_accepted, n_quarantined, reasons = night.consumed, night.accepted, night.quarantined, night.reasons
+    new_examples, items, n_examples = night.examples_df, night.items, night.examples
+    files = _training_files(cfg, lake, ledger, run_id, strategy)
 
     # ---- prequential: score what serves now on the new data, before training on it
     pre = _prequential(spark, cfg, lake, ledger, new_examples, items, parent) if parent else {}
@@ -163,8 +141,6 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     t_train = time.perf_counter()
     result = backend.run(spec)
     train_seconds = time.perf_counter() - t_train
-    accepted.unpersist()
-    quarantined.unpersist()
 
     # ---- publish: files are complete and checksummed before the ledger row exists
     ck = result["checkpoint"]
@@ -210,6 +186,17 @@ def _usable_parent(ledger: Ledger, model: str) -> RunRecord | None:
         except CheckpointError as e:
             log.error("refusing checkpoint of run %s as warm start: %s; trying the previous run", run.run_id, e)
     return None
+
+
+def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: str) -> list[str]:
+    """Parquet files the workers train on: tonight's examples, plus every
+    committed run's for a full retrain."""
+    L = cfg.lake
+    files = lake.data_files(L.examples_table, {"run_id": run_id})
+    if strategy == "full":
+        for r in ledger.runs(cfg.model.name):
+            files += lake.data_files(L.examples_table, {"run_id": r.run_id})
+    return files
 
 
 def _model_params(cfg: "Config") -> dict[str, Any]:
