@@ -15,6 +15,7 @@ collective.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -332,7 +333,9 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     mine = {"rank": rank, "examples": seen, "seconds": round(seconds, 3),
             "examples_per_second": round(seen / seconds, 1) if seconds else 0.0,
             "data_seconds": round(data_seconds, 3), "compute_seconds": round(compute_seconds, 3),
-            "loss_sum": loss_sum}
+            "loss_sum": loss_sum,
+            # this worker process's peak resident memory (Linux reports KiB), for cost benchmarks
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     ranks = collective.allgather_object(mine)
     result: dict[str, Any] = {"ranks": ranks, "steps": steps * spec.epochs, "world_size": world,
                               "resumed_from": resumed_from, "val_history": state["val_history"],
