@@ -118,6 +118,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     backend: str = field(default="horovod", metadata=_choices("horovod", "torch", "local"))
+    # torch only: `spark` runs the ranks on the executors (TorchDistributor),
+    # `processes` as local processes on this machine, without Spark.
+    launcher: str = field(default="spark", metadata=_choices("spark", "processes"))
     num_proc: int = 2
     use_gpu: bool = False
     optimizer: str = field(default="adam", metadata=_choices("sgd", "adagrad", "rmsprop", "adam", "adamw"))

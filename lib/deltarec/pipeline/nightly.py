@@ -137,7 +137,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
               "warm_start": warm.run_id if warm else None,
               "source_versions": [first, last], "config": cfg.to_dict()},
     )
-    backend = backend or make_backend(T.backend, spark, T.num_proc, T.use_gpu)
+    backend = backend or make_backend(T.backend, spark, T.num_proc, T.use_gpu, T.launcher)
     t_train = time.perf_counter()
     result = backend.run(spec)
     train_seconds = time.perf_counter() - t_train

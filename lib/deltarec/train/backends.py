@@ -2,7 +2,8 @@
 
 - ``horovod``: ``horovod.spark.run`` on the Spark executors (Gloo on CPU,
   NCCL on GPU), ``hvd.DistributedOptimizer``.
-- ``torch``: torch.distributed via ``TorchDistributor`` on Spark.
+- ``torch``: torch.distributed via ``TorchDistributor`` on Spark, or as plain
+  local processes (``train.launcher=processes``: no Spark involved).
 - ``local``: one worker in this process (tests, laptops without horovod).
 
 Each returns rank 0's result. A worker's exception fails the run with the
@@ -53,6 +54,19 @@ def _horovod_entry(spec: TrainSpec) -> dict[str, Any]:
         return {"error": str(e), "rank": hvd.rank()}
     finally:
         hvd.shutdown()
+
+
+def _torch_process_main(rank: int, world: int, port: int, spec: TrainSpec, results) -> None:
+    """One rank of a local-process launch: the env TorchDistributor/torchrun would set."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    try:
+        results.put((rank, _torch_entry(spec)))
+    except TrainingFailed as e:
+        results.put((rank, {"error": str(e), "rank": rank}))
+    except BaseException as e:  # noqa: BLE001 - e.g. the process group failing to form
+        results.put((rank, {"error": f"worker rank {rank}/{world} (torch) failed: {type(e).__name__}: {e}",
+                            "rank": rank}))
 
 
 def _torch_entry(spec: TrainSpec) -> dict[str, Any]:
@@ -106,14 +120,22 @@ class HorovodBackend:
 
 
 class TorchBackend:
+    """torch.distributed. With a SparkSession the ranks run on the executors
+    through TorchDistributor; without one (``train.launcher=processes``) they are
+    spawned as local processes on this machine."""
+
     name = "torch"
 
-    def __init__(self, spark: "SparkSession", num_processes: int, use_gpu: bool = False):
+    def __init__(self, spark: "SparkSession | None", num_processes: int, use_gpu: bool = False,
+                 timeout_s: float = 24 * 3600):
         self.spark = spark
         self.num_processes = num_processes
         self.use_gpu = use_gpu
+        self.timeout_s = timeout_s
 
     def run(self, spec: TrainSpec) -> dict[str, Any]:
+        if self.spark is None:
+            return self._run_processes(spec)
         from pyspark.ml.torch.distributor import TorchDistributor
 
         try:
@@ -123,12 +145,57 @@ class TorchBackend:
             raise TrainingFailed(_worker_message(e)) from e
 
 
+    def _run_processes(self, spec: TrainSpec) -> dict[str, Any]:
+        import multiprocessing as mp
+        import queue
+        import socket
+        import time
+
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ctx = mp.get_context("spawn")  # fork after torch/Spark threads exist is unsafe
+        results = ctx.Queue()
+        world = self.num_processes
+        procs = [ctx.Process(target=_torch_process_main, args=(r, world, port, spec, results),
+                             name=f"deltarec-torch-rank{r}", daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while len(got) < world:
+                try:
+                    rank, res = results.get(timeout=1.0)
+                    got[rank] = res
+                    continue
+                except queue.Empty:
+                    pass
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
+                if dead or time.monotonic() > deadline:
+                    why = (f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without a result"
+                           if dead else f"no result after {self.timeout_s:.0f} s")
+                    errs = [v for v in got.values() if "error" in v]
+                    raise TrainingFailed(errs[0]["error"] if errs else f"torch local-process training failed: {why}")
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        _raise_worker_errors([got[r] for r in sorted(got)])
+        return got[0]
+
+
+_SECONDARY = ("shut down", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 def _raise_worker_errors(results: list[dict[str, Any]]) -> None:
     errors = [r for r in results if "error" in r]
     if not errors:
         return
-    # The rank that failed first has its own error; the others only saw horovod shut down.
-    own = [r for r in errors if "shut down" not in r["error"]] or errors
+    # The rank that failed first has its own error; the others only saw the
+    # collective break under them (horovod shut down, gloo lost its peer).
+    own = [r for r in errors if not any(m in r["error"].split("\n")[0] for m in _SECONDARY)] or errors
     first = min(own, key=lambda r: r["rank"])
     others = ", ".join(str(r["rank"]) for r in errors if r is not first)
     raise TrainingFailed(first["error"] + (f"\n(ranks {others} stopped because of it)" if others else ""))
@@ -143,11 +210,15 @@ def _worker_message(e: Exception) -> str:
     return f"distributed training failed: {type(e).__name__}: {text}"
 
 
-def make_backend(name: str, spark: "SparkSession | None", num_processes: int, use_gpu: bool = False):
+def make_backend(name: str, spark: "SparkSession | None", num_processes: int, use_gpu: bool = False,
+                 launcher: str = "spark"):
     if name == "local":
         return LocalBackend()
+    if name == "torch" and launcher == "processes":
+        return TorchBackend(None, num_processes, use_gpu)
     if spark is None:
-        raise TrainingFailed(f"train.backend={name} runs on Spark executors and needs a SparkSession")
+        raise TrainingFailed(f"train.backend={name} runs on Spark executors and needs a SparkSession"
+                             + (" (or set train.launcher=processes)" if name == "torch" else ""))
     if name == "horovod":
         return HorovodBackend(spark, num_processes)
     if name == "torch":
