@@ -1,31 +1,59 @@
-"""training_examples files → this rank's shard → tensors, through Arrow.
+"""training_examples files → this rank's shard → a dict of tensors, through Arrow.
 
 Each rank reads only the row groups that overlap its contiguous slice of the
-run's rows (no per-row Python, no pandas, no full copy per rank), then turns
-the needed columns into tensors with zero-copy numpy views where possible.
+run's rows (no per-row Python, no pandas, no full copy per rank), keeps the
+rows with ``holdout = false`` (the gate's rows are never trained on), then
+turns the columns the model asks for into tensors with zero-copy numpy views
+where possible. Files written before a column existed still load: a missing
+``holdout`` keeps every row, a missing history is an empty one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pyarrow import fs as pafs
 
 COLUMNS = ("user_idx", "item_idx", "label", "weight")
+# Optional columns: read when a model asks for them and the file has them.
+OPTIONAL = ("holdout", "history_idx", "history_ids", "user_id", "item_id")
+PAD = -1  # history padding (left): a position with no item
+
+_EMPTY_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "holdout": pa.bool_(),
+                "history_idx": pa.list_(pa.int64()), "history_ids": pa.list_(pa.string())}
 
 
-@dataclass
-class Shard:
-    user_idx: torch.Tensor
-    item_idx: torch.Tensor
-    label: torch.Tensor
-    weight: torch.Tensor
+def _empty_type(c: str) -> pa.DataType:
+    return _EMPTY_TYPES.get(c, pa.int64() if c.endswith("idx") else pa.float32())
 
-    def __len__(self) -> int:
-        return len(self.label)
+
+class Batch(dict):
+    """Named tensors of one shard or mini-batch: ``user_idx``, ``item_idx``,
+    ``label``, ``weight`` always; ``history_idx`` (N, L) for sequence models;
+    ``user_row`` / ``item_row`` / ``history_row`` with a dynamic vocabulary."""
+
+    def __len__(self) -> int:  # rows, not keys
+        return int(self["label"].shape[0])
+
+    def take(self, idx) -> "Batch":
+        return Batch({k: v[idx] for k, v in self.items()})
+
+    def slice(self, start: int, end: int) -> "Batch":
+        return Batch({k: v[start:end] for k, v in self.items()})
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch({k: v.to(device, non_blocking=non_blocking) for k, v in self.items()})
+
+    def pin_memory(self) -> "Batch":
+        return Batch({k: v.pin_memory() for k, v in self.items()})
+
+
+Shard = Batch  # the name older callers use
 
 
 def _open(uri: str):
@@ -43,7 +71,25 @@ def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS) -> pa.Table:
+def _fill_missing(t: pa.Table, columns: list[str]) -> pa.Table:
+    for c in columns:
+        if c in t.column_names:
+            continue
+        if c in ("history_idx", "history_ids"):
+            arr = pa.array([[]] * t.num_rows, _empty_type(c))
+        elif c == "holdout":
+            arr = pa.array(np.zeros(t.num_rows, dtype=bool))
+        else:
+            raise KeyError(f"training examples have no column {c!r} (a model asked for it); "
+                           f"columns present: {', '.join(t.column_names)}")
+        t = t.append_column(c, arr)
+    return t.select(columns)
+
+
+def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS, drop_holdout: bool = True) -> pa.Table:
+    """This rank's slice of the rows of ``files`` with ``columns`` (missing
+    optional ones filled), holdout rows removed."""
+    columns = list(dict.fromkeys(columns))
     pieces = []  # (file, row_group, rows)
     handles = {}
     for f in sorted(files):
@@ -54,29 +100,87 @@ def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS) -> pa.Ta
             pieces.append((f, rg, pf.metadata.row_group(rg).num_rows))
     total = sum(p[2] for p in pieces)
     start, end = shard_bounds(total, rank, size)
+    want = columns + (["holdout"] if drop_holdout and "holdout" not in columns else [])
     tables, offset = [], 0
     for f, rg, n in pieces:
         lo, hi = max(start, offset), min(end, offset + n)
         if lo < hi:
-            t = handles[f].read_row_group(rg, columns=list(columns))
-            tables.append(t.slice(lo - offset, hi - lo))
+            names = set(handles[f].schema_arrow.names)
+            t = handles[f].read_row_group(rg, columns=[c for c in want if c in names])
+            t = t.slice(lo - offset, hi - lo)
+            if drop_holdout and "holdout" in t.column_names:
+                t = t.filter(pc.invert(pc.fill_null(t["holdout"], False)))
+            tables.append(_fill_missing(t, columns))
         offset += n
     if not tables:
-        return pa.table({c: pa.array([], pa.int64() if c.endswith("idx") else pa.float32()) for c in columns})
+        return pa.table({c: pa.array([], _empty_type(c)) for c in columns})
     return pa.concat_tables(tables)
 
 
-def to_shard(table: pa.Table) -> Shard:
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(values)
+
+
+def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
+    if not table.num_rows:
+        return np.zeros(0, dtype=dtype)
+    arr = table[name].combine_chunks()
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def pad_lists(lists: pa.Array | pa.ChunkedArray, length: int, values: np.ndarray | None = None,
+              fill: int = PAD) -> np.ndarray:
+    """list<int> → (N, length) int64, the last ``length`` items of each list,
+    left-padded with ``fill`` (so the newest item sits in the last column).
+    ``values``: replacement for the flattened values (e.g. mapped rows)."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks() if lists.num_chunks else pa.array([], lists.type)
+    n = len(lists)
+    out = np.full((n, length), fill, dtype=np.int64)
+    if n == 0 or length == 0:
+        return out
+    lens = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    flat = values if values is not None else np.asarray(
+        pc.list_flatten(lists).to_numpy(zero_copy_only=False), dtype=np.int64)
+    starts = np.cumsum(lens) - lens
+    k = np.minimum(lens, length)
+    rows = np.repeat(np.arange(n), k)
+    j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+    out[rows, np.repeat(length - k, k) + j] = flat[np.repeat(starts + lens - k, k) + j]
+    return out
+
+
+def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | None = None) -> Batch:
     """Zero-copy where Arrow allows: the tensors view Arrow's (read-only)
-    buffers, which the loop only indexes, never writes."""
-    import warnings
+    buffers, which the loop only indexes, never writes.
 
-    def col(name, dtype):
-        arr = table[name].combine_chunks() if table.num_rows else pa.array([], dtype)
-        values = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(values)
+    ``history_length`` > 0 adds ``history_idx`` (N, L). ``vocabs``
+    ({"user": Vocabulary, "item": Vocabulary}) adds the dynamic-vocabulary rows."""
+    b = Batch(user_idx=_tensor(_np(table, "user_idx", np.int64)),
+              item_idx=_tensor(_np(table, "item_idx", np.int64)),
+              label=_tensor(_np(table, "label", np.float32)),
+              weight=_tensor(_np(table, "weight", np.float32)))
+    if history_length:
+        b["history_idx"] = torch.from_numpy(pad_lists(table["history_idx"], history_length))
+    if vocabs:
+        b["user_row"] = torch.from_numpy(vocabs["user"].rows_for(table["user_id"], table["user_idx"]))
+        b["item_row"] = torch.from_numpy(vocabs["item"].rows_for(table["item_id"], table["item_idx"]))
+        if history_length:
+            hist = table["history_ids"]
+            hist = hist.combine_chunks() if hist.num_chunks else pa.array([], hist.type)
+            hidx = table["history_idx"]
+            hidx = hidx.combine_chunks() if hidx.num_chunks else pa.array([], hidx.type)
+            rows = vocabs["item"].rows_for(pc.list_flatten(hist), pc.list_flatten(hidx))
+            b["history_row"] = torch.from_numpy(pad_lists(hist, history_length, values=rows))
+    return b
 
-    return Shard(col("user_idx", np.int64), col("item_idx", np.int64),
-                 col("label", np.float32), col("weight", np.float32))
+
+def columns_for(history_length: int = 0, dynamic: bool = False) -> list[str]:
+    cols = list(COLUMNS)
+    if history_length:
+        cols.append("history_idx")
+    if dynamic:
+        cols += ["user_id", "item_id"] + (["history_ids"] if history_length else [])
+    return cols

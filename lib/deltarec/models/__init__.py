@@ -1,9 +1,16 @@
-"""Models by name: adding one is a module plus a line in MODELS."""
+"""Models by name: adding one is a module plus a line in MODELS.
+
+Every model takes a dict batch (``user_idx``, ``item_idx``, and what it asks
+for in ``inputs``, e.g. ``history_idx``) and returns one logit per row; its
+``score_all(user_idx, item_idx, history_idx=None)`` scores users × items.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable
 
 MODELS: dict[str, Callable[..., Any]] = {}
+MODULES = ("ranking", "sequential")  # each registers itself on import
 
 
 def register(name: str):
@@ -13,9 +20,17 @@ def register(name: str):
     return deco
 
 
-def build_model(name: str, **params: Any):
-    from . import ranking  # noqa: F401  (registers itself)
+def _load_all() -> None:
+    for m in MODULES:
+        importlib.import_module(f"{__name__}.{m}")
 
+
+def model_names() -> tuple[str, ...]:
+    return MODULES
+
+
+def build_model(name: str, **params: Any):
+    _load_all()
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; known: {', '.join(sorted(MODELS))}")
     return MODELS[name](**params)

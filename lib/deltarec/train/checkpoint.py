@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,9 +77,11 @@ class SavedCheckpoint:
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    meta: dict[str, Any], train_state: dict[str, Any] | None = None) -> SavedCheckpoint:
+                    meta: dict[str, Any], train_state: dict[str, Any] | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> SavedCheckpoint:
     """Write every file, then the manifest last: a directory without a manifest
-    is an incomplete write and is never loaded."""
+    is an incomplete write and is never loaded. ``extra_files`` (e.g. the
+    vocabulary, the EWC Fisher) are checksummed in the manifest like the rest."""
     from safetensors.torch import save as st_save
 
     fs, root = _fs(path)
@@ -93,6 +95,10 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                     "train_state": train_state or {}}, buf)
         blobs["train_state.pt"] = buf.getvalue()
+    for name, data in (extra_files or {}).items():
+        if name in blobs or name == MANIFEST or "/" in name:
+            raise ValueError(f"checkpoint extra file name {name!r} clashes with a standard file or has a '/'")
+        blobs[name] = data
     files = {}
     for name, data in blobs.items():
         _write(fs, f"{root}/{name}", data)
@@ -109,6 +115,10 @@ class LoadedCheckpoint:
     optimizer_state: dict[str, Any] | None
     train_state: dict[str, Any]
     meta: dict[str, Any]
+    extras: dict[str, bytes] = field(default_factory=dict)  # extra files by name (vocab, fisher, ...)
+
+
+STANDARD_FILES = ("model.safetensors", "meta.json", "train_state.pt")
 
 
 def verify_checkpoint(path: str, expected_sha256: str | None = None) -> dict[str, str]:
@@ -136,7 +146,7 @@ def verify_checkpoint(path: str, expected_sha256: str | None = None) -> dict[str
 def load_checkpoint(path: str, expected_sha256: str | None = None) -> LoadedCheckpoint:
     from safetensors.torch import load as st_load
 
-    verify_checkpoint(path, expected_sha256)
+    files = verify_checkpoint(path, expected_sha256)
     fs, root = _fs(path)
     model_state = st_load(_read(fs, f"{root}/model.safetensors"))
     meta = json.loads(_read(fs, f"{root}/meta.json"))
@@ -146,4 +156,5 @@ def load_checkpoint(path: str, expected_sha256: str | None = None) -> LoadedChec
         opt_state, train_state = blob["optimizer"], blob["train_state"]
     except FileNotFoundError:
         pass
-    return LoadedCheckpoint(path, model_state, opt_state, train_state, meta)
+    extras = {name: _read(fs, f"{root}/{name}") for name in files if name not in STANDARD_FILES}
+    return LoadedCheckpoint(path, model_state, opt_state, train_state, meta, extras)

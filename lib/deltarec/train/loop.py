@@ -22,9 +22,13 @@ from typing import Any
 
 import torch
 
-from ..data.shards import read_shard, to_shard
+from ..data.shards import Batch, columns_for, read_shard, to_shard
 from ..models import build_model
 from .checkpoint import load_checkpoint, save_checkpoint
+from .regularizers import FISHER_FILE, Anchor, distillation, ewc_penalty, fisher_diagonal, fisher_from_bytes, \
+    fisher_to_bytes, proximal_penalty
+
+VOCAB_FILE = "vocab.parquet"
 
 OPTIMIZERS = {
     "sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd),
@@ -66,6 +70,19 @@ class TrainSpec:
     accumulation_steps: int = 1  # micro-batches per optimizer step
     validation_fraction: float = 0.0  # > 0: hold out this share of each shard for early stopping
     patience: int = 1  # epochs without a better validation loss before stopping
+    # Examples of earlier runs mixed in against forgetting (read with the files;
+    # they never count towards the vocabulary's admission or last-seen).
+    replay_files: list[str] = field(default_factory=list)
+    history_length: int = 0  # > 0: batches carry history_idx (N, L) (sequence models)
+    # Dynamic vocabulary (model_params["embedding"] == "dynamic"): admission / eviction.
+    vocab_min_count: int = 1
+    vocab_ttl_nights: int = 0
+    vocab_oov_buckets: int = 16
+    # Forgetting control against the parent (0: off): proximal λ, EWC λ, distillation weight.
+    proximal: float = 0.0
+    ewc: float = 0.0
+    distill: float = 0.0
+    fisher_batches: int = 0  # 0: no Fisher saved; else batches of the shard used for it (EWC's next night)
 
 
 def make_optimizer(spec: TrainSpec, model: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
@@ -133,30 +150,121 @@ def _load_optimizer(optimizer, saved: dict[str, Any], saved_names: list[str] | N
     })
 
 
-def build(spec: TrainSpec, device: torch.device | None = None, world: int = 1
+def is_dynamic(spec: TrainSpec) -> bool:
+    return spec.model_params.get("embedding", "hashed") == "dynamic"
+
+
+def _parent(spec: TrainSpec):
+    return load_checkpoint(spec.parent_path, spec.parent_sha256) if spec.parent_path else None
+
+
+def update_vocabs(spec: TrainSpec, parent=None) -> dict[str, Any]:
+    """Tonight's vocabularies: the parent's (or empty ones) updated with the
+    ids of tonight's training rows that are events (label > 0). Deterministic;
+    computed once (rank 0) and sent to every rank."""
+    import pyarrow.compute as pc
+
+    from ..models.vocab import Vocabulary, vocabs_from_bytes
+
+    parent = parent if parent is not None else _parent(spec)
+    if parent is not None and VOCAB_FILE in parent.extras:
+        old = {k: v.with_policy(spec.vocab_min_count, spec.vocab_ttl_nights)
+               for k, v in vocabs_from_bytes(parent.extras[VOCAB_FILE]).items()}
+    else:
+        old = {k: Vocabulary(k, spec.vocab_min_count, spec.vocab_ttl_nights, spec.vocab_oov_buckets)
+               for k in ("user", "item")}
+    t = read_shard(spec.files, 0, 1, ["user_id", "item_id", "user_idx", "item_idx", "label"])
+    t = t.filter(pc.greater(t["label"], 0))
+    return {k: old[k].update(t[f"{k}_id"], t[f"{k}_idx"]) for k in ("user", "item")}
+
+
+def model_params_for(spec: TrainSpec, vocabs: dict[str, Any] | None) -> dict[str, Any]:
+    """The model's constructor arguments tonight: table sizes follow the vocabularies."""
+    params = dict(spec.model_params)
+    if vocabs:
+        params.update(user_rows=vocabs["user"].num_rows, item_rows=vocabs["item"].num_rows)
+    return params
+
+
+def _grow_optimizer_state(saved: dict[str, Any], saved_names: list[str] | None, model: torch.nn.Module,
+                          fresh: dict[str, list[int]]) -> dict[str, Any]:
+    """Adam-style moments of grown tables padded with zeros, and zeroed at
+    re-assigned rows: a new id starts with no optimizer history."""
+    params = dict(model.named_parameters())
+    names = saved_names or _trainable_names(model)
+    state = {}
+    for i, st in saved["state"].items():
+        n = names[i] if i < len(names) else None
+        p = params.get(n)
+        new = {}
+        for k, v in st.items():
+            if p is not None and torch.is_tensor(v) and v.dim() == p.dim() and v.dim() > 0 \
+                    and v.shape[1:] == p.shape[1:] and v.shape[0] != p.shape[0]:
+                g = torch.zeros((p.shape[0],) + tuple(v.shape[1:]), dtype=v.dtype)
+                g[:v.shape[0]] = v
+                v = g
+            if p is not None and torch.is_tensor(v) and v.dim() > 0 and fresh.get(n):
+                v = v.clone()
+                v[torch.tensor([r for r in fresh[n] if r < v.shape[0]], dtype=torch.long)] = 0
+            new[k] = v
+        state[i] = new
+    return {**saved, "state": state}
+
+
+def build(spec: TrainSpec, device: torch.device | None = None, world: int = 1, vocabs: dict[str, Any] | None = None
           ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, Any]]:
     """Model + optimizer (+ frozen modules), warm-started from the parent
     checkpoint when there is one: weights, optimizer state, step counter (and
-    with it the learning-rate schedule) and RNG state."""
+    with it the learning-rate schedule) and RNG state.
+
+    With a dynamic vocabulary the tables are sized from ``vocabs`` (computed
+    from the parent and tonight's files when not given): the parent's rows are
+    copied bit for bit, rows (re)assigned tonight get the defined init.
+    ``state["warm"]`` carries what the forgetting controls need (popped before saving)."""
+    from ..models.common import init_rows, load_grown
+
+    parent = _parent(spec)
+    if is_dynamic(spec) and vocabs is None:
+        vocabs = update_vocabs(spec, parent)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model_name, **spec.model_params)
+    params = model_params_for(spec, vocabs)
+    model = build_model(spec.model_name, **params)
+    fresh: dict[str, list[int]] = {}
+    parent_rows: dict[str, int] = {}
+    if parent is not None:
+        before = {k: v.shape[0] for k, v in parent.model_state.items() if v.dim()}
+        for k in load_grown(model, parent.model_state):
+            parent_rows[k] = before[k]
+    if vocabs:
+        for name, v in vocabs.items():
+            for pname in getattr(model, "id_tables", {}).get(name, []):
+                weight = dict(model.named_parameters())[pname]
+                init_rows(weight, v.fresh, spec.seed + v.night, pname, zero="bias" in pname)
+                fresh[pname] = list(v.fresh)
+            lookup = getattr(model, f"{name}_lookup", None)
+            if lookup is not None:
+                lookup.copy_(torch.from_numpy(v.hashed_lookup(len(lookup))))
     if device is not None:
         model.to(device)  # before the optimizer loads its state, so the state lands on the device too
     freeze(model, spec.freeze)
     optimizer = make_optimizer(spec, model, base_lr(spec, world))
     state: dict[str, Any] = {"global_step": 0}
-    if spec.parent_path:
-        parent = load_checkpoint(spec.parent_path, spec.parent_sha256)
-        model.load_state_dict(parent.model_state)
+    fisher = None
+    if parent is not None:
         if parent.optimizer_state is not None:
-            _load_optimizer(optimizer, parent.optimizer_state, parent.train_state.get("optimizer_params"),
-                            _trainable_names(model))
+            saved_names = parent.train_state.get("optimizer_params")
+            _load_optimizer(optimizer, _grow_optimizer_state(parent.optimizer_state, saved_names, model, fresh),
+                            saved_names, _trainable_names(model))
+        if FISHER_FILE in parent.extras:
+            fisher = fisher_from_bytes(parent.extras[FISHER_FILE])
         state.update({k: v for k, v in parent.train_state.items()
                       if k in ("global_step", "rng_torch")})
         if "rng_torch" in state:
             torch.set_rng_state(state["rng_torch"])
     for group in optimizer.param_groups:
         group["lr"] = lr_at(spec, world, state["global_step"])
+    state["warm"] = {"params": params, "vocabs": vocabs, "has_parent": parent is not None,
+                     "anchor": Anchor.of(model, parent_rows, fresh, fisher) if parent is not None else None}
     return model, optimizer, state
 
 
@@ -207,11 +315,6 @@ def _save_inrun(spec: TrainSpec, model, optimizer, state: dict[str, Any]) -> Non
         os._exit(86)
 
 
-def _slice(shard, start: int, end: int):
-    return type(shard)(shard.user_idx[start:end], shard.item_idx[start:end], shard.label[start:end],
-                       shard.weight[start:end])
-
-
 @torch.no_grad()
 def _stop_early(spec: TrainSpec, model, val, collective, state: dict[str, Any], device, cuda: bool) -> bool:
     """Weighted validation loss over all ranks' slices; True when it has not
@@ -220,11 +323,12 @@ def _stop_early(spec: TrainSpec, model, val, collective, state: dict[str, Any], 
     model.eval()
     loss, count = 0.0, 0.0
     if len(val):
+        val = val.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = model(val.user_idx.to(device), val.item_idx.to(device))
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), val.label.to(device),
+            logits = model(val)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), val["label"],
                                                                    reduction="none")
-        loss, count = float((bce * val.weight.to(device)).sum()), float(val.weight.sum())
+        loss, count = float((bce * val["weight"]).sum()), float(val["weight"].sum())
     model.train()
     totals = collective.allgather_object((loss, count))
     value = sum(t[0] for t in totals) / max(sum(t[1] for t in totals), 1e-12)
@@ -243,7 +347,19 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = device_for(spec, collective.local_rank)
     cuda = device.type == "cuda"
-    model, optimizer, state = build(spec, device, world)
+    vocabs = None
+    if is_dynamic(spec):  # decided once, on rank 0, so every rank maps ids to the same rows
+        vocabs = collective.allgather_object(update_vocabs(spec) if rank == 0 else None)[0]
+    model, optimizer, state = build(spec, device, world, vocabs)
+    warm = state.pop("warm")
+    anchor = warm["anchor"]
+    teacher = None
+    if spec.distill > 0 and warm["has_parent"]:
+        import copy
+
+        teacher = copy.deepcopy(model).eval()  # the parent, grown to tonight's tables
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     # Position inside this run: (epoch, step) of the next batch to train.
     state.update(run_epoch=0, run_step=0, best_val=None, bad_epochs=0, val_history=[])
     resumed_from = _resume(spec, model, optimizer, state) if rank == 0 else None
@@ -255,15 +371,18 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     dopt = collective.distributed_optimizer(optimizer, model, backward_passes_per_step=k_acc)
 
     if shard is None:
-        shard = to_shard(read_shard(spec.files, rank, world))
+        cols = columns_for(spec.history_length, vocabs is not None)
+        shard = to_shard(read_shard(list(spec.files) + list(spec.replay_files), rank, world, cols),
+                         spec.history_length, vocabs)
+    elif not isinstance(shard, Batch):  # an older Shard-like object with attributes
+        shard = Batch(user_idx=shard.user_idx, item_idx=shard.item_idx, label=shard.label, weight=shard.weight)
     # Early stopping: the head of each shard (stored in a seeded hash order, so a
     # uniform sample) is the validation slice.
     n_val = int(len(shard) * spec.validation_fraction)
-    val = _slice(shard, 0, n_val)
-    shard = _slice(shard, n_val, len(shard))
-    if cuda:  # the shard's four columns fit on the GPU: one pinned, asynchronous copy, then index there
-        shard = type(shard)(*(t.pin_memory().to(device, non_blocking=True)
-                              for t in (shard.user_idx, shard.item_idx, shard.label, shard.weight)))
+    val = shard.slice(0, n_val)
+    shard = shard.slice(n_val, len(shard))
+    if cuda:  # the shard's columns fit on the GPU: one pinned, asynchronous copy, then index there
+        shard = shard.pin_memory().to(device, non_blocking=True)
     data_seconds = time.perf_counter() - t0
     sizes = collective.allgather_object(len(shard))
     local_bs = spec.batch_size // world
@@ -290,7 +409,7 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
             tw = time.perf_counter()
             idx = perm[t * local_bs:(t + 1) * local_bs]
             idx = idx.to(device)
-            u, i, y, w = shard.user_idx[idx], shard.item_idx[idx], shard.label[idx], shard.weight[idx]
+            batch = shard.take(idx)
             global_count = sum(min(max(n - t * local_bs, 0), local_bs) for n in sizes)
             tc = time.perf_counter()
             data_seconds += tc - tw
@@ -299,11 +418,21 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
                 group["lr"] = lr_at(spec, world, state["global_step"])
             raw = torch.zeros((), device=device)
             for j in range(k_acc):  # gradients add up over the micro-batches; one averaged step
-                sl = slice(j * micro_bs, (j + 1) * micro_bs)
+                mb = batch.slice(j * micro_bs, (j + 1) * micro_bs)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 matmuls on GPU
-                    logits = model(u[sl], i[sl])
-                part = (loss_fn(logits.float(), y[sl]) * w[sl]).sum()
-                (part * world / global_count).backward()
+                    logits = model(mb).float()
+                per = loss_fn(logits, mb["label"])
+                if teacher is not None:  # per example, so it averages over the global batch like the loss
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                        t_logits = teacher(mb).float()
+                    per = per + spec.distill * distillation(logits, t_logits)
+                part = (per * mb["weight"]).sum()
+                loss = part * world / global_count
+                if j == 0 and anchor is not None and (spec.proximal > 0 or spec.ewc > 0):
+                    # once per step on every rank: the averaged gradient is the penalty's own
+                    loss = loss + proximal_penalty(model, anchor, spec.proximal) if spec.proximal > 0 else loss
+                    loss = loss + ewc_penalty(model, anchor, spec.ewc) if spec.ewc > 0 else loss
+                loss.backward()
                 raw = raw + part.detach()
             if spec.grad_clip > 0:
                 dopt.synchronize()
@@ -329,6 +458,13 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
                 break
     if bar is not None:
         bar.close()
+    fisher = None
+    if spec.fisher_batches > 0:  # for EWC next night; every rank joins the allreduce
+        n_fb = min(spec.fisher_batches, math.ceil(len(shard) / max(local_bs, 1)))
+        fisher = fisher_diagonal(
+            model, (shard.slice(b * local_bs, (b + 1) * local_bs) for b in range(n_fb)),
+            lambda b: (loss_fn(model(b).float(), b["label"]) * b["weight"]).sum() / max(float(b["weight"].sum()), 1e-12),
+            collective.allreduce_mean if world > 1 else None)
     seconds = time.perf_counter() - t0
     mine = {"rank": rank, "examples": seen, "seconds": round(seconds, 3),
             "examples_per_second": round(seen / seconds, 1) if seconds else 0.0,
@@ -348,10 +484,19 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
         for k in ("run_epoch", "run_step", "best_val", "bad_epochs", "val_history"):  # this run's only
             state.pop(k, None)
         state["optimizer_params"] = _trainable_names(model)
+        extra: dict[str, bytes] = {}
+        if vocabs:
+            from ..models.vocab import vocabs_to_bytes
+
+            extra[VOCAB_FILE] = vocabs_to_bytes(vocabs)
+            result["vocab"] = {k: {"ids": len(v), "rows": v.num_rows, "new_rows": len(v.fresh)}
+                               for k, v in vocabs.items()}
+        if fisher is not None:
+            extra[FISHER_FILE] = fisher_to_bytes(fisher)
         saved = save_checkpoint(spec.checkpoint_dir, model, optimizer,
-                                meta={**spec.meta, "model": spec.model_name, "model_params": spec.model_params,
+                                meta={**spec.meta, "model": spec.model_name, "model_params": warm["params"],
                                       "run_id": spec.run_id, "global_step": state["global_step"]},
-                                train_state=state)
+                                train_state=state, extra_files=extra)
         result["checkpoint"] = {"path": saved.path, "sha256": saved.sha256, "files": saved.files}
     collective.barrier()
     return result
