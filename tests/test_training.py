@@ -84,7 +84,7 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
 
     model = build_model("ranking", user_buckets=10, item_buckets=10, embedding_dim=4, hidden=[4])
     opt = torch.optim.Adam(model.parameters())
-    model(torch.tensor([1]), torch.tensor([2])).sum().backward()
+    model({"user_idx": torch.tensor([1]), "item_idx": torch.tensor([2])}).sum().backward()
     opt.step()
     saved = save_checkpoint(str(tmp_path / "ck"), model, opt, {"run_id": "r"}, {"global_step": 7})
     loaded = load_checkpoint(saved.path, saved.sha256)

@@ -184,3 +184,15 @@ def columns_for(history_length: int = 0, dynamic: bool = False) -> list[str]:
     if dynamic:
         cols += ["user_id", "item_id"] + (["history_ids"] if history_length else [])
     return cols
+
+
+def model_batch(table: pa.Table, model) -> dict[str, torch.Tensor]:
+    """Scoring inputs of ``table``'s rows for ``model`` (evaluation, serving):
+    ``user_idx``, ``item_idx`` and, for a model with a history
+    (``model.history_length`` > 0) and a table that has the column, ``history_idx``."""
+    b = {"user_idx": _tensor(_np(table, "user_idx", np.int64)),
+         "item_idx": _tensor(_np(table, "item_idx", np.int64))}
+    length = int(getattr(model, "history_length", 0) or 0)
+    if length and "history_idx" in table.column_names:
+        b["history_idx"] = torch.from_numpy(pad_lists(table["history_idx"], length))
+    return b

@@ -3,8 +3,6 @@ dynamic-vocabulary tables, growing tables across nights, defined init of new row
 from __future__ import annotations
 
 import zlib
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -51,15 +49,6 @@ class IdModel(nn.Module):
         idx = batch[key]
         lookup = getattr(self, f"{name}_lookup")
         return torch.where(idx >= 0, lookup[idx.clamp(min=0)], idx)  # keep padding (-1) as is
-
-
-def as_batch(batch: Any, item_idx: torch.Tensor | None = None, **extra) -> dict[str, torch.Tensor]:
-    """``model(batch)`` takes a dict; ``model(user_idx, item_idx)`` still works."""
-    if isinstance(batch, dict):
-        return batch
-    out = {"user_idx": batch, "item_idx": item_idx}
-    out.update({k: v for k, v in extra.items() if v is not None})
-    return out
 
 
 def init_rows(weight: torch.Tensor, rows: list[int], seed: int, tag: str, std: float = INIT_STD,

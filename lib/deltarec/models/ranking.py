@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import register
-from .common import INIT_STD, IdModel, as_batch
+from .common import INIT_STD, IdModel
 
 
 class RankingModel(IdModel):
@@ -51,8 +51,10 @@ class RankingModel(IdModel):
             v = v + self.text(batch[key])
         return v
 
-    def forward(self, batch, item_idx: torch.Tensor | None = None) -> torch.Tensor:
-        batch = as_batch(batch, item_idx)
+    inputs: tuple[str, ...] = ()  # batch keys beyond user_idx / item_idx
+    history_length = 0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ur, ir = self.rows(batch, "user"), self.rows(batch, "item")
         u = self.user_emb(ur)
         i = self.item_vectors(batch, ir)

