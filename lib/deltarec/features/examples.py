@@ -1,5 +1,22 @@
-"""Training examples from accepted events: hashed ids, labels, seeded negatives.
-Pure DataFrame → DataFrame; no I/O."""
+"""Training examples from a night's events and retractions: hashed ids, labels
+by event type, the user's history, seeded negatives, time-decayed weights and
+the holdout flag. Pure DataFrame → DataFrame; no I/O.
+
+- Labels: ``features.positive_event_types`` → 1; a ``rating`` event → 1 when
+  ``rating >= features.rating_threshold``, else an explicit 0; any other
+  accepted type teaches nothing (it still counts in the state).
+- History: the user's last ``features.history_length`` items before the event,
+  oldest first: ``user_state`` as of before tonight, then tonight's earlier
+  events in time order. Retractions carry the pre-night history.
+- Negatives (``features.negatives`` per positive): ``uniform`` over the
+  catalogue or ``popularity``-weighted by ``item_stats``. The draw is a hash of
+  (event id, j, seed): a rerun gives the same examples whatever the partitioning.
+- Weights: 1 (retractions ``features.retraction_weight``), times
+  ``0.5 ** (age / time_decay_half_life_days)`` where age is measured back from
+  the night's newest event (0 = no decay), so reruns give the same weights.
+- Holdout: a hash of the *source* event id, so an event, its negatives and its
+  retractions fall on the same side.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -11,7 +28,7 @@ if TYPE_CHECKING:
 
     from ..config import FeaturesConfig
 
-POSITIVE_EVENT_TYPES = ("purchase", "click", "rating")
+POPULARITY_SLOTS = 1 << 16  # resolution of the popularity-weighted draw
 
 
 def bucket(col: "Column", buckets: int, salt: str = "") -> "Column":
@@ -40,42 +57,146 @@ def catalog(items: "DataFrame", cfg: "FeaturesConfig") -> "DataFrame":
     )
 
 
-def build_examples(accepted: "DataFrame", items: "DataFrame", cfg: "FeaturesConfig", run_id: str) -> "DataFrame":
-    """Positives (label 1) for each accepted event plus ``cfg.negatives`` items
-    drawn uniformly from the catalog (label 0). The draw is a hash of
-    (event id, j, seed): a rerun gives the same negatives whatever the
-    partitioning."""
+def label(cfg: "FeaturesConfig") -> "Column":
+    """The label of an event by its type (null: no example)."""
     from pyspark.sql import functions as F
 
     c = F.col
-    pos = with_indices(accepted.where(c("event_type").isin(*POSITIVE_EVENT_TYPES)), cfg).select(
-        c("event_id"), c("user_id"), c("item_id"), c("user_idx"), c("item_idx"),
-        F.lit(1.0).alias("label"), F.lit(1.0).alias("weight"), c("event_time"),
-    )
-    out = pos
+    return (F.when(c("event_type") == "rating", (c("rating") >= F.lit(cfg.rating_threshold)).cast("float"))
+            .when(c("event_type").isin(*cfg.positive_event_types), F.lit(1.0))
+            .cast("float"))
+
+
+def trained_types(cfg: "FeaturesConfig") -> list[str]:
+    """Event types that produce an event example."""
+    return sorted(set(cfg.positive_event_types) | {"rating"})
+
+
+def holdout(source_event_id: "Column", cfg: "FeaturesConfig") -> "Column":
+    from pyspark.sql import functions as F
+
+    cut = int(round(cfg.holdout_fraction * 1_000_000))
+    return F.pmod(F.xxhash64(F.lit("holdout"), source_event_id), F.lit(1_000_000)) < F.lit(cut)
+
+
+def _last(arr: "Column", n: int) -> "Column":
+    """The last ``n`` elements of an array (all when shorter)."""
+    from pyspark.sql import functions as F
+
+    return F.slice(arr, F.greatest(F.size(arr) - F.lit(n - 1), F.lit(1)), F.lit(n))
+
+
+def popularity_slots(spark, stats: "DataFrame", cfg: "FeaturesConfig") -> "DataFrame":
+    """(slot, item_id, item_idx) for slots 0..POPULARITY_SLOTS-1, each item holding
+    a share of slots proportional to its popularity: a uniform slot is a
+    popularity-weighted item. Built on the driver from the (catalogue-sized)
+    item statistics."""
+    import numpy as np
+    import pyarrow as pa
+
+    t = stats.where("popularity > 0").select("item_id", "popularity").orderBy("item_id").toArrow()
+    if t.num_rows == 0:
+        return None
+    cum = np.cumsum(t["popularity"].to_numpy().astype(np.float64))
+    points = (np.arange(POPULARITY_SLOTS) + 0.5) / POPULARITY_SLOTS * cum[-1]
+    pick = np.searchsorted(cum, points, side="right")
+    ids = pa.array(t["item_id"].to_numpy(zero_copy_only=False)[pick].astype(object), pa.string())
+    df = spark.createDataFrame(pa.table({"slot": pa.array(np.arange(POPULARITY_SLOTS), pa.int64()), "item_id": ids}))
+    from pyspark.sql import functions as F
+
+    return df.withColumn("item_idx", bucket(F.col("item_id"), cfg.item_buckets))
+
+
+def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFrame", cfg: "FeaturesConfig",
+                   run_id: str, *, history: "DataFrame | None" = None,
+                   item_stats: "DataFrame | None" = None) -> "DataFrame":
+    """TRAINING_EXAMPLES rows of one run.
+
+    ``events``: BEHAVIOR_EVENTS + source_version (+ ``new``: false for a
+    correction that changed nothing trainable); ``retractions``: event_id (the
+    retracted event), user_id, item_id, event_time, source_version;
+    ``items``: the catalogue for uniform negatives; ``history``: user_id,
+    history_ids, history_idx before tonight; ``item_stats``: item_id,
+    popularity for popularity-weighted negatives."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    c = F.col
+    spark = events.sparkSession
+    N = cfg.history_length
+    if "new" in events.columns:
+        events = events.where(c("new"))
+    ev = with_indices(events.withColumn("label", label(cfg)).where(c("label").isNotNull()), cfg)
+    empty_s, empty_l = F.array().cast("array<string>"), F.array().cast("array<bigint>")
+    if history is None:
+        history = spark.createDataFrame([], "user_id string, history_ids array<string>, history_idx array<bigint>")
+    history = history.select("user_id", c("history_ids").alias("_h_ids"), c("history_idx").alias("_h_idx"))
+    ev = ev.join(history, "user_id", "left")
+    if N > 0:
+        w = Window.partitionBy("user_id").orderBy("event_time", "source_version", "event_id").rowsBetween(-N, -1)
+        ev = ev.withColumn("history_ids", _last(F.concat(F.coalesce(c("_h_ids"), empty_s),
+                                                         F.collect_list("item_id").over(w)), N))
+        ev = ev.withColumn("history_idx", _last(F.concat(F.coalesce(c("_h_idx"), empty_l),
+                                                         F.collect_list("item_idx").over(w)), N))
+    else:
+        ev = ev.withColumn("history_ids", empty_s).withColumn("history_idx", empty_l)
+    cols = ["event_id", "user_id", "item_id", "user_idx", "item_idx", "label", "weight", "event_time",
+            "kind", "history_ids", "history_idx", "src"]
+    pos = ev.select(c("event_id"), c("user_id"), c("item_id"), c("user_idx"), c("item_idx"), c("label"),
+                    F.lit(1.0).alias("weight"), c("event_time"), F.lit("event").alias("kind"),
+                    "history_ids", "history_idx", c("event_id").alias("src"))
+
+    ret = with_indices(retractions, cfg).join(history, "user_id", "left").select(
+        F.concat(c("event_id"), F.lit(":r"), c("source_version").cast("string")).alias("event_id"),
+        c("user_id"), c("item_id"), c("user_idx"), c("item_idx"), F.lit(0.0).alias("label"),
+        F.lit(cfg.retraction_weight).alias("weight"), c("event_time"), F.lit("retraction").alias("kind"),
+        (_last(F.coalesce(c("_h_ids"), empty_s), N) if N else empty_s).alias("history_ids"),
+        (_last(F.coalesce(c("_h_idx"), empty_l), N) if N else empty_l).alias("history_idx"),
+        c("event_id").alias("src"))
+    out = pos.unionByName(ret)
+
     if cfg.negatives > 0:
-        cat = catalog(items, cfg)
-        n = cat.count()
-        if n > 0:
-            draws = pos.select(
-                "event_id", "user_id", "user_idx", "event_time",
-                F.explode(F.sequence(F.lit(0), F.lit(cfg.negatives - 1))).alias("j"),
-            ).withColumn("pos", F.pmod(F.xxhash64(c("event_id"), c("j"), F.lit(cfg.seed)), F.lit(n)))
-            neg = draws.join(F.broadcast(cat), "pos").select(
+        draws = pos.where(c("label") == 1.0).select(
+            "event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx",
+            F.explode(F.sequence(F.lit(0), F.lit(cfg.negatives - 1))).alias("j"))
+        h = F.xxhash64(c("event_id"), c("j"), F.lit(cfg.seed))
+        table, key = None, None
+        if cfg.negative_sampling == "popularity" and item_stats is not None:
+            table = popularity_slots(spark, item_stats, cfg)
+            key = "slot"
+            draws = draws.withColumn("slot", F.pmod(h, F.lit(POPULARITY_SLOTS)))
+        if table is None:  # uniform (or no popularity known yet)
+            table, key = catalog(items, cfg), "pos"
+            n = table.count()
+            draws = draws.withColumn("pos", F.pmod(h, F.lit(max(n, 1)))) if n else None
+        if draws is not None:
+            neg = draws.join(F.broadcast(table.select(key, "item_id", "item_idx")), key).select(
                 F.concat(c("event_id"), F.lit(":n"), c("j").cast("string")).alias("event_id"),
                 c("user_id"), c("item_id"), c("user_idx"), c("item_idx"),
                 F.lit(0.0).alias("label"), F.lit(1.0).alias("weight"), c("event_time"),
-            )
-            out = pos.unionByName(neg)
+                F.lit("negative").alias("kind"), "history_ids", "history_idx", c("event_id").alias("src"))
+            out = out.unionByName(neg.select(*cols))
+
+    if cfg.time_decay_half_life_days > 0:
+        ref = events.select(F.max("event_time").alias("_ref")).unionByName(
+            retractions.select(F.max("event_time").alias("_ref"))).agg(F.max("_ref").alias("_ref"))
+        age_days = (c("_ref").cast("double") - c("event_time").cast("double")) / 86400.0
+        out = out.crossJoin(F.broadcast(ref)).withColumn(
+            "weight", c("weight") * F.pow(F.lit(0.5), F.greatest(age_days, F.lit(0.0)) / cfg.time_decay_half_life_days)
+        ).drop("_ref")
+    out = out.withColumn("holdout", holdout(c("src"), cfg))
     # Stored in a seeded hash order, so any contiguous slice (a worker's shard)
     # is a uniform sample of positives and negatives.
     out = out.orderBy(F.xxhash64(c("event_id"), F.lit(cfg.seed)))
     return out.select(F.lit(run_id).alias("run_id"), *[c(n) for n in schemas.TRAINING_EXAMPLES.names[1:]]).select(
-        *[c(f.name).cast(_spark_type(f.type)) for f in schemas.TRAINING_EXAMPLES]
+        *[c(f.name).cast(spark_type(f.type)) for f in schemas.TRAINING_EXAMPLES]
     )
 
 
-def _spark_type(t) -> str:
+def spark_type(t) -> str:
     import pyarrow as pa
 
-    return {pa.string(): "string", pa.int64(): "long", pa.float32(): "float"}.get(t, "timestamp")
+    if pa.types.is_list(t):
+        return f"array<{spark_type(t.value_type)}>"
+    return {pa.string(): "string", pa.int64(): "bigint", pa.float32(): "float", pa.float64(): "double",
+            pa.bool_(): "boolean"}.get(t, "timestamp")

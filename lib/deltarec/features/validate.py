@@ -1,5 +1,32 @@
-"""Validation of a night's change feed: every row is accepted or quarantined
-with a reason, never dropped. Pure DataFrame → DataFrame; no I/O."""
+"""Validation and change semantics of a night's change feed. Every consumed row
+(insert, update post-image, delete) is accepted or quarantined with a reason,
+never dropped. Pure DataFrame → DataFrame; no I/O.
+
+What each change means for training (a model already trained on an event
+cannot "untrain" it, so a change to the past reaches the trainer as a new,
+explicit example; the contract's *retraction example*: label 0, weight
+``features.retraction_weight``, kind ``retraction``):
+
+- **insert**: a new event.
+- **update** (post-image; its pre-image is at the same ``_commit_version``): a
+  correction that replaces the earlier event. When user, item or event type
+  (or the rating) changed and the earlier event was trained on, the old (user, item) gets a
+  retraction example and the post-image is a new event. When none of them
+  changed (a corrected quantity or price), nothing new is trained; the event
+  index and the state are updated.
+- **delete**: a retraction of the event, when it was consumed before (tonight
+  or in an earlier run); a delete of an event never consumed (or quarantined)
+  is quarantined as ``unmatched_retraction``.
+- **cancellation** (``event_type = 'cancel'``; Online Retail invoices starting
+  with ``C``): a retraction of the matching purchase — same user and item, the
+  most recent one at or before the cancellation that is still in force, from
+  the event index of earlier runs or tonight's events; one cancellation
+  retracts one purchase. No match: ``unmatched_cancellation``.
+
+"Before" is known from the event index (``EVENT_INDEX``): one row per consumed
+change, the newest row of an event id being its current state. It is also what
+duplicate event ids are checked against across runs.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,9 +41,9 @@ if TYPE_CHECKING:
 
 # Reason codes, in the order they are checked: a row gets the first that applies.
 NULL_EVENT_ID = "null_event_id"
-RETRACTION = "retraction_not_supported"  # a deleted source row (retractions: issue "delta jobs")
-CANCELLED_INVOICE = "cancelled_invoice"
-NON_POSITIVE_QUANTITY = "non_positive_quantity"
+TYPE_MISMATCH = "type_mismatch"  # a mapped source value that does not cast (detail says which)
+MALFORMED_ID = "malformed_id"  # too long, control characters, or not validation.id_pattern
+NON_POSITIVE_QUANTITY = "non_positive_quantity"  # outside a cancellation
 NON_POSITIVE_PRICE = "non_positive_price"
 NULL_USER_ID = "null_user_id"
 NULL_ITEM_ID = "null_item_id"
@@ -24,12 +51,15 @@ NULL_EVENT_TIME = "null_event_time"
 UNKNOWN_EVENT_TYPE = "unknown_event_type"
 FUTURE_TIMESTAMP = "future_timestamp"
 TOO_LATE = "too_late"
-DUPLICATE_EVENT_ID = "duplicate_event_id"
+DUPLICATE_EVENT_ID = "duplicate_event_id"  # within the night, or consumed by an earlier run
+UNMATCHED_CANCELLATION = "unmatched_cancellation"
+UNMATCHED_RETRACTION = "unmatched_retraction"  # a delete of an event never consumed
 
-# Change types that carry an event to train on; the pre-image of an update is
-# the row being replaced and is not an event of its own.
+CANCEL = "cancel"
 EVENT_CHANGES = ("insert", "update_postimage")
 CONSUMED_CHANGES = EVENT_CHANGES + ("delete",)
+EVENTS = schemas.BEHAVIOR_EVENTS.names
+INDEX = schemas.EVENT_INDEX.names
 
 
 class QuarantineThresholdExceeded(RuntimeError):
@@ -38,7 +68,10 @@ class QuarantineThresholdExceeded(RuntimeError):
 
 @dataclass
 class Validated:
-    accepted: "DataFrame"  # BEHAVIOR_EVENTS columns + source_version
+    accepted: "DataFrame"  # accepted change rows: EVENTS + source_version, change_type, outcome
+    events: "DataFrame"  # events to learn from: EVENTS + source_version, change_type, new (false: unchanged correction)
+    retractions: "DataFrame"  # event_id (retracted), user_id, item_id, event_type, event_time, source_version, cause
+    index: "DataFrame"  # EVENT_INDEX rows of tonight's accepted changes
     quarantined: "DataFrame"  # QUARANTINE_EVENTS columns (run_id set)
 
 
@@ -48,50 +81,200 @@ def _blank(c: "Column") -> "Column":
     return c.isNull() | (F.trim(c) == "")
 
 
-def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str) -> Validated:
-    """Split change-feed rows into accepted events and quarantined rows."""
+def _malformed(c: "Column", cfg: "ValidationConfig") -> "Column":
+    from pyspark.sql import functions as F
+
+    bad = (F.length(c) > cfg.max_id_length) | c.rlike("[\\x00-\\x1f\\x7f]")
+    if cfg.id_pattern:
+        bad = bad | ~c.rlike(f"^(?:{cfg.id_pattern})$")
+    return c.isNotNull() & F.coalesce(bad, F.lit(False))
+
+
+def _first_reason(checks: list) -> "Column":
+    from pyspark.sql import functions as F
+
+    reason = F.lit(None).cast("string")
+    for code, cond in reversed(checks):
+        reason = F.when(cond, F.lit(code)).otherwise(reason)
+    return reason
+
+
+def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
+             trained_types: list[str] | tuple[str, ...] = ("purchase", "click", "rating"),
+             prior_ids: "DataFrame | None" = None, prior: "DataFrame | None" = None) -> Validated:
+    """Split change-feed rows into accepted changes (and what they mean) and
+    quarantined rows.
+
+    ``trained_types``: event types that produce an event example (so a later
+    change to them needs a retraction). ``prior_ids``: event ids consumed by
+    earlier runs (column ``event_id``). ``prior``: EVENT_INDEX rows of earlier
+    runs — at least those of the event ids updated or deleted tonight and of
+    the (user, item) pairs cancelled tonight."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     c = F.col
-    rows = changes.where(c("_change_type").isin(*CONSUMED_CHANGES))
+    spark = changes.sparkSession
+    if "_bad" not in changes.columns:
+        changes = changes.withColumn("_bad", F.lit(None).cast("string"))
+    idx_schema = ", ".join(f"{f.name} {t}" for f, t in zip(schemas.EVENT_INDEX, (
+        "string", "string", "string", "string", "timestamp", "double", "boolean", "bigint")))
+    if prior is None:
+        prior = spark.createDataFrame([], idx_schema)
+    prior = prior.select(*INDEX)
+    if prior_ids is None:
+        prior_ids = prior.select("event_id")
+
+    rows = changes.where(c("_change_type").isin(*CONSUMED_CHANGES)).withColumn(
+        "source_version", c("_commit_version").cast("long"))
+    is_delete = c("_change_type") == "delete"
+    is_cancel = F.coalesce(c("event_type") == CANCEL, F.lit(False))
     tol = F.expr(f"INTERVAL {int(cfg.future_tolerance_minutes)} MINUTES")
-    # What a row *is* (a retraction, a cancellation, an adjustment) comes before
-    # whether it can be attributed: in Online Retail every negative-quantity
-    # adjustment also lacks a customer, and "adjustment" is the useful reason.
+    # What a row *is* (an adjustment) comes before whether it can be attributed:
+    # in Online Retail every negative-quantity adjustment also lacks a customer,
+    # and "adjustment" is the useful reason. A delete only needs its event id:
+    # the row it removes was judged when it arrived.
     checks = [
         (NULL_EVENT_ID, _blank(c("event_id"))),
-        (RETRACTION, c("_change_type") == "delete"),
-        (CANCELLED_INVOICE, c("event_type") == "cancel"),
-        (NON_POSITIVE_QUANTITY, c("quantity").isNotNull() & (c("quantity") <= 0)),
-        (NON_POSITIVE_PRICE, c("price").isNotNull() & (c("price") <= 0)),
-        (NULL_USER_ID, _blank(c("user_id"))),
-        (NULL_ITEM_ID, _blank(c("item_id"))),
-        (NULL_EVENT_TIME, c("event_time").isNull()),
-        (UNKNOWN_EVENT_TYPE, ~F.coalesce(c("event_type").isin(*cfg.allowed_event_types), F.lit(False))),
+        (TYPE_MISMATCH, ~is_delete & c("_bad").isNotNull()),
+        (MALFORMED_ID, _malformed(c("event_id"), cfg)
+         | (~is_delete & (_malformed(c("user_id"), cfg) | _malformed(c("item_id"), cfg)))),
+        (NON_POSITIVE_QUANTITY, ~is_delete & ~is_cancel & c("quantity").isNotNull() & (c("quantity") <= 0)),
+        (NON_POSITIVE_PRICE, ~is_delete & c("price").isNotNull() & (c("price") <= 0)),
+        (NULL_USER_ID, ~is_delete & _blank(c("user_id"))),
+        (NULL_ITEM_ID, ~is_delete & _blank(c("item_id"))),
+        (NULL_EVENT_TIME, ~is_delete & c("event_time").isNull()),
+        (UNKNOWN_EVENT_TYPE, ~is_delete & ~is_cancel
+         & ~F.coalesce(c("event_type").isin(*cfg.allowed_event_types), F.lit(False))),
         # An event cannot happen after it was committed (plus clock skew).
-        (FUTURE_TIMESTAMP, c("event_time") > c("_commit_timestamp") + tol),
+        (FUTURE_TIMESTAMP, ~is_delete & (c("event_time") > c("_commit_timestamp") + tol)),
     ]
     if cfg.horizon_days > 0:
-        checks.append((TOO_LATE, c("event_time") < c("_commit_timestamp") - F.expr(f"INTERVAL {int(cfg.horizon_days)} DAYS")))
-    reason = F.lit(None).cast("string")
-    for code, cond in reversed(checks):
-        reason = F.when(cond, F.lit(code)).otherwise(reason)
-    rows = rows.withColumn("_reason", reason)
-    # Duplicates among otherwise valid rows of this batch: the first commit wins.
-    rows = rows.withColumn("_valid", c("_reason").isNull())
-    first = Window.partitionBy("event_id", "_valid").orderBy(c("_commit_version"), c("event_time"), c("order_id"))
-    rows = rows.withColumn(
-        "_reason",
-        F.when(c("_valid") & (F.row_number().over(first) > 1), F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason")),
-    )
-    events = [F.col(n) for n in schemas.BEHAVIOR_EVENTS.names]
-    accepted = rows.where(c("_reason").isNull()).select(*events, c("_commit_version").alias("source_version"))
-    quarantined = rows.where(c("_reason").isNotNull()).select(
-        F.lit(run_id).alias("run_id"), c("_reason").alias("reason"),
-        c("_commit_version").cast("long").alias("source_version"), c("_change_type").alias("change_type"), *events,
-    )
-    return Validated(accepted, quarantined)
+        checks.append((TOO_LATE, ~is_delete & (
+            c("event_time") < c("_commit_timestamp") - F.expr(f"INTERVAL {int(cfg.horizon_days)} DAYS"))))
+    rows = rows.withColumn("_reason", _first_reason(checks))
+    rows = rows.withColumn("_detail", F.when(c("_reason") == TYPE_MISMATCH, c("_bad")))
+
+    # Duplicate inserts: within the night the first commit wins; an id consumed
+    # by an earlier run is a duplicate too. (Update post-images reuse their
+    # event's id by design: they are corrections, not duplicates.)
+    ins = (c("_change_type") == "insert") & c("_reason").isNull()
+    rows = rows.withColumn("_ins", ins)
+    first = Window.partitionBy("event_id", "_ins").orderBy(c("source_version"), c("event_time"), c("order_id"))
+    tonight_ids = rows.where(ins).select("event_id").distinct()
+    # Semi-join first: the history side is only streamed, never shuffled or broadcast.
+    seen = prior_ids.join(F.broadcast(tonight_ids), "event_id", "left_semi").distinct() \
+        .withColumn("_seen", F.lit(True))
+    rows = rows.join(F.broadcast(seen), "event_id", "left")
+    rows = rows.withColumn("_reason", F.when(
+        ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
+        F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
+    rows = rows.localCheckpoint(eager=True)  # used by every branch below: evaluate the checks once
+
+    ok = rows.where(c("_reason").isNull())
+    trained = F.coalesce(c("event_type").isin(*trained_types), F.lit(False))
+    evt = ok.where(~is_delete & ~is_cancel).withColumn("trained", trained)
+    # What is known about each event id before a change at version v: the newest
+    # index row of an earlier run, or an earlier accepted change of tonight.
+    known = prior.unionByName(evt.select(*INDEX))
+    lookups = ok.where(is_delete | (c("_change_type") == "update_postimage")).select(
+        "event_id", c("source_version").alias("_v"))
+    prev = (known.join(F.broadcast(lookups), "event_id")
+            .where(c("source_version") < c("_v"))
+            .withColumn("_rn", F.row_number().over(
+                Window.partitionBy("event_id", "_v").orderBy(c("source_version").desc(), c("trained").asc())))
+            .where(c("_rn") == 1)
+            .select("event_id", "_v", *[c(n).alias("_p_" + n) for n in INDEX if n != "event_id"]))
+
+    # -- updates: replace the earlier event
+    post = evt.where(c("_change_type") == "update_postimage").join(
+        prev, (evt["event_id"] == prev["event_id"]) & (c("source_version") == c("_v")), "left"
+    ).drop(prev["event_id"])
+    # A corrected rating changes the label: it is a change like a new user or item.
+    same = ((c("user_id") == c("_p_user_id")) & (c("item_id") == c("_p_item_id"))
+            & (c("event_type") == c("_p_event_type")) & c("rating").eqNullSafe(c("_p_rating")))
+    had_prev = c("_p_source_version").isNotNull()
+    post = post.withColumn("new", ~F.coalesce(had_prev & same, F.lit(False)))
+    upd_retract = post.where(had_prev & c("new") & c("_p_trained")).select(
+        "event_id", c("_p_user_id").alias("user_id"), c("_p_item_id").alias("item_id"),
+        c("_p_event_type").alias("event_type"), c("event_time"), "source_version", F.lit("update").alias("cause"))
+
+    # -- deletes: retract the event when it was consumed
+    dele = ok.where(is_delete).join(prev, (ok["event_id"] == prev["event_id"]) & (c("source_version") == c("_v")),
+                                    "left").drop(prev["event_id"])
+    del_ok = dele.where(c("_p_source_version").isNotNull())
+    del_retract = del_ok.where(c("_p_trained")).select(
+        "event_id", c("_p_user_id").alias("user_id"), c("_p_item_id").alias("item_id"),
+        c("_p_event_type").alias("event_type"), c("_commit_timestamp").alias("event_time"), "source_version",
+        F.lit("delete").alias("cause"))
+    del_bad = dele.where(c("_p_source_version").isNull())
+
+    # -- cancellations: retract the most recent matching purchase still in force
+    canc = ok.where(is_cancel)
+    pairs = canc.select("user_id", "item_id").distinct()
+    current = (known.join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi")
+               .withColumn("_rn", F.row_number().over(
+                   Window.partitionBy("event_id").orderBy(c("source_version").desc(), c("trained").asc())))
+               .where((c("_rn") == 1) & c("trained") & (c("event_type") == "purchase"))
+               .select("event_id", "user_id", "item_id", "event_time", "source_version"))
+    cand = canc.alias("x").join(current.alias("p"), ["user_id", "item_id"]).where(
+        (c("p.event_time") <= c("x.event_time")) & (c("p.source_version") <= c("x.source_version")))
+    best = cand.withColumn("_rn", F.row_number().over(Window.partitionBy(c("x.event_id")).orderBy(
+        c("p.event_time").desc(), c("p.source_version").desc(), c("p.event_id").desc()))).where(c("_rn") == 1)
+    # one cancellation retracts one purchase: the earliest cancellation claims it
+    best = best.withColumn("_claim", F.row_number().over(Window.partitionBy(c("p.event_id")).orderBy(
+        c("x.event_time"), c("x.source_version"), c("x.event_id")))).where(c("_claim") == 1)
+    matches = best.select(c("x.event_id").alias("_cancel_id"), c("x.source_version").alias("_cv"),
+                          c("p.event_id").alias("event_id"), "user_id", "item_id",
+                          c("p.event_time").alias("_purchase_time"), c("x.event_time").alias("event_time"))
+    canc = canc.join(matches.select("_cancel_id", "_cv"),
+                     (canc["event_id"] == c("_cancel_id")) & (canc["source_version"] == c("_cv")), "left")
+    canc_ok = canc.where(c("_cancel_id").isNotNull()).drop("_cancel_id", "_cv")
+    canc_bad = canc.where(c("_cancel_id").isNull()).drop("_cancel_id", "_cv")
+    canc_retract = matches.select("event_id", "user_id", "item_id", F.lit("purchase").alias("event_type"),
+                                  "event_time", c("_cv").alias("source_version"), F.lit("cancel").alias("cause"))
+
+    retractions = upd_retract.unionByName(del_retract).unionByName(canc_retract)
+    events = evt.where(c("_change_type") == "insert").withColumn("new", F.lit(True)).select(
+        *EVENTS, "source_version", "_change_type", "new").unionByName(
+        post.select(*EVENTS, "source_version", "_change_type", "new"))
+    events = events.withColumnRenamed("_change_type", "change_type")
+
+    def outcome(df, what):
+        return df.select(*EVENTS, "source_version", c("_change_type").alias("change_type"),
+                         (what if not isinstance(what, str) else F.lit(what)).alias("outcome"))
+
+    accepted = (outcome(evt.where(c("_change_type") == "insert"), "event")
+                .unionByName(outcome(post, F.when(c("new"), "event").otherwise("correction")))
+                .unionByName(outcome(del_ok, F.when(c("_p_trained"), "retraction").otherwise("delete")))
+                .unionByName(outcome(canc_ok, "cancellation")))
+
+    # Tonight's index rows: every accepted change, plus "no longer in force" rows
+    # for what a delete or a cancellation retracted.
+    index = (evt.select(*INDEX)
+             .unionByName(del_ok.select("event_id", c("_p_user_id").alias("user_id"), c("_p_item_id").alias("item_id"),
+                                        c("_p_event_type").alias("event_type"), c("_p_event_time").alias("event_time"),
+                                        c("_p_rating").alias("rating"), F.lit(False).alias("trained"), "source_version"))
+             .unionByName(canc_ok.select(*[c(n) for n in INDEX if n != "trained"], F.lit(False).alias("trained"))
+                          .select(*INDEX))
+             .unionByName(matches.select("event_id", "user_id", "item_id", F.lit("purchase").alias("event_type"),
+                                         c("_purchase_time").alias("event_time"), F.lit(None).cast("double").alias("rating"),
+                                         F.lit(False).alias("trained"),
+                                         c("_cv").alias("source_version"))))
+
+    def quarantine(df, reason):
+        return df.select(
+            F.lit(run_id).alias("run_id"), (F.lit(reason) if isinstance(reason, str) else reason).alias("reason"),
+            c("source_version").cast("long").alias("source_version"), c("_change_type").alias("change_type"),
+            *[c(n) for n in EVENTS], c("_detail").alias("detail"))
+
+    quarantined = (quarantine(rows.where(c("_reason").isNotNull()), c("_reason"))
+                   .unionByName(quarantine(del_bad.withColumn("_detail", F.lit("no consumed event with this id")),
+                                           UNMATCHED_RETRACTION))
+                   .unionByName(quarantine(canc_bad.withColumn("_detail", F.lit(
+                       "no purchase of this user and item in force at or before the cancellation")),
+                       UNMATCHED_CANCELLATION)))
+    return Validated(accepted, events, retractions, index, quarantined)
 
 
 def check_threshold(counts: dict[str, int], consumed: int, max_fraction: float) -> None:

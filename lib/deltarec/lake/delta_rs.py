@@ -11,6 +11,10 @@ import pyarrow as pa
 
 from .engine import LakeEngine, LakeError, ConcurrentRunError, Data, plain_strings, to_arrow
 
+import json
+
+METADATA_KEY = "deltarec.metadata"  # custom commit metadata: one JSON string under this key
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
@@ -116,12 +120,17 @@ class DeltaRsEngine(LakeEngine):
         )
         return self._table(table).version()
 
-    def merge(self, table: str, data: Data, on: list[str], *, update: bool) -> dict[str, int]:
+    def merge(self, table: str, data: Data, on: list[str], *, update: bool,
+              commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
+        from deltalake import CommitProperties
         from deltalake.exceptions import CommitFailedError
 
         arrow = to_arrow(data)
         predicate = " AND ".join(f"t.{c} = s.{c}" for c in on)
-        merger = self._table(table).merge(arrow, predicate, source_alias="s", target_alias="t")
+        props = CommitProperties(custom_metadata={METADATA_KEY: json.dumps(commit_metadata)}) \
+            if commit_metadata else None
+        merger = self._table(table).merge(arrow, predicate, source_alias="s", target_alias="t",
+                                          commit_properties=props)
         if update:
             merger = merger.when_matched_update_all()
         try:
@@ -133,6 +142,26 @@ class DeltaRsEngine(LakeEngine):
 
     def delete(self, table: str, predicate: str) -> int:
         return int(self._table(table).delete(predicate).get("num_deleted_rows", 0))
+
+    def commit_metadata(self, table: str) -> list[tuple[int, dict[str, str]]]:
+        out = [(int(h["version"]), json.loads(h[METADATA_KEY])) for h in self.history(table) if METADATA_KEY in h]
+        return sorted(out, key=lambda vm: vm[0])
+
+    def scan(self, table: str, columns: list[str] | None = None, where: str | None = None,
+             version: int | None = None) -> "DataFrame":
+        # delta-rs's query engine prunes files by their statistics and reads
+        # only the named columns before anything crosses into Spark.
+        from deltalake import QueryBuilder
+
+        dt = self._table(table, version)
+        cols = ", ".join(f'"{c}"' for c in columns) if columns else "*"
+        sql = f"SELECT {cols} FROM t" + (f" WHERE {where}" if where else "")
+        out = pa.RecordBatchReader.from_stream(QueryBuilder().register("t", dt).execute(sql)).read_all()
+        out = plain_strings(out)
+        if out.num_rows == 0:  # one empty chunk per column: Spark rejects chunkless columns
+            schema = _arrow_schema(dt)
+            out = pa.table({n: pa.array([], schema.field(n).type) for n in out.column_names})
+        return self._to_spark(out)
 
     def _to_spark(self, arrow: pa.Table) -> "DataFrame":
         spark = self._require_spark()

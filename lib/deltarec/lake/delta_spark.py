@@ -122,20 +122,50 @@ class DeltaSparkEngine(LakeEngine):
         writer.save(self.uri(table))
         return int(self.version(table))
 
-    def merge(self, table: str, data: Data, on: list[str], *, update: bool) -> dict[str, int]:
+    def merge(self, table: str, data: Data, on: list[str], *, update: bool,
+              commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
+        import json
+
         cond = " AND ".join(f"t.{c} = s.{c}" for c in on)
         builder = self._dt(table).alias("t").merge(self._to_df(data).alias("s"), cond)
         if update:
             builder = builder.whenMatchedUpdateAll()
+        key = "spark.databricks.delta.commitInfo.userMetadata"
+        if commit_metadata:  # recorded as the commit's userMetadata; session-wide, so reset right after
+            self.spark.conf.set(key, json.dumps(commit_metadata))
         try:
             builder.whenNotMatchedInsertAll().execute()
         except Exception as e:  # io.delta.exceptions.ConcurrentAppendException et al.
             if "Concurrent" in type(e).__name__ or "Concurrent" in str(e):
                 raise ConcurrentRunError(f"MERGE into {table!r} lost to a concurrent commit: {e}") from e
             raise
+        finally:
+            if commit_metadata:
+                self.spark.conf.unset(key)
         metrics = self._dt(table).history(1).select("operationMetrics").first()[0] or {}
         return {"inserted": int(metrics.get("numTargetRowsInserted", 0)),
                 "updated": int(metrics.get("numTargetRowsUpdated", 0))}
+
+    def commit_metadata(self, table: str) -> list[tuple[int, dict[str, str]]]:
+        import json
+
+        rows = self._dt(table).history().select("version", "userMetadata").collect()
+        out = []
+        for r in rows:
+            try:
+                meta = json.loads(r["userMetadata"]) if r["userMetadata"] else None
+            except ValueError:
+                meta = None  # someone else's free-text userMetadata
+            if isinstance(meta, dict):
+                out.append((int(r["version"]), meta))
+        return sorted(out, key=lambda vm: vm[0])
+
+    def scan(self, table: str, columns: list[str] | None = None, where: str | None = None,
+             version: int | None = None) -> "DataFrame":
+        df = self.read(table, version)
+        if where:
+            df = df.where(where)
+        return df.select(*columns) if columns else df
 
     def delete(self, table: str, predicate: str) -> int:
         self._dt(table).delete(predicate)

@@ -96,10 +96,23 @@ class LakeEngine(abc.ABC):
         """Create an empty table if it does not exist (idempotent)."""
 
     @abc.abstractmethod
-    def merge(self, table: str, data: Data, on: list[str], *, update: bool) -> dict[str, int]:
+    def merge(self, table: str, data: Data, on: list[str], *, update: bool,
+              commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
         """MERGE ``data`` into ``table`` on equal ``on`` keys: insert new keys and,
         if ``update``, overwrite matched rows. Returns {"inserted": n, "updated": n}.
-        Concurrent inserts of the same key make one side fail (Delta conflict check)."""
+        Concurrent inserts of the same key make one side fail (Delta conflict check).
+        ``commit_metadata`` is recorded in the commit (see ``commit_metadata``)."""
+
+    @abc.abstractmethod
+    def commit_metadata(self, table: str) -> list[tuple[int, dict[str, str]]]:
+        """(version, metadata) of every commit that recorded ``commit_metadata``,
+        oldest first: lets a job find the table version before its own commits."""
+
+    @abc.abstractmethod
+    def scan(self, table: str, columns: list[str] | None = None, where: str | None = None,
+             version: int | None = None) -> "DataFrame":
+        """Only ``columns`` of the rows matching the SQL predicate ``where``, as a
+        Spark DataFrame: lets a job read a slice of a growing table cheaply."""
 
     @abc.abstractmethod
     def delete(self, table: str, predicate: str) -> int: ...
@@ -124,15 +137,19 @@ def to_arrow(data: Data, schema: pa.Schema | None = None) -> pa.Table:
 def plain_strings(table: pa.Table) -> pa.Table:
     """delta-rs returns ``string_view``/``large_string`` and unsigned columns,
     which Spark's createDataFrame rejects: cast them to ``string`` / ``int64``."""
-    fields = []
-    changed = False
-    for f in table.schema:
-        t = f.type
-        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
-            t, changed = pa.string(), True
-        elif pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
-            t, changed = pa.binary(), True
-        elif pa.types.is_unsigned_integer(t):  # CDF's _commit_version; Spark has no unsigned ints
-            t, changed = pa.int64(), True
-        fields.append(pa.field(f.name, t, f.nullable))
+    fields = [pa.field(f.name, _plain_type(f.type), f.nullable) for f in table.schema]
+    changed = any(f.type != g.type for f, g in zip(fields, table.schema))
     return table.cast(pa.schema(fields)) if changed else table
+
+
+def _plain_type(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+        return pa.binary()
+    if pa.types.is_unsigned_integer(t):  # CDF's _commit_version; Spark has no unsigned ints
+        return pa.int64()
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) \
+            or pa.types.is_large_list_view(t):  # list columns (histories) come back with view items
+        return pa.list_(pa.field(t.value_field.name, _plain_type(t.value_type), t.value_field.nullable))
+    return t

@@ -1,0 +1,210 @@
+"""The Spark half of a run on real Delta tables (delta-rs) and real Spark:
+change semantics (insert, update, delete, cancellation), quarantine reasons,
+dedup across runs, schema drift, MERGE state, a second source schema, and
+idempotence."""
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from conftest import make_config
+
+from deltarec.features import validate as V
+from deltarec.features.changes import SchemaDriftError
+from deltarec.lake import open_lake, schemas
+from deltarec.pipeline import delta_job as J
+
+NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+T0 = NOW - dt.timedelta(days=3)
+
+
+def ev(eid, user, item, hours=0.0, etype="purchase", qty=1, price=1.0, rating=None, order="o1"):
+    return {"event_id": eid, "user_id": user, "item_id": item, "event_time": T0 + dt.timedelta(hours=hours),
+            "event_type": etype, "order_id": order, "quantity": qty, "price": price, "rating": rating}
+
+
+def table(rows):
+    return pa.Table.from_pylist(rows, schema=schemas.BEHAVIOR_EVENTS)
+
+
+def setup(spark, lake_root, *overrides):
+    cfg = make_config(lake_root, "demo.enabled=false", "features.negatives=0", "features.holdout_fraction=0.5",
+                      "features.retraction_weight=2.0", *overrides)
+    return cfg, open_lake(cfg.lake, spark)
+
+
+def append(cfg, lake, rows):
+    return lake.write(cfg.lake.events_table, table(rows), enable_cdf=True, schema=schemas.BEHAVIOR_EVENTS)
+
+
+def rows_of(df, *cols):
+    return sorted(tuple(r[c] for c in cols) for r in df.collect())
+
+
+def quarantine(lake, run_id):
+    q = lake.read("quarantine_events").where(f"run_id = '{run_id}'")
+    return {(r["event_id"], r["change_type"]): r["reason"] for r in q.collect()}
+
+
+def test_insert_update_delete_semantics(spark, lake_root):
+    cfg, lake = setup(spark, lake_root)
+    append(cfg, lake, [ev("a", "u1", "i1", 1), ev("b", "u1", "i2", 2), ev("c", "u2", "i1", 3),
+                       ev("e", None, "i4", 4)])
+    n0 = J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    assert (n0.accepted, n0.quarantined) == (3, 1)
+    dtab = DeltaTable(lake.uri(cfg.lake.events_table))
+    dtab.update(predicate="event_id = 'a'", updates={"item_id": "'i9'"})  # v1: a correction of the item
+    dtab.update(predicate="event_id = 'b'", updates={"quantity": "5"})  # v2: nothing trainable changed
+    dtab.delete("event_id = 'c'")  # v3: a retraction
+    dtab.delete("event_id = 'e'")  # v4: deletes an event that was quarantined, never consumed
+    n1 = J.prepare_night(spark, cfg, lake, 1, 4, "r1")
+    got = rows_of(n1.examples_df, "event_id", "user_id", "item_id", "label", "weight", "kind")
+    assert got == [("a", "u1", "i9", 1.0, 1.0, "event"), ("a:r1", "u1", "i1", 0.0, 2.0, "retraction"),
+                   ("c:r3", "u2", "i1", 0.0, 2.0, "retraction")]
+    assert quarantine(lake, "r1") == {("e", "delete"): V.UNMATCHED_RETRACTION}
+    assert n1.stats["outcomes"] == {"event": 1, "correction": 1, "retraction": 1}
+    ex = {r["event_id"]: r for r in n1.examples_df.collect()}
+    assert ex["a"]["holdout"] == ex["a:r1"]["holdout"]  # an event and its retraction on the same side
+    assert ex["a"]["history_ids"] == ["i1", "i2"]  # u1's history from user_state, before tonight
+    # MERGE state: u1's history grows by the corrected event; retractions counted
+    us = {r["user_id"]: r for r in lake.read(J.USER_STATE_TABLE).collect()}
+    assert us["u1"]["history_ids"] == ["i1", "i2", "i9"] and us["u1"]["events"] == 3
+    assert us["u2"]["retractions"] == 1 and us["u2"]["events"] == 1
+    pop = {r["item_id"]: r["popularity"] for r in lake.read(J.ITEM_STATS_TABLE).collect()}
+    assert pop == {"i1": 0, "i2": 1, "i9": 1}  # i1: a moved away, c deleted
+
+
+def test_cancellation_retracts_the_latest_matching_purchase(spark, lake_root):
+    cfg, lake = setup(spark, lake_root)
+    append(cfg, lake, [ev("p1", "u1", "i1", 1), ev("p2", "u1", "i1", 2), ev("x1", "u1", "i1", 3, "cancel", qty=-1),
+                       ev("x2", "u2", "i5", 3, "cancel", qty=-2)])
+    n0 = J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    got = rows_of(n0.examples_df, "event_id", "kind", "label")
+    assert got == [("p1", "event", 1.0), ("p2", "event", 1.0), ("p2:r0", "retraction", 0.0)]
+    assert quarantine(lake, "r0") == {("x2", "insert"): V.UNMATCHED_CANCELLATION}
+    # the next night: p2 is already retracted, so x3 takes p1 (from the event index); x4 finds nothing
+    append(cfg, lake, [ev("x3", "u1", "i1", 5, "cancel", qty=-1), ev("x4", "u1", "i1", 6, "cancel", qty=-1)])
+    n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    assert rows_of(n1.examples_df, "event_id", "kind") == [("p1:r1", "retraction")]
+    assert quarantine(lake, "r1") == {("x4", "insert"): V.UNMATCHED_CANCELLATION}
+
+
+def test_each_quarantine_reason(spark, lake_root):
+    cfg, lake = setup(spark, lake_root, "validation.horizon_days=30", "validation.id_pattern='[A-Za-z0-9_-]+'",
+                      "validation.max_quarantine_fraction=1.0")
+    future = ev("future", "u", "i")
+    future["event_time"] = NOW + dt.timedelta(days=2)
+    old = ev("old", "u", "i")
+    old["event_time"] = NOW - dt.timedelta(days=40)
+    notime = ev("notime", "u", "i")
+    notime["event_time"] = None
+    want = {
+        None: V.NULL_EVENT_ID, "ctl": V.MALFORMED_ID, "x" * 200: V.MALFORMED_ID, "pat": V.MALFORMED_ID,
+        "qty": V.NON_POSITIVE_QUANTITY, "price": V.NON_POSITIVE_PRICE, "nouser": V.NULL_USER_ID,
+        "noitem": V.NULL_ITEM_ID, "notime": V.NULL_EVENT_TIME, "type": V.UNKNOWN_EVENT_TYPE,
+        "future": V.FUTURE_TIMESTAMP, "old": V.TOO_LATE,
+    }
+    append(cfg, lake, [
+        ev(None, "u", "i"), ev("ctl", "u\x07", "i"), ev("x" * 200, "u", "i"), ev("pat", "u", "i 1"),
+        ev("qty", "u", "i", qty=0), ev("price", "u", "i", price=-1.0), ev("nouser", " ", "i"),
+        ev("noitem", "u", None), notime, ev("type", "u", "i", etype="bogus"), future, old,
+        ev("ok", "u", "i", 1), ev("ok", "u", "i", 2),  # the second is a duplicate within the night
+    ])
+    n0 = J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    q = lake.read("quarantine_events").where("run_id = 'r0'").collect()
+    assert {r["event_id"]: r["reason"] for r in q if r["event_id"] != "ok"} == want
+    assert [r["reason"] for r in q if r["event_id"] == "ok"] == [V.DUPLICATE_EVENT_ID]
+    assert [r["event_time"] for r in n0.examples_df.collect()] == [T0 + dt.timedelta(hours=1)]  # first wins
+    # an id consumed by an earlier run is a duplicate too; a new one is not
+    append(cfg, lake, [ev("ok", "u", "i", 3), ev("new", "u", "i", 4)])
+    J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    assert quarantine(lake, "r1") == {("ok", "insert"): V.DUPLICATE_EVENT_ID}
+
+
+def test_schema_addition_is_carried_and_type_change_fails(spark, lake_root):
+    cfg, lake = setup(spark, lake_root)
+    append(cfg, lake, [ev("a", "u1", "i1")])
+    J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    extra = table([ev("b", "u1", "i2", 1)]).append_column("channel", pa.array(["web"]))
+    write_deltalake(lake.uri(cfg.lake.events_table), extra, mode="append", schema_mode="merge")
+    n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    assert rows_of(n1.examples_df, "event_id") == [("b",)]
+    changed = table([ev("c", "u1", "i3", 2)])
+    changed = changed.set_column(changed.schema.get_field_index("quantity"), "quantity", pa.array(["1"]))
+    write_deltalake(lake.uri(cfg.lake.events_table), changed, mode="overwrite", schema_mode="overwrite")
+    with pytest.raises(SchemaDriftError) as e:
+        J.prepare_night(spark, cfg, lake, 2, 2, "r2")
+    assert "'quantity' was bigint and is now string" in str(e.value)
+
+
+def snapshot(lake, run_ids):
+    def rows(name, where=None):
+        df = lake.read(name)
+        if where:
+            df = df.where(where)
+        return sorted((tuple(r) for r in df.collect()), key=repr)
+
+    sel = "run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")"
+    return {t: rows(t) for t in (J.USER_STATE_TABLE, J.ITEM_STATS_TABLE, J.EVENT_INDEX_TABLE)} | {
+        "training_examples": rows("training_examples", sel), "quarantine_events": rows("quarantine_events", sel)}
+
+
+def test_rerun_leaves_the_lake_as_one_run(spark, lake_root):
+    cfg, lake = setup(spark, lake_root, "features.negatives=2", "features.negative_sampling=popularity",
+                      "features.time_decay_half_life_days=1.0")
+    append(cfg, lake, [ev(f"e{k}", f"u{k % 3}", f"i{k % 4}", k) for k in range(8)] + [ev("bad", None, "i1")])
+    J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    append(cfg, lake, [ev("n1", "u1", "i2", 10), ev("n2", "u5", "i3", 11), ev("xc", "u0", "i0", 12, "cancel"),
+                       ev("bad2", "u1", "i1", 13, qty=-3)])
+    DeltaTable(lake.uri(cfg.lake.events_table)).delete("event_id = 'e1'")
+    first = J.prepare_night(spark, cfg, lake, 1, 2, "r1")
+    once = snapshot(lake, ["r0", "r1"])
+    again = J.prepare_night(spark, cfg, lake, 1, 2, "r1")
+    assert snapshot(lake, ["r0", "r1"]) == once
+    assert (again.consumed, again.examples, again.reasons) == (first.consumed, first.examples, first.reasons)
+    kinds = first.stats["example_kinds"]
+    assert kinds["negative"] == 2 * kinds["event"] and kinds["retraction"] == 2  # the delete and the cancel
+
+
+def test_labels_history_decay_and_popularity_negatives(spark, lake_root):
+    cfg, lake = setup(spark, lake_root, "features.negatives=4", "features.negative_sampling=popularity",
+                      "features.time_decay_half_life_days=1.0", "features.history_length=2")
+    rows = [ev(f"h{k}", f"v{k}", "hot", 0.01 * k) for k in range(60)] + [ev("c1", "w", "cold1"), ev("c2", "w", "cold2")]
+    append(cfg, lake, rows)
+    J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    append(cfg, lake, [ev("a1", "w", "cold1", 24), ev("a2", "w", "hot", 48), ev("a3", "w", "cold2", 72),
+                       ev("k1", "w", "x", 60, etype="click")])
+    n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    ex = {r["event_id"]: r for r in n1.examples_df.collect()}
+    # history: user_state before tonight ([cold1, cold2]) then tonight's earlier events, last 2
+    assert ex["a1"]["history_ids"] == ["cold1", "cold2"]
+    assert ex["a2"]["history_ids"] == ["cold2", "cold1"]
+    assert ex["a3"]["history_ids"] == ["hot", "x"]  # the click (t=60h) came before a3 (t=72h)
+    # half-life 1 day, measured back from the night's newest event (a3)
+    assert ex["a3"]["weight"] == pytest.approx(1.0) and ex["a1"]["weight"] == pytest.approx(0.25)
+    negs = [r for r in ex.values() if r["kind"] == "negative"]
+    assert len(negs) == 16 and all(r["weight"] == ex[r["event_id"].split(":")[0]]["weight"] for r in negs)
+    hot = sum(r["item_id"] == "hot" for r in negs) / len(negs)
+    assert hot > 0.6  # popularity 61 of 66 (uniform over the 4 items would give 0.25)
+
+
+def test_ratings_source_through_the_column_mapping(spark, lake_root):
+    cfg, lake = setup(
+        spark, lake_root, "source.columns.user_id=user", "source.columns.item_id=movie",
+        "source.columns.event_time=ts", "source.columns.rating=stars", "source.columns.default_event_type=rating",
+        "features.rating_threshold=4")
+    ts = int((T0).timestamp())
+    ratings = pa.table({"user": ["1", "1", "2", "3"], "movie": ["m1", "m2", "m1", "m3"],
+                        "stars": ["5", "2", "4", "five"], "ts": pa.array([ts, ts + 60, ts + 120, ts + 180], pa.int64())})
+    lake.write(cfg.lake.events_table, ratings, enable_cdf=True)
+    n0 = J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    got = rows_of(n0.examples_df, "user_id", "item_id", "label", "kind")
+    assert got == [("1", "m1", 1.0, "event"), ("1", "m2", 0.0, "event"), ("2", "m1", 1.0, "event")]
+    q = lake.read("quarantine_events").collect()
+    assert [(r["reason"], r["detail"]) for r in q] == [(V.TYPE_MISMATCH, "rating: stars=five is not double")]
+    # a re-rating is a correction: the old label is retracted, the new one trained
+    DeltaTable(lake.uri(cfg.lake.events_table)).update(predicate="movie = 'm2'", updates={"stars": "'5'"})
+    n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    assert rows_of(n1.examples_df, "user_id", "item_id", "label", "kind") == [
+        ("1", "m2", 0.0, "retraction"), ("1", "m2", 1.0, "event")]
+    assert [r["history_ids"] for r in n1.examples_df.collect()] == [["m1", "m2"]] * 2
