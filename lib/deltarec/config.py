@@ -71,6 +71,16 @@ class ColumnMapping:
 
 
 @dataclass
+class SourceConfig:
+    """How the delta job reads ``lake.events_table``. ``columns`` unset: the table
+    already has deltarec's behaviour schema (what the demo loader writes). Set:
+    the table is yours and each change-feed row is mapped in Spark (bring your
+    own table); values that do not cast to the behaviour type are quarantined."""
+
+    columns: ColumnMapping | None = None
+
+
+@dataclass
 class DemoConfig:
     enabled: bool = False
     data_path: str = "../shared/data/online_retail/online_retail.parquet"
@@ -96,6 +106,10 @@ class ValidationConfig:
     future_tolerance_minutes: int = 60
     horizon_days: int = 0  # 0: no age limit; else events older than this are late
     allowed_event_types: list[str] = field(default_factory=lambda: ["purchase", "click", "rating"])
+    # Ids (event, user, item) are malformed when longer than this, when they hold
+    # control characters, or when `id_pattern` (a full-match regex; "" = any) fails.
+    max_id_length: int = 128
+    id_pattern: str = ""
 
 
 @dataclass
@@ -105,6 +119,15 @@ class FeaturesConfig:
     negatives: int = 4
     seed: int = 1234
     salt: str = ""  # optional salt for user-id hashing
+    # Labels: these event types are positives; a `rating` event is positive when
+    # rating >= rating_threshold and an explicit negative (label 0) below it.
+    positive_event_types: list[str] = field(default_factory=lambda: ["purchase", "click"])
+    rating_threshold: float = 4.0
+    negative_sampling: str = field(default="uniform", metadata=_choices("uniform", "popularity"))
+    history_length: int = 20  # item ids per example's history (user_state keeps as many)
+    holdout_fraction: float = 0.1  # share of source events whose examples are tonight's holdout
+    retraction_weight: float = 1.0
+    time_decay_half_life_days: float = 0.0  # > 0: weight halves per this many days before the night's end
 
 
 @dataclass
@@ -159,6 +182,7 @@ class Config:
     lake: LakeConfig = field(default_factory=LakeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -324,6 +348,22 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise bad(name, "must be at least 2")
         if obj.negatives < 0:
             raise bad("negatives", "must be >= 0")
+        if obj.history_length < 0:
+            raise bad("history_length", "must be >= 0")
+        if not 0.0 <= obj.holdout_fraction < 1.0:
+            raise bad("holdout_fraction", "must be in [0, 1)")
+        if obj.retraction_weight < 0 or obj.time_decay_half_life_days < 0:
+            raise bad("retraction_weight" if obj.retraction_weight < 0 else "time_decay_half_life_days",
+                      "must be >= 0")
+    if isinstance(obj, ValidationConfig):
+        import re
+
+        if obj.max_id_length < 1:
+            raise bad("max_id_length", "must be at least 1")
+        try:
+            re.compile(obj.id_pattern)
+        except re.error as e:
+            raise bad("id_pattern", f"not a regular expression ({e})") from None
     if isinstance(obj, ValidationConfig) and not 0.0 <= obj.max_quarantine_fraction <= 1.0:
         raise bad("max_quarantine_fraction", "must be between 0 and 1")
     if isinstance(obj, DemoConfig) and obj.nights < 0:

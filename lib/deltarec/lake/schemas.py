@@ -36,6 +36,7 @@ QUARANTINE_EVENTS = pa.schema(
         pa.field("source_version", pa.int64()),
         pa.field("change_type", pa.string()),
         *BEHAVIOR_EVENTS,
+        pa.field("detail", pa.string()),  # what exactly was wrong (e.g. the value that did not cast)
     ]
 )
 
@@ -50,6 +51,55 @@ TRAINING_EXAMPLES = pa.schema(
         pa.field("label", pa.float32()),
         pa.field("weight", pa.float32()),
         pa.field("event_time", TS),
+        pa.field("kind", pa.string()),  # event | negative | retraction
+        pa.field("history_ids", pa.list_(pa.string())),  # the user's items before this event, oldest first
+        pa.field("history_idx", pa.list_(pa.int64())),
+        pa.field("holdout", pa.bool_()),  # from the source event id: tonight's evaluation slice
+    ]
+)
+
+# Every change the delta job consumed, one row per (event id, source version):
+# for dedup against earlier runs and to find what a delete, a correction or a
+# cancellation retracts. The newest row of an event id is its current state.
+EVENT_INDEX = pa.schema(
+    [
+        pa.field("event_id", pa.string()),
+        pa.field("user_id", pa.string()),
+        pa.field("item_id", pa.string()),
+        pa.field("event_type", pa.string()),
+        pa.field("event_time", TS),
+        pa.field("rating", pa.float64()),
+        pa.field("trained", pa.bool_()),  # it produced an event example that is still in force
+        pa.field("source_version", pa.int64()),
+    ]
+)
+
+# Per user, kept by MERGE from each night's accepted events.
+USER_STATE = pa.schema(
+    [
+        pa.field("user_id", pa.string()),
+        pa.field("user_idx", pa.int64()),
+        pa.field("history_ids", pa.list_(pa.string())),  # last features.history_length items, oldest first
+        pa.field("history_idx", pa.list_(pa.int64())),
+        pa.field("events", pa.int64()),
+        pa.field("retractions", pa.int64()),
+        pa.field("first_seen", TS),
+        pa.field("last_seen", TS),
+        pa.field("source_version", pa.int64()),  # last source version that changed this row
+    ]
+)
+
+# Per item, kept by MERGE from each night's accepted events and the items table.
+ITEM_STATS = pa.schema(
+    [
+        pa.field("item_id", pa.string()),
+        pa.field("item_idx", pa.int64()),
+        pa.field("popularity", pa.int64()),  # events minus retractions
+        pa.field("first_seen", TS),
+        pa.field("last_seen", TS),
+        pa.field("text_hash", pa.string()),
+        pa.field("text_changed", pa.bool_()),  # the text differs from the one seen before
+        pa.field("source_version", pa.int64()),
     ]
 )
 
