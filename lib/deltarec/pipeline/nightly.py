@@ -111,6 +111,11 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     consumed, n_accepted, n_quarantined, reasons = night.consumed, night.accepted, night.quarantined, night.reasons
     new_examples, items, n_examples = night.examples_df, night.items, night.examples
     files = _training_files(cfg, lake, ledger, run_id, strategy)
+    replay = _replay_files(spark, cfg, lake, ledger, run_id, strategy, warm, first)
+    if cfg.model.text.enabled:  # frozen item-text embeddings, recomputed only for changed texts
+        from .text_embeddings import ensure_text_embeddings
+
+        ensure_text_embeddings(spark, cfg, lake, items)
 
     # ---- prequential: score what serves now on the new data, before training on it
     pre = _prequential(spark, cfg, lake, ledger, new_examples, items, parent) if parent else {}
@@ -133,6 +138,12 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         progress=T.progress, use_gpu=T.use_gpu,
         resume_dir=f"{run_dir}/inrun" if "://" not in run_dir else None,
         checkpoint_every_steps=T.checkpoint_every_steps,
+        replay_files=replay, history_length=_history_length(cfg),
+        vocab_min_count=cfg.model.vocab.min_count, vocab_ttl_nights=cfg.model.vocab.ttl_nights,
+        vocab_oov_buckets=cfg.model.vocab.oov_buckets,
+        proximal=T.forgetting.proximal if warm else 0.0, ewc=T.forgetting.ewc if warm else 0.0,
+        distill=T.forgetting.distill if warm else 0.0,
+        fisher_batches=T.forgetting.fisher_batches if T.forgetting.ewc > 0 else 0,
         meta={"parent_run_id": parent.run_id if parent else None, "strategy": strategy,
               "warm_start": warm.run_id if warm else None,
               "source_versions": [first, last], "config": cfg.to_dict()},
@@ -199,10 +210,60 @@ def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: 
     return files
 
 
+def _history_length(cfg: "Config") -> int:
+    """Items of history a batch carries: only models that read one get it."""
+    return max(cfg.features.history_length, 1) if cfg.model.name == "sequential" else 0
+
+
 def _model_params(cfg: "Config") -> dict[str, Any]:
     m, f = cfg.model, cfg.features
-    return {"user_buckets": f.user_buckets, "item_buckets": f.item_buckets,
-            "embedding_dim": m.embedding_dim, "hidden": list(m.hidden), "dropout": m.dropout}
+    params: dict[str, Any] = {"user_buckets": f.user_buckets, "item_buckets": f.item_buckets,
+                              "embedding_dim": m.embedding_dim, "hidden": list(m.hidden), "dropout": m.dropout,
+                              "embedding": m.embedding}
+    if m.name == "sequential":
+        params.update(history_length=max(f.history_length, 1), heads=m.heads, layers=m.layers)
+    if m.text.enabled:
+        from .text_embeddings import text_params
+
+        params["text"] = text_params(cfg)
+    return params
+
+
+def _replay_files(spark, cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: str,
+                  parent: RunRecord | None, first: int) -> list[str]:
+    """Replay against forgetting (train.forgetting.replay_ratio > 0, incremental
+    nights only): a seeded sample of the examples of runs the warm-start parent's
+    lineage has already trained on (source versions before ``first``), about
+    ratio × tonight's rows, read as of the examples table's version before
+    tonight's write (time travel), written to parquet under the run's
+    checkpoint folder (overwritten on a rerun)."""
+    from pyspark.sql import functions as F
+
+    from ..train.regularizers import replay_sample
+
+    R = cfg.train.forgetting
+    if R.replay_ratio <= 0 or strategy == "full" or parent is None:
+        return []
+    L = cfg.lake
+    older = [r.run_id for r in ledger.runs(cfg.model.name) if r.source_last <= parent.source_last]
+    if not older:
+        return []
+    tonight = lake.read(L.examples_table).where(F.col("run_id") == run_id)
+    if "holdout" in tonight.columns:
+        tonight = tonight.where(~F.col("holdout"))
+    want = int(round(R.replay_ratio * tonight.count()))
+    # time travel to the newest version without tonight's rows (tonight's write is the last commit or two)
+    version = lake.version(L.examples_table)
+    while version is not None and version > 0 and \
+            lake.read(L.examples_table, version=version).where(F.col("run_id") == run_id).limit(1).count():
+        version -= 1
+    sample = replay_sample(spark, lake, L.examples_table, older, want, R.replay_seed + first, version)
+    out = f"{lake.uri(L.checkpoints_dir)}/{cfg.model.name}/{run_id}/replay"
+    sample.coalesce(1).write.mode("overwrite").parquet(out)
+    files = sorted(spark.read.parquet(out).inputFiles())
+    log.info("replay: %d files, about %d rows from %d earlier runs (as of %s version %s)", len(files), want,
+             len(older), L.examples_table, version)
+    return files
 
 
 def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items,
