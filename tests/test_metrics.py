@@ -6,8 +6,8 @@ import pytest
 from sklearn.metrics import log_loss, precision_recall_fscore_support, roc_auc_score
 
 from deltarec.evaluation.metrics import (
-    auc, gauc, logloss, precision_recall_f1, ranking_metrics, spark_auc, spark_gauc, spark_logloss,
-    spark_ranking_metrics, topk_from_scores,
+    auc, by_slice, gauc, logloss, precision_recall_f1, ranking_metrics, slice_masks, spark_auc, spark_auc_by,
+    spark_flag_new, spark_gauc, spark_logloss, spark_ranking_metrics, topk_from_scores,
 )
 
 approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-12)  # noqa: E731
@@ -228,3 +228,43 @@ def test_spark_ranking_metrics(spark):
         got = spark_ranking_metrics(recs_df, truth_df, k)
         assert got == pytest.approx(want, rel=1e-12), k
         assert 0 < want["ndcg"] < 1 and want["hr"] > 0
+
+
+# -------------------------------------------------------------------- slices
+def test_slices_by_hand():
+    y = np.array([1, 0, 1, 0, 1, 0])
+    s = np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.3])
+    new_u = np.array([True, True, False, False, False, False])
+    col = np.array(["a", "a", "b", "b", "b", "b"])
+    masks = slice_masks(new_users=new_u, by=col, by_name="kind")
+    assert set(masks) == {"all", "new_users", "kind=a", "kind=b"}
+    got = by_slice(auc, masks, y, s)
+    # all: positives .9 .2 .7 vs negatives .1 .8 .3 -> pairs won: 3 + 1 + 2 = 6 of 9
+    assert got["all"] == approx(6 / 9)
+    assert got["new_users"] == approx(1.0) and got["kind=a"] == approx(1.0)
+    # kind=b: positives .2 .7 vs negatives .8 .3 -> .7 beats .3 only: 1 of 4
+    assert got["kind=b"] == approx(1 / 4)
+    one_class = by_slice(auc, {"pos_only": y == 1, "empty": np.zeros(6, bool)}, y, s)
+    assert math.isnan(one_class["pos_only"]) and math.isnan(one_class["empty"])
+    with pytest.raises(ValueError, match="differ in length"):
+        slice_masks(new_users=new_u, new_items=new_u[:3])
+
+
+def test_spark_slices_match_in_process(spark, data):
+    u, y, s, _, _ = data
+    rng = np.random.default_rng(3)
+    group = rng.integers(0, 3, len(y))
+    seen_users = np.arange(0, 60, 2)  # even users were seen before; odd ones are new
+    rows = list(zip(u.tolist(), y.tolist(), s.tolist(), group.tolist()))
+    df = spark.createDataFrame(rows, "user long, label int, score double, g long")
+    seen = spark.createDataFrame([(int(x),) for x in seen_users], "user long")
+    flagged = spark_flag_new(df, seen, "user", "new_user")
+    assert flagged.count() == len(y)  # a left join on distinct keys adds no rows
+    by_new = spark_auc_by(flagged, "new_user")
+    new = ~np.isin(u, seen_users)
+    want = by_slice(auc, slice_masks(new_users=new, by=group, by_name="g"), y, s)
+    assert by_new[True] == pytest.approx(want["new_users"], rel=1e-12)
+    assert by_new[False] == pytest.approx(auc(y[~new], s[~new]), rel=1e-12)
+    by_g = spark_auc_by(df, "g")
+    for g in range(3):
+        assert by_g[g] == pytest.approx(want[f"g={g}"], rel=1e-12)

@@ -52,7 +52,37 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (or one value with --get)")
     _common(p)
     p.add_argument("--get", metavar="KEY", help="print one dotted key, e.g. spark.master")
+    _registry_parser(sub)
+    p = sub.add_parser("report", help="PNG + HTML of metrics over nights (champion, candidates, baselines)",
+                       description="Write metrics_over_nights.png and index.html from the lake's metrics table.")
+    _common(p)
+    p.add_argument("--out", metavar="DIR", default="report", help="output directory (default: ./report)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
     return ap
+
+
+def _registry_parser(sub) -> None:
+    reg = sub.add_parser("registry", help="champion/candidate registry: list, show, promote, rollback, reproduce",
+                         description="The registry lives in the run ledger (lake.runs_table); every change of "
+                                     "the champion is one Delta commit, audited in lake.registry_events_table.")
+    rs = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
+    for name, help_ in (("list", "every run with its status (champion / candidate / retired) and parent"),
+                        ("show", "lineage of one run: parent chain, input versions, config, code, metrics"),
+                        ("promote", "make a run the champion (one commit; recorded with who and why)"),
+                        ("rollback", "make the previous champion the champion again (recorded)"),
+                        ("reproduce", "retrain a run from its lineage by time travel and compare metrics")):
+        p = rs.add_parser(name, help=help_, description=help_)
+        _common(p)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name in ("show", "promote", "reproduce"):
+            p.add_argument("id", metavar="ID", help="run id (see `deltarec registry list`)")
+        if name in ("promote", "rollback"):
+            p.add_argument("--by", default=None, help="who (default: the OS user)")
+            p.add_argument("--reason", default=None, help="why (recorded in the registry)")
+        if name == "reproduce":
+            p.add_argument("--tolerance", type=float, default=1e-4,
+                           help="largest absolute metric difference that still counts as reproduced")
+            p.add_argument("--keep", metavar="DIR", default=None, help="keep the rebuilt checkpoint under DIR")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -81,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
+        "registry": cmd_registry, "report": cmd_report,
     }
     return commands[args.command](args, cfg)
 
@@ -154,7 +185,7 @@ def cmd_status(args, cfg: Config) -> int:
                 d["checkpoint"]["verified"] = False
                 d["checkpoint"]["error"] = str(e)
         entries.append(d)
-    current = ledger.latest(cfg.model.name)
+    current = ledger.champion(cfg.model.name)  # what serves, not merely the newest run
     if args.json:
         print(json.dumps({"model": cfg.model.name, "watermark": watermark,
                           "source_table": cfg.lake.events_table, "source_latest_version": latest_source,
@@ -180,6 +211,108 @@ def cmd_status(args, cfg: Config) -> int:
             print("no checkpoint yet: run `deltarec nightly`")
     bad = [d for d in entries if d["checkpoint"].get("verified") is False]
     return 1 if bad else 0
+
+
+def _lake(cfg: Config, spark: bool = False):
+    from .lake import open_lake
+
+    return _spark_lake(cfg) if spark or cfg.lake.engine == "delta-spark" else open_lake(cfg.lake, None)
+
+
+def cmd_registry(args, cfg: Config) -> int:
+    from . import registry
+    from .lake.engine import LakeError
+    from .lake.ledger import Ledger
+    from .train.checkpoint import CheckpointError
+
+    action = args.registry_command
+    lake = _lake(cfg, spark=action == "reproduce")
+    ledger = Ledger(lake, cfg.lake.runs_table)
+    try:
+        if action == "list":
+            out = registry.list_entries(ledger, cfg.model.name)
+        elif action == "show":
+            out = registry.show(ledger, lake, cfg, args.id)
+        elif action == "promote":
+            out = registry.promote(ledger, lake, cfg, args.id, by=args.by,
+                                   reason=args.reason or "manual promote")
+        elif action == "rollback":
+            out = registry.rollback(ledger, lake, cfg, by=args.by, reason=args.reason or "manual rollback")
+        else:
+            from .registry.reproduce import reproduce
+
+            out = reproduce(lake.spark, cfg, lake, args.id, tolerance=args.tolerance, keep=args.keep)
+    except (LakeError, CheckpointError) as e:
+        print(f"deltarec registry {action}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+    else:
+        print(_registry_text(action, out, cfg))
+    return 0 if action != "reproduce" or out["passed"] else 1
+
+
+def _registry_text(action: str, out, cfg: Config) -> str:
+    if action == "list":
+        lines = [f"{'id':<24} {'status':<10} {'parent':<24} {'versions':<11} {'gate':<5} reason"]
+        for e in out:
+            v = e["source_versions"]
+            gate = "-" if e["gate"] is None else ("pass" if e["gate"] else "FAIL")
+            lines.append(f"{e['id']:<24} {e['status']:<10} {e['parent'] or '-':<24} {f'{v[0]}..{v[1]}':<11} "
+                         f"{gate:<5} {e['reason'] or ''}")
+        return "\n".join(lines) if out else f"no runs of model {cfg.model.name!r} yet: run `deltarec nightly`"
+    if action == "show":
+        m = out["metrics"]
+        chain = " <- ".join([out["id"]] + [c["id"] for c in out["parent_chain"]])
+        inp = out["inputs"]
+        lines = [f"run {out['id']}  status {out['status']}  ({out['status_reason'] or ''}; by "
+                 f"{out['status_by'] or '-'} at {out['status_at']})",
+                 f"  lineage: {chain}",
+                 f"  strategy {out['strategy']}; source {out['source']['table']} versions "
+                 f"{out['source']['versions'][0]}..{out['source']['versions'][1]}",
+                 f"  trained on: {inp['examples_table']}@v{inp['examples_version']}: " + ", ".join(
+                     f"{t['id']} ({t['source_versions'][0]}..{t['source_versions'][1]})" for t in inp["trained_on"]),
+                 f"  code {out['code_version']}; checkpoint {out['checkpoint']['path']}",
+                 f"    sha256 {out['checkpoint']['sha256']}",
+                 f"  examples {m.get('examples')}; train loss {(m.get('train') or {}).get('loss')}"]
+        gate = m.get("gate") or {}
+        if gate.get("candidate"):
+            lines.append(f"  gate on {gate.get('n')} rows ({gate.get('scored_on')}):")
+            for c in gate["decision"]["checks"]:
+                lines.append(f"    {c['metric']:<10} candidate {c['candidate']:.5f}  champion {c['champion']:.5f}  "
+                             f"{'ok' if c['passed'] else 'FAIL'}")
+        lines.append(f"  decision: {(gate.get('decision') or {}).get('reason', '-')}")
+        pre = m.get("prequential") or {}
+        for role in ("model", "candidate", "stale", "popularity"):
+            if role in pre:
+                lines.append(f"  next-day {'champion' if role == 'model' else role:<10} " + "  ".join(
+                    f"{k}@{pre.get('k')} {v:.4f}" for k, v in pre[role].items()))
+        cfgd = out["config"]
+        lines.append(f"  config: model {cfgd.get('model')}; train lr {cfgd.get('train', {}).get('lr')} "
+                     f"seed {cfgd.get('train', {}).get('seed')} backend {cfgd.get('train', {}).get('backend')}"
+                     "  (--json for all of it)")
+        for e in out["events"]:
+            lines.append(f"  event {e['at']} {e['action']}: {e['run_id']} (was {e['previous_champion']}) "
+                         f"by {e['by']}: {e['reason']}")
+        return "\n".join(lines)
+    if action in ("promote", "rollback"):
+        return (f"{action}: champion of {cfg.model.name!r} is now {out['champion']} (was "
+                f"{out['previous_champion']}); by {out['by']}: {out['reason']}")
+    lines = [f"reproduce {out['id']}: {'PASSED' if out['passed'] else 'FAILED'} (tolerance {out['tolerance']:g}; "
+             f"identical weights: {out['identical_weights']}; {out['files']} files of "
+             f"{out['examples_table']}@v{out['examples_version']})"]
+    for c in out["comparisons"]:
+        lines.append(f"  {c['metric']:<14} recorded {c['recorded']:.6f}  rebuilt {c['rebuilt']:.6f}  "
+                     f"{'ok' if c['passed'] else 'DIFFERS'}")
+    return "\n".join(lines)
+
+
+def cmd_report(args, cfg: Config) -> int:
+    from .evaluation.report import write_report
+
+    out = write_report(_lake(cfg), cfg, args.out)
+    print(json.dumps(out, indent=1) if args.json else f"wrote {out['png']} and {out['html']}")
+    return 0
 
 
 def _spark_lake(cfg: Config):

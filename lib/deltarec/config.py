@@ -50,6 +50,8 @@ class LakeConfig:
     examples_table: str = "training_examples"
     runs_table: str = "runs"
     checkpoints_dir: str = "checkpoints"
+    metrics_table: str = "prequential_metrics"  # per-night prequential and gate metrics
+    registry_events_table: str = "registry_events"  # who promoted / rolled back what, and why
 
 
 @dataclass
@@ -217,6 +219,32 @@ class TrainConfig:
 class EvalConfig:
     k: int = 10
     popularity_days: int = 7
+    slice_column: str | None = None  # a training_examples column to slice gate metrics by (besides new users/items)
+
+
+GATE_METRICS = ("auc", "gauc", "logloss", "ndcg", "hr", "recall", "mrr")  # ranking ones take @K
+
+
+@dataclass
+class GateConfig:
+    """Champion/challenger gate: on tonight's holdout rows the candidate must
+    reach, for every metric, at least the champion's value minus the tolerance
+    (logloss: at most plus it). Off: every candidate is promoted."""
+
+    enabled: bool = True
+    metrics: list[str] = field(default_factory=lambda: ["ndcg@10", "auc"])
+    tolerance: float = 0.0
+    tolerance_kind: str = field(default="absolute", metadata=_choices("absolute", "relative"))
+
+
+@dataclass
+class MlflowConfig:
+    """Mirror of the lake registry in MLflow (the lake stays the source of truth)."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None  # None: a local file store at <lake.root>/mlruns
+    experiment: str = "deltarec"
+    registered_model: str | None = None  # None: deltarec-<model.name>; the champion gets alias 'champion'
 
 
 @dataclass
@@ -231,6 +259,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -435,3 +465,16 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise bad(name, "must be >= 0 (0: off)")
     if isinstance(obj, LakeConfig) and not obj.root:
         raise bad("root", "must name a directory or URI")
+    if isinstance(obj, EvalConfig) and obj.k < 1:
+        raise bad("k", "must be at least 1")
+    if isinstance(obj, GateConfig):
+        if not obj.metrics:
+            raise bad("metrics", "name at least one metric, or set gate.enabled=false")
+        for m in obj.metrics:
+            name, _, k = m.partition("@")
+            ranking = name in ("ndcg", "hr", "recall", "mrr")
+            if name not in GATE_METRICS or (ranking and not (k.isdigit() and int(k) >= 1)) or (not ranking and k):
+                raise bad("metrics", f"{m!r} is not a gate metric; use auc, gauc, logloss or one of "
+                                     "ndcg@K, hr@K, recall@K, mrr@K (K >= 1)")
+        if obj.tolerance < 0 or (obj.tolerance_kind == "relative" and obj.tolerance >= 1):
+            raise bad("tolerance", "must be >= 0 (and < 1 when gate.tolerance_kind=relative)")

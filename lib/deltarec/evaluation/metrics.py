@@ -379,3 +379,59 @@ def spark_ranking_metrics(recs_df: Any, truth_df: Any, k: int, user_col: str = "
               F.avg(n_hit / F.col("n_rel")).alias("recall"),
               F.avg(F.coalesce(1.0 / F.col("first"), F.lit(0.0))).alias("mrr"))).first()
     return {m: _nan(r[m]) for m in ("hr", "ndcg", "recall", "mrr")}
+
+
+# ---------------------------------------------------------------------- slices
+def slice_masks(*, new_users: Any = None, new_items: Any = None, by: Any = None,
+                by_name: str = "column") -> dict[str, np.ndarray]:
+    """Boolean row masks of the standard slices: ``all``, ``new_users``,
+    ``new_items`` (rows whose flag is true) and one ``{by_name}={value}`` per
+    distinct value of ``by``. Give at least one array; all must have one length."""
+    arrays = {k: np.asarray(v) for k, v in (("new_users", new_users), ("new_items", new_items), ("by", by))
+              if v is not None}
+    if not arrays:
+        raise ValueError("slice_masks needs at least one of new_users, new_items, by")
+    n = {len(v) for v in arrays.values()}
+    if len(n) != 1:
+        raise ValueError(f"slice arrays differ in length: { {k: len(v) for k, v in arrays.items()} }")
+    out = {"all": np.ones(n.pop(), dtype=bool)}
+    for name in ("new_users", "new_items"):
+        if name in arrays:
+            out[name] = arrays[name].astype(bool)
+    if "by" in arrays:
+        for value in np.unique(arrays["by"]):
+            out[f"{by_name}={value}"] = arrays["by"] == value
+    return out
+
+
+def by_slice(metric: Any, slices: dict[str, np.ndarray], *arrays: Any, **kwargs: Any) -> dict[str, float]:
+    """``metric(*[a[mask] for a in arrays], **kwargs)`` per slice; nan where the
+    metric is undefined on the slice (e.g. AUC of a slice with one class, or an
+    empty slice) instead of failing the whole evaluation."""
+    arrays = tuple(np.asarray(a) for a in arrays)
+    out = {}
+    for name, mask in slices.items():
+        try:
+            out[name] = float(metric(*(a[mask] for a in arrays), **kwargs)) if mask.any() else float("nan")
+        except ValueError:
+            out[name] = float("nan")
+    return out
+
+
+def spark_auc_by(df: Any, by_col: str, label_col: str = "label", score_col: str = "score") -> dict[Any, float]:
+    """AUC per value of ``by_col`` (a slice column, e.g. a new-user flag),
+    equal to :func:`auc` on each slice; nan for a slice with one class."""
+    rows = _auc_parts(df, [by_col], label_col, score_col).collect()
+    bad = sum(r["bad"] or 0 for r in rows)
+    _check_bad(bad, label_col, score_col)
+    return {r[by_col]: (r["num2"] / (2.0 * r["pos"] * r["neg"]) if r["pos"] and r["neg"] else float("nan"))
+            for r in rows}
+
+
+def spark_flag_new(df: Any, seen: Any, col: str, flag: str) -> Any:
+    """``df`` plus boolean column ``flag``: true where ``df[col]`` does not occur
+    in ``seen[col]`` (e.g. tonight's users absent from every earlier night)."""
+    from pyspark.sql import functions as F
+
+    known = seen.select(col).distinct().withColumn(flag, F.lit(False))
+    return df.join(F.broadcast(known), col, "left").withColumn(flag, F.coalesce(F.col(flag), F.lit(True)))

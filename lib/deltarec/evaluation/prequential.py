@@ -49,3 +49,52 @@ def evaluate(models: dict[str, torch.nn.Module], popular: np.ndarray | None, use
 
 def _rounded(d: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 5) for k, v in d.items()}
+
+
+# ------------------------------------------------------------ lake storage
+# metrics["prequential"] keys → role names in the metrics table
+ROLES = {"model": "champion", "candidate": "candidate", "stale": "stale", "popularity": "popularity"}
+
+
+def metric_rows(run_id: str, model: str, first: int, last: int, phase: str, results: dict[str, Any],
+                run_ids: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Long rows (one per role and metric) of a prequential or gate result.
+
+    ``results`` is :func:`evaluate`'s dict (prequential: roles under
+    ``ROLES`` keys, metrics without @k) or the gate's (roles champion /
+    candidate, metrics already named like ``ndcg@10``); ``run_ids`` maps a
+    role key to the run whose checkpoint was scored."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    k = results.get("k")
+    rows = []
+    for key, role in ROLES.items() if phase == "prequential" else ((r, r) for r in ("champion", "candidate")):
+        vals = results.get(key)
+        if not isinstance(vals, dict):
+            continue
+        for metric, value in sorted(vals.items()):
+            name = f"{metric}@{k}" if phase == "prequential" and k and "@" not in metric else metric
+            ranking = "@" in name
+            rows.append({"run_id": run_id, "model": model, "source_first": first, "source_last": last,
+                         "phase": phase, "role": role, "model_run_id": run_ids.get(key), "metric": name,
+                         "value": float(value),
+                         "n": int(results.get("users", 0) if ranking else results.get("n", results.get("users", 0))),
+                         "computed_at": now})
+    return rows
+
+
+def store_metrics(lake, table: str, run_id: str, phase: str, rows: list[dict[str, Any]]) -> None:
+    """Replace this run's rows of ``phase``: a rerun of a crashed night
+    rewrites them instead of adding a second copy."""
+    import pyarrow as pa
+
+    from ..lake import schemas
+
+    lake.create(table, schemas.PREQUENTIAL_METRICS)
+    where = f"run_id = '{run_id.replace(chr(39), chr(39) * 2)}' AND phase = '{phase}'"
+    if not rows:
+        lake.delete(table, where)
+        return
+    data = pa.Table.from_pylist(rows, schema=schemas.PREQUENTIAL_METRICS)
+    lake.write(table, data, mode="overwrite", replace_where=where, schema=schemas.PREQUENTIAL_METRICS)

@@ -103,3 +103,101 @@ def plot_nights(runs: list[RunRecord], path: str | os.PathLike) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+# ------------------------------------------------------------ deltarec report
+ROLE_STYLE = {"champion": ("champion (in service)", "tab:blue", "o"),
+              "candidate": ("candidate not promoted", "tab:red", "x"),
+              "stale": ("first model, never updated", "tab:orange", "s"),
+              "popularity": ("most popular", "tab:green", "^")}
+
+
+def load_metrics(lake: "LakeEngine", cfg: "Config") -> list[dict[str, Any]]:
+    """Rows of ``lake.metrics_table`` for committed runs of the configured
+    model (a crashed attempt's rows are left out), oldest night first."""
+    table = cfg.lake.metrics_table
+    if not lake.exists(table):
+        return []
+    committed = {r.run_id for r in load_runs(lake, cfg)}
+    rows = [r for r in lake.read_arrow(table, filters=[("model", "=", cfg.model.name)]).to_pylist()
+            if r["run_id"] in committed]
+    return sorted(rows, key=lambda r: (r["source_last"], r["phase"], r["role"], r["metric"]))
+
+
+def plot_metrics(rows: list[dict[str, Any]], runs: list[RunRecord], path: str | os.PathLike,
+                 k: int = 10) -> str:
+    """PNG: next-day NDCG@k and HR@k per role over nights, and the gate's
+    metrics of candidate vs champion (promoted nights filled, rejected hollow)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    status = {r.run_id: r.status for r in runs}
+    gate_metrics = sorted({r["metric"] for r in rows if r["phase"] == "gate"})
+    fig = Figure(figsize=(5 * (2 + min(len(gate_metrics), 2)), 4))
+    axes = fig.subplots(1, 2 + min(len(gate_metrics), 2), squeeze=False)[0]
+    for ax, metric in zip(axes[:2], (f"ndcg@{k}", f"hr@{k}")):
+        for role, (label, colour, marker) in ROLE_STYLE.items():
+            pts = [(r["source_last"], r["value"]) for r in rows
+                   if r["phase"] == "prequential" and r["role"] == role and r["metric"] == metric]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker=marker, label=label, color=colour,
+                        linestyle="none" if role == "candidate" else "-")
+        ax.set_title(f"next-day {metric} (before training on the day)")
+    for ax, metric in zip(axes[2:], gate_metrics):
+        for role, colour in (("champion", "tab:blue"), ("candidate", "tab:purple")):
+            pts = [(r["source_last"], r["value"], status.get(r["run_id"]) != "candidate") for r in rows
+                   if r["phase"] == "gate" and r["role"] == role and r["metric"] == metric]
+            if pts:
+                xs, ys, promoted = zip(*pts)
+                ax.plot(xs, ys, color=colour, alpha=0.5, label=f"gate: {role}")
+                ax.scatter(xs, ys, color=[colour if p else "white" for p in promoted], edgecolors=colour, zorder=3)
+        ax.set_title(f"gate {metric} on tonight's holdout\n(hollow: candidate rejected)")
+    for ax in axes:
+        ax.set_xlabel("night (run's last source version)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no metrics yet\n(the first run has none)", ha="center", va="center",
+                    transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_report(lake: "LakeEngine", cfg: "Config", out_dir: str | os.PathLike) -> dict[str, Any]:
+    """``out_dir``/metrics_over_nights.png and ``out_dir``/index.html."""
+    import html
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    runs = load_runs(lake, cfg)
+    rows = load_metrics(lake, cfg)
+    png = plot_metrics(rows, runs, os.path.join(out_dir, "metrics_over_nights.png"), cfg.eval.k)
+    by_run: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], {})[f"{r['phase']}:{r['role']}:{r['metric']}"] = r["value"]
+    cols = sorted({c for d in by_run.values() for c in d})
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in ["run", "status", "versions", "parent", "reason"] + cols)
+    body = []
+    for r in runs:
+        vals = by_run.get(r.run_id, {})
+        cells = [r.run_id, r.status, f"{r.source_first}..{r.source_last}", r.parent_run_id or "-",
+                 r.status_reason or ""]
+        body.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells)
+                    + "".join(f"<td>{vals[c]:.4f}</td>" if c in vals else "<td>-</td>" for c in cols) + "</tr>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>deltarec: {esc(cfg.model.name)}</title>"
+            "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:12px}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>"
+            f"<h1>model {esc(cfg.model.name)}: {len(runs)} runs</h1><p>lake {esc(lake.root)}; metrics from "
+            f"{esc(cfg.lake.metrics_table)}</p><img src='{os.path.basename(png)}' style='max-width:100%'>"
+            f"<table><tr>{head}</tr>{''.join(body)}</table></body></html>")
+    html_path = os.path.join(out_dir, "index.html")
+    with open(html_path, "w") as f:
+        f.write(page)
+    return {"png": png, "html": html_path, "runs": len(runs), "metric_rows": len(rows)}

@@ -8,6 +8,13 @@ watermark, so:
 - two runs racing over the same versions cannot both commit: the second MERGE
   either matches the first row (inserts nothing) or loses Delta's conflict
   check, and fails with ConcurrentRunError.
+
+Each row also carries a registry status: ``champion`` (exactly one per model:
+the model in service and the parent of the next candidate), ``candidate`` (a
+committed run the gate did not promote) or ``retired`` (a former champion).
+Every status change of the champion pointer is one MERGE into this table, so
+readers see either the old champion or the new one, never both or neither.
+The watermark counts every committed run, whatever its status.
 """
 from __future__ import annotations
 
@@ -21,7 +28,9 @@ import pyarrow as pa
 from . import schemas
 from .engine import ConcurrentRunError, LakeEngine, LakeError
 
-SUCCEEDED = "succeeded"
+CHAMPION, CANDIDATE, RETIRED = "champion", "candidate", "retired"
+STATUSES = (CHAMPION, CANDIDATE, RETIRED)
+SUCCEEDED = "succeeded"  # ledgers written before the registry: read as committed runs
 
 
 @dataclass
@@ -40,8 +49,11 @@ class RunRecord:
     started_at: dt.datetime
     strategy: str = "incremental"
     parent_run_id: str | None = None
-    status: str = SUCCEEDED
+    status: str = CANDIDATE
     committed_at: dt.datetime | None = None
+    status_reason: str | None = None
+    status_by: str | None = None
+    status_at: dt.datetime | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         """The shape `deltarec status --json` prints for a run."""
@@ -59,11 +71,17 @@ class RunRecord:
             "code_version": self.code_version,
             "started_at": _iso(self.started_at),
             "committed_at": _iso(self.committed_at),
+            "status_reason": self.status_reason,
+            "status_by": self.status_by,
+            "status_at": _iso(self.status_at),
         }
 
 
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
+
+
+_FIELDS = set(RunRecord.__dataclass_fields__)
 
 
 class Ledger:
@@ -72,6 +90,11 @@ class Ledger:
         self.table = table
 
     def ensure(self) -> None:
+        if self.lake.exists(self.table):
+            missing = set(schemas.RUNS.names) - set(self.lake.read_arrow(self.table).schema.names)
+            if missing:  # a MERGE would fail deep inside the engine otherwise
+                raise LakeError(f"ledger {self.lake.uri(self.table)} predates columns {sorted(missing)} "
+                                "(the registry); start a new lake.root or set lake.runs_table to a new table")
         self.lake.create(self.table, schemas.RUNS)
 
     def runs(self, model: str | None = None) -> list[RunRecord]:
@@ -84,23 +107,55 @@ class Ledger:
         return sorted(out, key=lambda r: (r.model, r.source_first, r.committed_at or r.started_at))
 
     def watermark(self, model: str) -> int:
-        """Last source version consumed by a successful run of ``model`` (-1: none)."""
-        done = [r.source_last for r in self.runs(model) if r.status == SUCCEEDED]
+        """Last source version consumed by a committed run of ``model`` (-1: none).
+        Every committed run counts, champion or not: its versions are consumed."""
+        done = [r.source_last for r in self.runs(model)]
         return max(done) if done else -1
 
     def latest(self, model: str) -> RunRecord | None:
-        done = [r for r in self.runs(model) if r.status == SUCCEEDED]
+        """The newest committed run, whatever its status."""
+        done = self.runs(model)
         return max(done, key=lambda r: r.source_last) if done else None
+
+    def champion(self, model: str) -> RunRecord | None:
+        """The model in service. A ledger from before the registry (status
+        'succeeded') has no champion row: its newest run serves."""
+        runs = self.runs(model)
+        champs = [r for r in runs if r.status == CHAMPION]
+        if len(champs) > 1:
+            raise LakeError(f"ledger {self.lake.uri(self.table)} has {len(champs)} champions of model {model!r} "
+                            f"({', '.join(r.run_id for r in champs)}); fix with `deltarec registry promote ID`")
+        if champs:
+            return champs[0]
+        legacy = [r for r in runs if r.status == SUCCEEDED]
+        return max(legacy, key=lambda r: r.source_last) if legacy else None
+
+    def previous_champion(self, model: str) -> RunRecord | None:
+        """The champion before the current one: the most recently retired run
+        that was superseded (not itself rolled back), so repeated rollbacks
+        walk back through the champions instead of flip-flopping."""
+        retired = [r for r in self.runs(model) if r.status == RETIRED
+                   and not (r.status_reason or "").startswith("rolled back")]
+        key = lambda r: (r.status_at or r.committed_at or r.started_at, r.source_last)  # noqa: E731
+        return max(retired, key=key) if retired else None
 
     def get(self, run_id: str) -> RunRecord:
         for r in self.runs():
             if r.run_id == run_id:
                 return r
-        raise LakeError(f"no run {run_id!r} in the ledger ({self.lake.uri(self.table)}); see `deltarec status`")
+        raise LakeError(f"no run {run_id!r} in the ledger ({self.lake.uri(self.table)}); see `deltarec registry list`")
 
-    def commit(self, record: RunRecord) -> RunRecord:
+    def commit(self, record: RunRecord, *, expected_champion: str | None = None) -> RunRecord:
         """Record a finished run; advances the watermark. Refuses a range that
-        does not start right after the current watermark."""
+        does not start right after the current watermark.
+
+        ``record.status`` is champion or candidate. A new champion retires the
+        current one in the same MERGE (one Delta commit); ``expected_champion``
+        is the champion the gate compared against: if another one serves by
+        now (a manual promote during the run), nothing is recorded."""
+        if record.status not in (CHAMPION, CANDIDATE):
+            raise LakeError(f"run {record.run_id}: a new run commits as {CHAMPION} or {CANDIDATE}, "
+                            f"not {record.status!r}")
         self.ensure()
         w = self.watermark(record.model)
         if record.source_first != w + 1:
@@ -109,28 +164,71 @@ class Ledger:
                 f"model {record.model!r} is already at watermark {w}: another run committed first; "
                 "nothing was recorded, rerun to consume what is new"
             )
-        record.committed_at = dt.datetime.now(dt.timezone.utc)
-        row = self._to_row(record)
-        result = self.lake.merge(self.table, row, on=["model", "source_first"], update=False)
-        if result["inserted"] != 1:
+        now = dt.datetime.now(dt.timezone.utc)
+        record.committed_at = now
+        record.status_at = record.status_at or now
+        current = self.champion(record.model)
+        if record.status == CHAMPION and (current.run_id if current else None) != expected_champion:
+            raise ConcurrentRunError(
+                f"run {record.run_id} was gated against champion {expected_champion!r} but "
+                f"{current.run_id if current else None!r} serves now; nothing was recorded, rerun the night")
+        rows = [record]
+        if record.status == CHAMPION and current is not None:
+            rows.append(self._restatus(current, RETIRED, f"superseded by {record.run_id}",
+                                       record.status_by, now))
+        result = self.lake.merge(self.table, self._to_rows(rows), on=["model", "source_first"],
+                                 update=len(rows) > 1)
+        if result["inserted"] != 1 or result["updated"] != len(rows) - 1:
             raise ConcurrentRunError(
                 f"run {record.run_id}: the ledger already holds a run of {record.model!r} starting at "
-                f"version {record.source_first}; nothing was recorded"
+                f"version {record.source_first} (MERGE inserted {result['inserted']}, updated "
+                f"{result['updated']}); see `deltarec registry list`"
             )
         return record
 
+    def set_champion(self, model: str, run_id: str, *, by: str, reason: str,
+                     rollback: bool = False) -> tuple[RunRecord, RunRecord | None]:
+        """Make ``run_id`` the champion and retire the current one: one MERGE
+        (one Delta commit) updating both rows. Returns (new, old)."""
+        new = self.get(run_id)
+        if new.model != model:
+            raise LakeError(f"run {run_id!r} belongs to model {new.model!r}, not {model!r}")
+        old = self.champion(model)
+        if old is not None and old.run_id == run_id:
+            raise LakeError(f"run {run_id!r} already is the champion of model {model!r}; nothing to do")
+        now = dt.datetime.now(dt.timezone.utc)
+        verb = "rolled back" if rollback else "superseded"
+        rows = [self._restatus(new, CHAMPION, reason, by, now)]
+        if old is not None:
+            rows.append(self._restatus(old, RETIRED, f"{verb} by {by}: {reason}", by, now))
+        result = self.lake.merge(self.table, self._to_rows(rows), on=["model", "source_first"], update=True)
+        if result["inserted"] or result["updated"] != len(rows):
+            raise ConcurrentRunError(f"changing the champion of {model!r} to {run_id!r}: MERGE inserted "
+                                     f"{result['inserted']} and updated {result['updated']} rows, expected "
+                                     f"0 and {len(rows)}; the ledger changed underneath, check `deltarec registry list`")
+        return rows[0], rows[1] if old is not None else None
+
+    @staticmethod
+    def _restatus(r: RunRecord, status: str, reason: str | None, by: str | None, at: dt.datetime) -> RunRecord:
+        from dataclasses import replace
+
+        return replace(r, status=status, status_reason=reason, status_by=by, status_at=at)
+
     # ------------------------------------------------------------ rows
     @staticmethod
-    def _to_row(r: RunRecord) -> pa.Table:
-        d = asdict(r)
-        d["checkpoint_files"] = json.dumps(r.checkpoint_files, sort_keys=True)
-        d["config"] = json.dumps(r.config, sort_keys=True)
-        d["metrics"] = json.dumps(r.metrics, sort_keys=True)
-        return pa.Table.from_pylist([d], schema=schemas.RUNS)
+    def _to_rows(records: list[RunRecord]) -> pa.Table:
+        rows = []
+        for r in records:
+            d = asdict(r)
+            d["checkpoint_files"] = json.dumps(r.checkpoint_files, sort_keys=True)
+            d["config"] = json.dumps(r.config, sort_keys=True)
+            d["metrics"] = json.dumps(r.metrics, sort_keys=True, default=str)
+            rows.append(d)
+        return pa.Table.from_pylist(rows, schema=schemas.RUNS)
 
     @staticmethod
     def _from_row(row: dict[str, Any]) -> RunRecord:
-        row = dict(row)
+        row = {k: v for k, v in row.items() if k in _FIELDS}
         for k in ("checkpoint_files", "config", "metrics"):
             row[k] = json.loads(row[k]) if row.get(k) else {}
         return RunRecord(**row)

@@ -123,5 +123,42 @@ RUNS = pa.schema(
         pa.field("metrics", pa.string()),  # JSON
         pa.field("started_at", TS),
         pa.field("committed_at", TS),
+        # Registry: who/why/when of the last status change (the gate's verdict
+        # for a candidate; `deltarec registry promote|rollback` records --by/--reason).
+        pa.field("status_reason", pa.string()),
+        pa.field("status_by", pa.string()),
+        pa.field("status_at", TS),
+    ]
+)
+
+# Per night and model role: next-day (prequential, before training) and gate
+# (tonight's holdout, after training) metrics. Rewritten per run_id.
+PREQUENTIAL_METRICS = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("source_first", pa.int64()),
+        pa.field("source_last", pa.int64()),
+        pa.field("phase", pa.string()),  # prequential | gate
+        pa.field("role", pa.string()),  # champion | candidate | stale | popularity
+        pa.field("model_run_id", pa.string()),  # the run whose checkpoint was scored (null: popularity)
+        pa.field("metric", pa.string()),  # e.g. ndcg@10, hr@10, auc
+        pa.field("value", pa.float64()),
+        pa.field("n", pa.int64()),  # users (ranking metrics) or examples (pointwise) scored
+        pa.field("computed_at", TS),
+    ]
+)
+
+# Append-only audit log of champion changes (the runs table holds the state).
+REGISTRY_EVENTS = pa.schema(
+    [
+        pa.field("event_id", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("action", pa.string()),  # first | gate_promote | gate_reject | promote | rollback
+        pa.field("run_id", pa.string()),  # the run the action is about (new champion / rejected candidate)
+        pa.field("previous_champion", pa.string()),
+        pa.field("by", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("at", TS),
     ]
 )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..features.examples import catalog
 from ..lake import LakeError, open_lake
-from ..lake.ledger import Ledger, RunRecord
+from ..lake.ledger import CANDIDATE, CHAMPION, Ledger, RunRecord
 from ..train.checkpoint import verify_checkpoint
 from ..train.loop import TrainSpec
 from .delta_job import prepare_night
@@ -58,6 +58,10 @@ class NightResult:
     prequential: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
     strategy: str = ""
+    registry_status: str = ""  # champion | candidate: the gate's verdict
+    gate: dict[str, Any] = field(default_factory=dict)  # decision, metrics of candidate and champion
+    parent: str | None = None  # the champion this run warm-started from / was gated against
+    mlflow: dict[str, Any] = field(default_factory=dict)  # MLflow run/version, or {"error": ...}
 
 
 def code_version() -> str:
@@ -97,6 +101,11 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     run_id = f"{model_name}-{first:06d}-{last:06d}"
     started = dt.datetime.now(dt.timezone.utc)
     parent = _usable_parent(ledger, model_name)
+    serving = ledger.champion(model_name)  # the gate commits against this one (contract 3, 5)
+    if cfg.mlflow.enabled:  # fail before the work, not after it
+        from ..registry.mlflow_sync import client
+
+        client(cfg, lake)
     strategy = cfg.train.strategy
     if strategy == "auto" or (strategy in ("incremental", "finetune") and parent is None):
         if strategy != "auto":
@@ -110,7 +119,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     night = prepare_night(spark, cfg, lake, first, last, run_id)
     consumed, n_accepted, n_quarantined, reasons = night.consumed, night.accepted, night.quarantined, night.reasons
     new_examples, items, n_examples = night.examples_df, night.items, night.examples
-    files = _training_files(cfg, lake, ledger, run_id, strategy)
+    files = _training_files(cfg, lake, ledger, run_id, strategy, warm)
     replay = _replay_files(spark, cfg, lake, ledger, run_id, strategy, warm, first)
     if cfg.model.text.enabled:  # frozen item-text embeddings, recomputed only for changed texts
         from .text_embeddings import ensure_text_embeddings
@@ -118,7 +127,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         ensure_text_embeddings(spark, cfg, lake, items)
 
     # ---- prequential: score what serves now on the new data, before training on it
-    pre = _prequential(spark, cfg, lake, ledger, new_examples, items, parent) if parent else {}
+    pre = _prequential(spark, cfg, lake, ledger, new_examples, items, parent, run_id, first, last) if parent else {}
 
     # ---- train
     attempt = uuid.uuid4().hex[:8]
@@ -156,6 +165,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     # ---- publish: files are complete and checksummed before the ledger row exists
     ck = result["checkpoint"]
     verify_checkpoint(ck["path"], ck["sha256"])
+    gate = _gate(cfg, lake, new_examples, items, parent, ck, run_id, first, last)
     crash_point("before_ledger_commit")
     metrics = {
         "rows": {"consumed": consumed, "accepted": n_accepted, "quarantined": n_quarantined,
@@ -167,14 +177,22 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
                   "examples_trained": result.get("examples"), "epochs_run": result.get("epochs_run"),
                   "val_history": result.get("val_history"), "warm_start": warm.run_id if warm else None},
         "prequential": pre,
+        "gate": gate,
+        # lineage for `deltarec registry show/reproduce`: exactly what was trained on, by time travel
+        "inputs": _inputs(cfg, lake, spec.files),
+        "train_spec": _spec_record(spec),
     }
-    ledger.commit(RunRecord(
+    promoted = gate["decision"]["passed"]
+    record = ledger.commit(RunRecord(
         run_id=run_id, model=model_name, source_table=L.events_table, source_first=first, source_last=last,
         checkpoint_path=ck["path"], checkpoint_sha256=ck["sha256"], checkpoint_files=ck["files"],
         config=cfg.to_dict(), code_version=code_version(), metrics=metrics, started_at=started,
         strategy=strategy, parent_run_id=parent.run_id if parent else None,
-    ))
-    log.info("run %s committed: watermark %d → %d", run_id, watermark, last)
+        status=CHAMPION if promoted else CANDIDATE, status_reason=gate["decision"]["reason"], status_by="gate",
+    ), expected_champion=serving.run_id if serving else None)
+    log.info("run %s committed as %s: watermark %d → %d; %s", run_id, record.status, watermark, last,
+             gate["decision"]["reason"])
+    ml = _after_commit(cfg, lake, record, serving)
     if spec.resume_dir:
         import shutil
 
@@ -182,32 +200,48 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     return NightResult(
         "committed", model_name, last, run_id, (first, last), consumed, n_accepted, n_quarantined, reasons,
         n_examples, train_seconds, time.perf_counter() - t_start, pre, ck, strategy,
+        registry_status=record.status, gate=gate, parent=parent.run_id if parent else None,
+        mlflow=ml,
     )
 
 
 def _usable_parent(ledger: Ledger, model: str) -> RunRecord | None:
-    """The newest committed run whose checkpoint verifies. A corrupt one is
-    refused, loudly, and the one before it is used."""
+    """The champion, whose checkpoint verifies (contract 3). A corrupt one is
+    refused, loudly, and the champion before it is used instead."""
     from ..train.checkpoint import CheckpointError
 
-    for run in sorted(ledger.runs(model), key=lambda r: r.source_last, reverse=True):
+    runs = ledger.runs(model)
+    champ = ledger.champion(model)
+    # the champion first, then former champions newest first, then anything else newest first
+    order = ([champ] if champ else []) + sorted(
+        (r for r in runs if champ is None or r.run_id != champ.run_id),
+        key=lambda r: (r.status == "retired", r.source_last), reverse=True)
+    for run in order:
         try:
             verify_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
             return run
         except CheckpointError as e:
-            log.error("refusing checkpoint of run %s as warm start: %s; trying the previous run", run.run_id, e)
+            log.error("refusing checkpoint of run %s (%s) as warm start: %s; trying the one before",
+                      run.run_id, run.status, e)
     return None
 
 
-def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: str) -> list[str]:
-    """Parquet files the workers train on: tonight's examples, plus every
-    committed run's for a full retrain."""
+def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: str,
+                    parent: RunRecord | None = None) -> list[str]:
+    """Parquet files the workers train on (contract 3). Incremental: the
+    examples of every committed run after the warm-start parent (candidates
+    that were not promoted) plus tonight's, so the champion's lineage sees
+    every source version exactly once. Full: every committed run's plus tonight's."""
     L = cfg.lake
-    files = lake.data_files(L.examples_table, {"run_id": run_id})
-    if strategy == "full":
-        for r in ledger.runs(cfg.model.name):
-            files += lake.data_files(L.examples_table, {"run_id": r.run_id})
-    return files
+    runs = ledger.runs(cfg.model.name)
+    if strategy != "full":
+        if parent is None:
+            parent = _usable_parent(ledger, cfg.model.name)
+        runs = [r for r in runs if parent is None or r.source_first > parent.source_last]
+    files = []
+    for r in runs:
+        files += lake.data_files(L.examples_table, {"run_id": r.run_id})
+    return files + lake.data_files(L.examples_table, {"run_id": run_id})
 
 
 def _history_length(cfg: "Config") -> int:
@@ -266,26 +300,134 @@ def _replay_files(spark, cfg: "Config", lake, ledger: Ledger, run_id: str, strat
     return files
 
 
-def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items,
-                 parent: RunRecord) -> dict[str, Any]:
-    """HR@K/NDCG@K on the new positives for: the model in service (parent), the
-    first model of the lineage never updated ('stale'), and the most popular
-    items of the last ``eval.popularity_days`` days."""
-    import numpy as np
-    from pyspark.sql import functions as F
-
-    from ..evaluation.prequential import evaluate
+def _load_model(run_or_path, sha256: str | None = None):
     from ..models import build_model
     from ..train.checkpoint import load_checkpoint
 
+    path, sha = (run_or_path.checkpoint_path, run_or_path.checkpoint_sha256) if isinstance(
+        run_or_path, RunRecord) else (run_or_path, sha256)
+    ck = load_checkpoint(path, sha)
+    m = build_model(ck.meta["model"], **ck.meta["model_params"])
+    m.load_state_dict(ck.model_state)
+    return m
+
+
+def _catalog_idx(cfg: "Config", items):
+    import numpy as np
+
+    return np.unique(catalog(items, cfg.features).select("item_idx").toArrow()["item_idx"].to_numpy())
+
+
+def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck: dict[str, Any],
+          run_id: str, first: int, last: int) -> dict[str, Any]:
+    """Score the candidate and the champion on tonight's held-out rows
+    (contract 1: ``holdout = true``) and decide (evaluation/gate.py)."""
+    from pyspark.sql import functions as F
+
+    from ..evaluation.gate import GateDecision, decide, evaluate_models
+    from ..evaluation.prequential import metric_rows, store_metrics
+
+    G = cfg.gate
+    if parent is None:
+        return {"decision": GateDecision(True, "first run of the lineage: champion by default").to_dict()}
+    if not G.enabled:
+        return {"decision": GateDecision(True, "gate.enabled=false: promoted without evaluation").to_dict()}
+    if "holdout" in new_examples.columns:
+        rows, where = new_examples.where(F.col("holdout")), "holdout = true rows of tonight's examples"
+    else:  # until training_examples has the column: biased toward the candidate, and said so
+        rows, where = new_examples, "ALL of tonight's examples (no holdout column; the candidate trained on them)"
+    # pointwise metrics over every row (negatives and retractions are label 0);
+    # ranking metrics over the label-1 rows, i.e. the held-out events
+    data = rows.select("user_idx", "item_idx", "label").toArrow()
+    models = {"candidate": _load_model(ck["path"], ck["sha256"]), "champion": _load_model(parent)}
+    res = evaluate_models(models, data, _catalog_idx(cfg, items), list(G.metrics))
+    decision = decide(res.get("candidate", {}), res.get("champion", {}), G)
+    if res["n"] == 0:
+        decision = GateDecision(False, f"gate failed: no rows to score ({where} is empty)")
+    out = {"decision": decision.to_dict(), "scored_on": where, "n": res["n"], "users": res.get("users", 0),
+           "candidate": res.get("candidate", {}), "champion": res.get("champion", {}),
+           "champion_run_id": parent.run_id}
+    store_metrics(lake, cfg.lake.metrics_table, run_id, "gate",
+                  metric_rows(run_id, cfg.model.name, first, last, "gate", out,
+                              {"candidate": run_id, "champion": parent.run_id}))
+    return out
+
+
+def _inputs(cfg: "Config", lake, files: list[str]) -> dict[str, Any]:
+    """What a reproduction needs: the tables' versions now (tonight's examples
+    are written, nothing else is) and the exact files, in training order."""
+    import re
+
+    L = cfg.lake
+    run_ids = []
+    for f in files:
+        m = re.search(r"run_id=([^/]+)/", f)
+        if m:
+            from urllib.parse import unquote
+
+            rid = unquote(m.group(1))
+            if rid not in run_ids:
+                run_ids.append(rid)
+    return {"examples_table": L.examples_table, "examples_version": lake.version(L.examples_table),
+            "items_table": L.items_table, "items_version": lake.version(L.items_table),
+            "run_ids": run_ids, "files": list(files)}
+
+
+def _spec_record(spec: TrainSpec) -> dict[str, Any]:
+    """The TrainSpec minus what is per-attempt (paths, files, meta, progress)."""
+    import dataclasses
+
+    skip = {"files", "checkpoint_dir", "resume_dir", "meta", "progress"}
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in skip}
+
+
+def _after_commit(cfg: "Config", lake, record: RunRecord, previous: RunRecord | None) -> dict[str, Any]:
+    """Audit trail and the MLflow mirror; the commit already happened, so a
+    failure here is logged loudly and never undoes it."""
+    from ..registry.core import record_event
+
+    action = ("first" if record.parent_run_id is None and previous is None
+              else "gate_promote" if record.status == CHAMPION else "gate_reject")
+    try:
+        record_event(lake, cfg, action, record.run_id, previous.run_id if previous else None, "gate",
+                     record.status_reason or "")
+    except Exception as e:
+        log.error("run %s committed, but its registry event was not written: %s", record.run_id, e)
+    if not cfg.mlflow.enabled:
+        return {}
+    try:
+        from ..registry.mlflow_sync import log_run
+
+        return log_run(cfg, lake, record)
+    except Exception as e:
+        log.error("run %s committed, but logging it to MLflow failed: %s: %s", record.run_id, type(e).__name__, e)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+
+def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items,
+                 parent: RunRecord, run_id: str | None = None, first: int = 0, last: int = 0) -> dict[str, Any]:
+    """HR@K/NDCG@K on the new positives, before anything trains on them, for:
+    the model in service (key 'model': the champion / warm-start parent), the
+    newest candidate the gate did not promote since ('candidate'), the first
+    model of the lineage never updated ('stale'), and the most popular items
+    of the last ``eval.popularity_days`` days. Stored per night in
+    ``lake.metrics_table`` (phase 'prequential') when ``run_id`` is given."""
+    from pyspark.sql import functions as F
+
+    from ..evaluation.prequential import evaluate, metric_rows, store_metrics
+
     k = cfg.eval.k
-    pos = new_examples.where(F.col("label") == 1).select("user_idx", "item_idx", "event_time").toArrow()
+    pos = new_examples.where(F.col("label") == 1)
+    if "kind" in new_examples.columns:  # contract 1: retractions are label 0 anyway; events only
+        pos = pos.where(F.col("kind") == "event")
+    pos = pos.select("user_idx", "item_idx", "event_time").toArrow()
     if pos.num_rows == 0:
         return {}
     users = pos["user_idx"].to_numpy()
     itms = pos["item_idx"].to_numpy()
     start = min(pos["event_time"].to_pylist())
-    cat = np.unique(catalog(items, cfg.features).select("item_idx").toArrow()["item_idx"].to_numpy())
+    cat = _catalog_idx(cfg, items)
 
     runs = ledger.runs(cfg.model.name)
     committed = [r.run_id for r in runs]
@@ -296,15 +438,20 @@ def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items
            .groupBy("item_idx").count().orderBy(F.desc("count"), "item_idx").limit(k).toArrow())
     popular = pop["item_idx"].to_numpy() if pop.num_rows else None
 
-    def load(run: RunRecord):
-        ck = load_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
-        m = build_model(ck.meta["model"], **ck.meta["model_params"])
-        m.load_state_dict(ck.model_state)
-        return m
-
-    models = {"model": load(parent)}
-    if len(runs) > 1:
-        models["stale"] = load(runs[0])
-    else:
-        models["stale"] = models["model"]
-    return evaluate(models, popular, users, itms, cat, k)
+    challenger = max((r for r in runs if r.status == CANDIDATE and r.source_first > parent.source_last),
+                     key=lambda r: r.source_last, default=None)
+    run_ids = {"model": parent.run_id, "stale": runs[0].run_id if runs else parent.run_id}
+    models = {"model": _load_model(parent)}
+    if challenger is not None:
+        try:
+            models["candidate"] = _load_model(challenger)
+            run_ids["candidate"] = challenger.run_id
+        except Exception as e:  # a corrupt candidate is reported, not fatal: it does not serve
+            log.error("prequential: cannot load candidate %s: %s", challenger.run_id, e)
+    models["stale"] = _load_model(runs[0]) if len(runs) > 1 else models["model"]
+    out = evaluate(models, popular, users, itms, cat, k)
+    out["runs"] = run_ids
+    if run_id is not None:
+        store_metrics(lake, cfg.lake.metrics_table, run_id, "prequential",
+                      metric_rows(run_id, cfg.model.name, first, last, "prequential", out, run_ids))
+    return out

@@ -1,0 +1,163 @@
+"""Champion/challenger gate: score both models on tonight's held-out examples
+and promote the candidate only when no gated metric is worse than the
+champion's by more than the tolerance.
+
+Pointwise metrics (auc, gauc, logloss) use every held-out row (positives,
+sampled negatives, retractions); ranking metrics (ndcg@K, hr@K, recall@K,
+mrr@K) rank the whole catalogue for each held-out user against that user's
+held-out positives.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from .metrics import auc, gauc, logloss, ranking_metrics
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import GateConfig
+
+LOWER_IS_BETTER = {"logloss"}
+RANKING = ("ndcg", "hr", "recall", "mrr")
+
+
+def parse_metric(name: str) -> tuple[str, int | None]:
+    base, _, k = name.partition("@")
+    return base, (int(k) if k else None)
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    reason: str
+    checks: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reason": self.reason, "checks": self.checks}
+
+
+def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateConfig") -> GateDecision:
+    """Every metric in ``cfg.metrics``: candidate >= champion - tol (logloss:
+    candidate <= champion + tol); tol is ``cfg.tolerance`` (absolute) or
+    ``cfg.tolerance * |champion|`` (relative). A metric the candidate could not
+    be scored on (nan, e.g. no held-out positives) fails: the gate never
+    promotes on missing evidence."""
+    checks, failed = [], []
+    for m in cfg.metrics:
+        base, _ = parse_metric(m)
+        c, ch = candidate.get(m, float("nan")), champion.get(m, float("nan"))
+        tol = cfg.tolerance * (abs(ch) if cfg.tolerance_kind == "relative" else 1.0)
+        if math.isnan(c) or math.isnan(ch):
+            ok, bound = False, float("nan")
+        elif base in LOWER_IS_BETTER:
+            bound = ch + tol
+            ok = c <= bound
+        else:
+            bound = ch - tol
+            ok = c >= bound
+        checks.append({"metric": m, "candidate": c, "champion": ch, "bound": bound, "passed": bool(ok)})
+        if not ok:
+            op = "<=" if base in LOWER_IS_BETTER else ">="
+            failed.append(f"{m} {c:.5f} not {op} {bound:.5f} (champion {ch:.5f}, "
+                          f"{cfg.tolerance_kind} tolerance {cfg.tolerance:g})")
+    if failed:
+        return GateDecision(False, "gate failed: " + "; ".join(failed), checks)
+    return GateDecision(True, "gate passed: " + ", ".join(
+        f"{c['metric']} {c['candidate']:.5f} vs champion {c['champion']:.5f}" for c in checks), checks)
+
+
+# ------------------------------------------------------------ scoring
+def _forward_takes_batch(model: "torch.nn.Module") -> bool:
+    """Models whose forward takes one dict batch (contract 4) versus the
+    original ``forward(user_idx, item_idx)``."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(params) == 1
+
+
+def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> np.ndarray:
+    """Raw scores (logits) of ``rows`` (user_idx, item_idx[, history_idx])."""
+    import torch
+
+    model.eval()
+    users = rows["user_idx"].to_numpy().astype(np.int64)
+    items = rows["item_idx"].to_numpy().astype(np.int64)
+    as_batch = _forward_takes_batch(model)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(users), chunk):
+            u, i = torch.from_numpy(users[s:s + chunk]), torch.from_numpy(items[s:s + chunk])
+            if as_batch:
+                # TODO(H2): sequential models also need history_idx here; reuse the
+                # shard → batch conversion of data/shards.py once it exists.
+                out.append(model({"user_idx": u, "item_idx": i}).float().numpy())
+            else:
+                out.append(model(u, i).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalog: np.ndarray,
+                    metrics: list[str], *, slices: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Metrics of each model on ``rows`` (columns user_idx, item_idx, label).
+
+    Returns ``{role: {metric: value}, "n": rows, "users": held-out users with a
+    positive}``; with ``slices`` (name → boolean row mask) also
+    ``{"slices": {name: {role: {metric: value}}}}`` (slices never gate)."""
+    from .prequential import model_topk, relevant_sets
+
+    labels = rows["label"].to_numpy().astype(np.float64)
+    users = rows["user_idx"].to_numpy()
+    items = rows["item_idx"].to_numpy()
+    ks = sorted({k for m in metrics for b, k in [parse_metric(m)] if b in RANKING})
+    out: dict[str, Any] = {"n": int(rows.num_rows)}
+    masks = {"all": np.ones(len(labels), dtype=bool), **(slices or {})}
+    sliced: dict[str, Any] = {}
+    for role, model in models.items():
+        scores = score_pairs(model, rows)
+        probs = 1.0 / (1.0 + np.exp(-np.clip(scores.astype(np.float64), -50, 50)))
+        for name, mask in masks.items():
+            vals: dict[str, float] = {}
+            y, s, p, u, it = labels[mask], scores[mask], probs[mask], users[mask], items[mask]
+            for m in metrics:
+                base, _ = parse_metric(m)
+                if base == "auc":
+                    vals[m] = _or_nan(lambda: auc(y, s))
+                elif base == "gauc":
+                    vals[m] = _or_nan(lambda: gauc(u, y, s))
+                elif base == "logloss":
+                    vals[m] = _or_nan(lambda: logloss(y, p))
+            pos = y == 1
+            if ks and pos.any() and len(catalog):
+                uniq, relevant = relevant_sets(u[pos], it[pos])
+                top = model_topk(model, uniq, catalog, min(max(ks), len(catalog)))
+                for k in ks:
+                    r = ranking_metrics(top, relevant, min(k, top.shape[1]))
+                    for b in RANKING:
+                        if f"{b}@{k}" in metrics:
+                            vals[f"{b}@{k}"] = r[b]
+                if name == "all":
+                    out["users"] = int(len(uniq))
+            for m in metrics:
+                vals.setdefault(m, float("nan"))
+            vals = {k: round(float(v), 6) for k, v in vals.items()}
+            if name == "all":
+                out[role] = vals
+            else:
+                sliced.setdefault(name, {"n": int(mask.sum())})[role] = vals
+    if sliced:
+        out["slices"] = sliced
+    return out
+
+
+def _or_nan(fn) -> float:
+    try:
+        return fn()
+    except ValueError:  # one class only in a small slice: undefined, not a crash
+        return float("nan")

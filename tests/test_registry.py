@@ -1,0 +1,203 @@
+"""Registry end to end on small real data, real Spark, real Delta, real torch:
+a deliberately worse candidate (absurd learning rate) is rejected with its
+reason, a normal one is promoted in one commit and logged to MLflow, the
+prequential table is filled per night, `reproduce` rebuilds a checkpoint,
+and `rollback` restores the previous champion with who and why."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_config
+from deltarec.lake import open_lake
+from deltarec.lake.ledger import CANDIDATE, CHAMPION, RETIRED, Ledger
+from deltarec.pipeline.demo import append_day, demo_days, run_demo
+from deltarec.pipeline.nightly import run_nightly
+
+BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=2")
+
+
+def cli(lake_root, *args):
+    out = subprocess.run(
+        [sys.executable, "-m", "deltarec.cli", *args, "--conf", str(ROOT / "conf" / "local.yaml"),
+         "--set", f"lake.root={lake_root}"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "lib"), "USER": "tester"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def nights(spark, tmp_path_factory, real_data_path):
+    """demo (full run + one night), then a worse night, then a normal night with MLflow on."""
+    root = tmp_path_factory.mktemp("registry") / "lake"
+    cfg = make_config(root, *BASE)
+    # gate off for the demo's night: the second run is promoted whatever its metrics
+    first, second = run_demo(spark, make_config(root, *BASE, "gate.enabled=false"), out=lambda *_: None)
+    lake = open_lake(cfg.lake, spark)
+    ledger = Ledger(lake, cfg.lake.runs_table)
+    days, items, _ = demo_days(cfg)
+    champion_before_worse = ledger.champion(cfg.model.name)
+
+    append_day(lake, cfg, days[3][1], items)
+    worse_cfg = make_config(root, *BASE, "train.lr=1000.0")  # through real training: it wrecks the weights
+    worse = run_nightly(spark, worse_cfg, lake=lake)
+
+    append_day(lake, cfg, days[4][1], items)
+    mlruns = root.parent / "mlruns"
+    ml_cfg = make_config(root, *BASE, "mlflow.enabled=true", f"mlflow.tracking_uri=file://{mlruns}",
+                         "mlflow.experiment=test-exp", "mlflow.registered_model=test-model")
+    runs_version = lake.version(cfg.lake.runs_table)
+    better = run_nightly(spark, ml_cfg, lake=lake)
+    return dict(cfg=cfg, lake=lake, ledger=ledger, root=root, first=first, second=second, worse=worse,
+                better=better, champion_before_worse=champion_before_worse, mlruns=mlruns, ml_cfg=ml_cfg,
+                runs_version_before_better=runs_version)
+
+
+def test_first_run_is_champion_and_every_run_advances_the_watermark(nights):
+    ledger, cfg = nights["ledger"], nights["cfg"]
+    runs = ledger.runs(cfg.model.name)
+    assert len(runs) == 4
+    from deltarec.registry import events
+
+    first_event = events(nights["lake"], cfg, runs[0].run_id)[0]
+    assert runs[0].parent_run_id is None and first_event["action"] == "first"
+    assert first_event["reason"].startswith("first run") and runs[0].status == RETIRED
+    assert ledger.watermark(cfg.model.name) == runs[-1].source_last  # the rejected candidate counts too
+    assert [r.status for r in runs].count(CHAMPION) == 1
+    # gate.enabled=false promoted the demo's night without evaluating it
+    assert nights["second"].registry_status == CHAMPION and "gate.enabled=false" in nights["second"].gate["decision"]["reason"]
+    assert nights["champion_before_worse"].run_id == nights["second"].run_id
+
+
+def test_worse_candidate_is_not_promoted_and_the_reason_is_stored(nights):
+    ledger, cfg, worse = nights["ledger"], nights["cfg"], nights["worse"]
+    row = ledger.get(worse.run_id)
+    assert worse.registry_status == row.status == CANDIDATE
+    assert row.status_reason.startswith("gate failed") and row.status_by == "gate"
+    checks = row.metrics["gate"]["decision"]["checks"]
+    assert any(not c["passed"] and c["candidate"] < c["champion"] for c in checks)
+    for c in checks:  # the stored reason names each failed metric with both values
+        if not c["passed"]:
+            assert c["metric"] in row.status_reason and f"{c['candidate']:.5f}" in row.status_reason
+    # the champion kept serving: the worse night's parent, and still champion until the next night
+    assert row.parent_run_id == nights["champion_before_worse"].run_id
+
+
+def test_better_candidate_is_promoted_in_one_commit_from_the_champion(nights):
+    ledger, cfg, lake, better, worse = nights["ledger"], nights["cfg"], nights["lake"], nights["better"], nights["worse"]
+    row = ledger.get(better.run_id)
+    old = nights["champion_before_worse"]
+    assert row.status == CHAMPION and row.metrics["gate"]["decision"]["passed"]
+    assert all(c["passed"] for c in row.metrics["gate"]["decision"]["checks"])
+    retired = ledger.get(old.run_id)
+    assert retired.status == RETIRED and retired.status_reason == f"superseded by {better.run_id}"
+    # contract 3: warm start from the champion, not from the rejected candidate ...
+    assert row.parent_run_id == old.run_id
+    # ... and the rejected candidate's examples are trained on, so every version is seen once
+    assert row.metrics["inputs"]["run_ids"] == [worse.run_id, better.run_id]
+    ex = lake.read_arrow(cfg.lake.examples_table, filters=[("run_id", "in", [worse.run_id, better.run_id])])
+    trainable = ex.num_rows - (sum(ex["holdout"].to_pylist()) if "holdout" in ex.column_names else 0)
+    assert trainable > ledger.get(worse.run_id).metrics["examples"]
+    assert row.metrics["train"]["examples_trained"] == trainable * cfg.train.epochs  # holdout rows never train
+    # insert of the new row + retirement of the old champion = exactly one new version of the runs table
+    assert lake.version(cfg.lake.runs_table) == nights["runs_version_before_better"] + 1
+    assert lake.history(cfg.lake.runs_table)[0]["operation"] == "MERGE"
+
+
+def test_prequential_metrics_are_stored_per_night(nights):
+    lake, cfg, better, worse = nights["lake"], nights["cfg"], nights["better"], nights["worse"]
+    rows = lake.read_arrow(cfg.lake.metrics_table).to_pylist()
+    pre = [r for r in rows if r["run_id"] == better.run_id and r["phase"] == "prequential"]
+    roles = {r["role"] for r in pre}
+    # the night after a rejected candidate scores it next to the champion
+    assert roles == {"champion", "candidate", "stale", "popularity"}
+    by = {(r["role"], r["metric"]): r for r in pre}
+    k = cfg.eval.k
+    assert by[("champion", f"ndcg@{k}")]["value"] == better.prequential["model"]["ndcg"]
+    assert by[("candidate", f"hr@{k}")]["model_run_id"] == worse.run_id
+    assert by[("candidate", f"hr@{k}")]["value"] == better.prequential["candidate"]["hr"]
+    gate = [r for r in rows if r["run_id"] == better.run_id and r["phase"] == "gate"]
+    assert {(r["role"], r["metric"]) for r in gate} == {(ro, m) for ro in ("candidate", "champion")
+                                                          for m in cfg.gate.metrics}
+    # every committed night after the first has its rows, exactly once (replaceWhere per run and phase)
+    keys = [(r["run_id"], r["phase"], r["role"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert {r["run_id"] for r in rows} == {nights["second"].run_id, worse.run_id, better.run_id}
+
+
+def test_mlflow_logged_params_metrics_checkpoint_and_alias(nights):
+    from mlflow import MlflowClient
+
+    better, mlruns = nights["better"], nights["mlruns"]
+    assert "error" not in better.mlflow, better.mlflow
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    uri = f"file://{mlruns}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.get_experiment_by_name("test-exp")
+    (run,) = c.search_runs([exp.experiment_id])
+    assert run.data.tags["deltarec_run_id"] == better.run_id
+    assert run.data.params["train.lr"] == str(nights["ml_cfg"].train.lr)
+    row = nights["ledger"].get(better.run_id)
+    assert run.data.metrics["gate.candidate.auc"] == pytest.approx(row.metrics["gate"]["candidate"]["auc"])
+    arts = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/manifest.json", "checkpoint/model.safetensors"} <= arts
+    assert c.get_model_version_by_alias("test-model", "champion").tags["deltarec_run_id"] == better.run_id
+
+
+def test_registry_list_and_show_json(nights):
+    out = cli(nights["root"], "registry", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    entries = json.loads(out.stdout)
+    runs = nights["ledger"].runs(nights["cfg"].model.name)
+    assert [(e["id"], e["status"], e["parent"]) for e in entries] == [
+        (r.run_id, r.status, r.parent_run_id) for r in runs]
+    better = nights["better"].run_id
+    out = cli(nights["root"], "registry", "show", better, "--json")
+    assert out.returncode == 0, out.stderr
+    show = json.loads(out.stdout)
+    first, old = nights["first"].run_id, nights["champion_before_worse"].run_id
+    chain = [c["id"] for c in show["parent_chain"]]
+    assert chain[0] == old and chain[-1] == first
+    assert show["inputs"]["examples_version"] is not None
+    assert [t["id"] for t in show["inputs"]["trained_on"]] == [nights["worse"].run_id, better]
+    assert show["config"]["train"]["lr"] == nights["ml_cfg"].train.lr and show["code_version"]
+    assert show["metrics"]["gate"]["decision"]["passed"] is True
+    assert [e["action"] for e in show["events"]][-1] == "gate_promote"
+    bad = cli(nights["root"], "registry", "show", "no-such-run", "--json")
+    assert bad.returncode == 1 and "no run 'no-such-run'" in bad.stderr
+
+
+def test_reproduce_rebuilds_the_checkpoint(spark, nights):
+    from deltarec.registry.reproduce import reproduce
+
+    res = reproduce(spark, nights["cfg"], nights["lake"], nights["better"].run_id, tolerance=1e-4)
+    assert res["passed"], res
+    names = {c["metric"] for c in res["comparisons"]}
+    assert {"train.loss", "gate.auc", "gate.ndcg@10"} <= names
+    assert res["identical_weights"] is True  # same files, order, seed and parent on the local backend
+
+
+def test_rollback_restores_the_previous_champion_and_records_who_and_why(nights):
+    ledger, cfg, lake = nights["ledger"], nights["cfg"], nights["lake"]
+    better, old = nights["better"].run_id, nights["champion_before_worse"].run_id
+    v = lake.version(cfg.lake.runs_table)
+    out = cli(nights["root"], "registry", "rollback", "--json", "--by", "alice", "--reason", "CTR dropped")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert (res["champion"], res["previous_champion"], res["by"]) == (old, better, "alice")
+    assert lake.version(cfg.lake.runs_table) == v + 1  # the pointer moved in one commit
+    assert ledger.champion(cfg.model.name).run_id == old
+    back = ledger.get(better)
+    assert back.status == RETIRED and back.status_by == "alice" and "CTR dropped" in back.status_reason
+    ev = [e for e in json.loads(cli(nights["root"], "registry", "show", old, "--json").stdout)["events"]
+          if e["action"] == "rollback"]
+    assert ev and ev[-1]["by"] == "alice" and ev[-1]["reason"] == "CTR dropped"
+    # promote back (default --by = the OS user), then a second rollback walks back, not forth
+    out = cli(nights["root"], "registry", "promote", better, "--json", "--reason", "fixed upstream")
+    assert out.returncode == 0 and json.loads(out.stdout)["by"] == "tester"
+    assert ledger.champion(cfg.model.name).run_id == better
+    out = cli(nights["root"], "registry", "rollback", "--json")
+    assert json.loads(out.stdout)["champion"] == old
+    out = cli(nights["root"], "registry", "rollback", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["champion"] == nights["first"].run_id
