@@ -318,6 +318,58 @@ def _catalog_idx(cfg: "Config", items):
     return np.unique(catalog(items, cfg.features).select("item_idx").toArrow()["item_idx"].to_numpy())
 
 
+def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items,
+                 parent: RunRecord, run_id: str | None = None, first: int = 0, last: int = 0) -> dict[str, Any]:
+    """HR@K/NDCG@K on the new positives, before anything trains on them, for:
+    the model in service (key 'model': the champion / warm-start parent), the
+    newest candidate the gate did not promote since ('candidate'), the first
+    model of the lineage never updated ('stale'), and the most popular items
+    of the last ``eval.popularity_days`` days. Stored per night in
+    ``lake.metrics_table`` (phase 'prequential') when ``run_id`` is given."""
+    from pyspark.sql import functions as F
+
+    from ..evaluation.prequential import evaluate, metric_rows, store_metrics
+
+    k = cfg.eval.k
+    pos = new_examples.where(F.col("label") == 1)
+    if "kind" in new_examples.columns:  # contract 1: retractions are label 0 anyway; events only
+        pos = pos.where(F.col("kind") == "event")
+    pos = pos.select("user_idx", "item_idx", "event_time").toArrow()
+    if pos.num_rows == 0:
+        return {}
+    users = pos["user_idx"].to_numpy()
+    itms = pos["item_idx"].to_numpy()
+    start = min(pos["event_time"].to_pylist())
+    cat = _catalog_idx(cfg, items)
+
+    runs = ledger.runs(cfg.model.name)
+    committed = [r.run_id for r in runs]
+    since = start - dt.timedelta(days=cfg.eval.popularity_days)
+    pop = (lake.read(cfg.lake.examples_table)
+           .where(F.col("run_id").isin(committed) & (F.col("label") == 1)
+                  & (F.col("event_time") >= F.lit(since)) & (F.col("event_time") < F.lit(start)))
+           .groupBy("item_idx").count().orderBy(F.desc("count"), "item_idx").limit(k).toArrow())
+    popular = pop["item_idx"].to_numpy() if pop.num_rows else None
+
+    challenger = max((r for r in runs if r.status == CANDIDATE and r.source_first > parent.source_last),
+                     key=lambda r: r.source_last, default=None)
+    run_ids = {"model": parent.run_id, "stale": runs[0].run_id if runs else parent.run_id}
+    models = {"model": _load_model(parent)}
+    if challenger is not None:
+        try:
+            models["candidate"] = _load_model(challenger)
+            run_ids["candidate"] = challenger.run_id
+        except Exception as e:  # a corrupt candidate is reported, not fatal: it does not serve
+            log.error("prequential: cannot load candidate %s: %s", challenger.run_id, e)
+    models["stale"] = _load_model(runs[0]) if len(runs) > 1 else models["model"]
+    out = evaluate(models, popular, users, itms, cat, k)
+    out["runs"] = run_ids
+    if run_id is not None:
+        store_metrics(lake, cfg.lake.metrics_table, run_id, "prequential",
+                      metric_rows(run_id, cfg.model.name, first, last, "prequential", out, run_ids))
+    return out
+
+
 def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck: dict[str, Any],
           run_id: str, first: int, last: int) -> dict[str, Any]:
     """Score the candidate and the champion on tonight's held-out rows
@@ -402,56 +454,3 @@ def _after_commit(cfg: "Config", lake, record: RunRecord, previous: RunRecord | 
     except Exception as e:
         log.error("run %s committed, but logging it to MLflow failed: %s: %s", record.run_id, type(e).__name__, e)
         return {"error": f"{type(e).__name__}: {e}"}
-
-
-
-def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items,
-                 parent: RunRecord, run_id: str | None = None, first: int = 0, last: int = 0) -> dict[str, Any]:
-    """HR@K/NDCG@K on the new positives, before anything trains on them, for:
-    the model in service (key 'model': the champion / warm-start parent), the
-    newest candidate the gate did not promote since ('candidate'), the first
-    model of the lineage never updated ('stale'), and the most popular items
-    of the last ``eval.popularity_days`` days. Stored per night in
-    ``lake.metrics_table`` (phase 'prequential') when ``run_id`` is given."""
-    from pyspark.sql import functions as F
-
-    from ..evaluation.prequential import evaluate, metric_rows, store_metrics
-
-    k = cfg.eval.k
-    pos = new_examples.where(F.col("label") == 1)
-    if "kind" in new_examples.columns:  # contract 1: retractions are label 0 anyway; events only
-        pos = pos.where(F.col("kind") == "event")
-    pos = pos.select("user_idx", "item_idx", "event_time").toArrow()
-    if pos.num_rows == 0:
-        return {}
-    users = pos["user_idx"].to_numpy()
-    itms = pos["item_idx"].to_numpy()
-    start = min(pos["event_time"].to_pylist())
-    cat = _catalog_idx(cfg, items)
-
-    runs = ledger.runs(cfg.model.name)
-    committed = [r.run_id for r in runs]
-    since = start - dt.timedelta(days=cfg.eval.popularity_days)
-    pop = (lake.read(cfg.lake.examples_table)
-           .where(F.col("run_id").isin(committed) & (F.col("label") == 1)
-                  & (F.col("event_time") >= F.lit(since)) & (F.col("event_time") < F.lit(start)))
-           .groupBy("item_idx").count().orderBy(F.desc("count"), "item_idx").limit(k).toArrow())
-    popular = pop["item_idx"].to_numpy() if pop.num_rows else None
-
-    challenger = max((r for r in runs if r.status == CANDIDATE and r.source_first > parent.source_last),
-                     key=lambda r: r.source_last, default=None)
-    run_ids = {"model": parent.run_id, "stale": runs[0].run_id if runs else parent.run_id}
-    models = {"model": _load_model(parent)}
-    if challenger is not None:
-        try:
-            models["candidate"] = _load_model(challenger)
-            run_ids["candidate"] = challenger.run_id
-        except Exception as e:  # a corrupt candidate is reported, not fatal: it does not serve
-            log.error("prequential: cannot load candidate %s: %s", challenger.run_id, e)
-    models["stale"] = _load_model(runs[0]) if len(runs) > 1 else models["model"]
-    out = evaluate(models, popular, users, itms, cat, k)
-    out["runs"] = run_ids
-    if run_id is not None:
-        store_metrics(lake, cfg.lake.metrics_table, run_id, "prequential",
-                      metric_rows(run_id, cfg.model.name, first, last, "prequential", out, run_ids))
-    return out
