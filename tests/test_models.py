@@ -1,6 +1,7 @@
 """Models on CPU: shapes, loss, a few learning steps; the text tower's modes."""
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -120,20 +121,6 @@ def test_shard_reads_columns_filters_holdout_and_pads_history(tmp_path):
 
 # ---------------------------------------------------------------- text tower
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A random-weight 2-layer BERT and a word-level tokenizer saved like a real model directory."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny_bert")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "red blue white heart candle mug bag set of lights".split()
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(d)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(d)
-    return str(d)
-
-
 def _texts(tmp_path):
     idx = np.arange(I)
     words = ["red heart", "blue mug", "white candle", "bag of lights", "set of mugs"]
@@ -188,3 +175,37 @@ def test_real_packaged_minilm_encodes(tmp_path):
     assert v.shape == (3, 384)
     cos = v @ v.T / np.outer(np.linalg.norm(v, axis=1), np.linalg.norm(v, axis=1))
     assert cos[0, 1] > cos[0, 2]  # two heart holders are closer than a spade: real weights
+
+
+def test_frozen_text_embeddings_with_spark_recompute_only_changed_texts(spark, lake_root, tiny_bert):
+    from conftest import make_config
+    from deltarec.lake import open_lake
+    from deltarec.models.text import encode_texts, load_encoder
+    from deltarec.pipeline.text_embeddings import encoder_version, ensure_text_embeddings, text_params
+
+    cfg = make_config(lake_root, "model.text.enabled=true", f"model.text.model={tiny_bert}",
+                      "model.text.max_length=8", "features.item_buckets=64")
+    lake = open_lake(cfg.lake, spark)
+    night1 = spark.createDataFrame([("A", "red heart"), ("B", "blue mug"), ("C", None)], "item_id string, text string")
+    assert ensure_text_embeddings(spark, cfg, lake, night1)["encoded"] == 3
+    table = lake.read_arrow(cfg.model.text.table)
+    assert table.num_rows == 3 and set(table["encoder_version"].to_pylist()) == {encoder_version(cfg)}
+    # the executors' vectors are the encoder's own
+    tok, enc = load_encoder(tiny_bert)
+    want = encode_texts(tok, enc, ["red heart"], 8)[0]
+    got = np.array(table.filter(pc.equal(table["item_id"], "A"))["embedding"].to_pylist()[0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # night 2: B's text changed, D is new, A and C unchanged: only B and D are encoded
+    night2 = spark.createDataFrame([("A", "red heart"), ("B", "white mug"), ("C", None), ("D", "bag of lights")],
+                                   "item_id string, text string")
+    assert ensure_text_embeddings(spark, cfg, lake, night2)["encoded"] == 2
+    assert lake.read_arrow(cfg.model.text.table).num_rows == 5  # keyed by (item, text hash, encoder version)
+    assert ensure_text_embeddings(spark, cfg, lake, night2)["encoded"] == 0  # a rerun encodes nothing
+    # the model's frozen tower reads the current snapshot by hashed item index
+    from deltarec.features.examples import bucket
+    from pyspark.sql import functions as F
+
+    idx = {r["item_id"]: r["i"] for r in night2.select("item_id", bucket(F.col("item_id"), 64).alias("i")).collect()}
+    m = build_model("ranking", **{**params("ranking", item_buckets=64), "text": text_params(cfg)})
+    torch.testing.assert_close(m.text.frozen_lookup[idx["B"]],
+                               torch.from_numpy(encode_texts(tok, enc, ["white mug"], 8)[0]), rtol=1e-5, atol=1e-6)

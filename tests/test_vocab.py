@@ -128,3 +128,39 @@ def test_sequential_model_with_dynamic_vocabulary_trains(tmp_path):
                                    model="sequential"))
     ck = load_checkpoint(res["checkpoint"]["path"])
     assert ck.model_state["item_emb.weight"].shape[0] == 3 + 9 and res["train_loss"] > 0
+
+
+def test_two_horovod_workers_share_one_vocabulary_and_match_one_worker(spark, tmp_path):
+    """The vocabulary is decided once (rank 0) from all of the run's files, so
+    two workers map ids like one worker and the averaged update is the same."""
+    from deltarec.train.backends import HorovodBackend
+
+    B, STEPS = 16, 4
+    rng = np.random.default_rng(3)
+    n = B * STEPS
+    users = [f"u{i}" for i in rng.integers(0, 30, n)]
+    items = [f"i{i}" for i in rng.integers(0, 12, n)]
+    t = pa.table({"user_id": users, "item_id": items,
+                  "user_idx": pa.array([int(u[1:]) % 97 for u in users], pa.int64()),
+                  "item_idx": pa.array([int(i[1:]) % 89 for i in items], pa.int64()),
+                  "label": pa.array((rng.random(n) < 0.5).astype(np.float32)),
+                  "weight": pa.array(np.ones(n, np.float32))})
+    half, b = n // 2, B // 2  # one worker's batch s = the two workers' step-s rows
+    order = [r * half + s * b + j for s in range(STEPS) for r in range(2) for j in range(b)]
+    pq.write_table(t, tmp_path / "two.parquet")
+    pq.write_table(t.take(pa.array(order)), tmp_path / "one.parquet")
+    kw = dict(optimizer="sgd", lr=0.5, batch_size=B, shuffle=False)
+    one = LocalBackend().run(_spec([str(tmp_path / "one.parquet")], tmp_path / "c1", **kw))
+    two = HorovodBackend(spark, 2).run(_spec([str(tmp_path / "two.parquet")], tmp_path / "c2", **kw))
+    a = load_checkpoint(one["checkpoint"]["path"])
+    c = load_checkpoint(two["checkpoint"]["path"])
+    assert a.extras[VOCAB_FILE] == c.extras[VOCAB_FILE]
+    for k in a.model_state:
+        torch.testing.assert_close(c.model_state[k], a.model_state[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_vocabulary_file_does_not_depend_on_arrival_order():
+    a = Vocabulary("item", min_count=2).update(ids("x", "y", "x", "z", "y"), hashed(5))
+    b = Vocabulary("item", min_count=2).update(ids("y", "z", "y", "x", "x"), pa.array([101, 103, 101, 100, 100]))
+    assert vocabs_to_bytes({"item": a}) == vocabs_to_bytes({"item": b}) and a.ids.to_pylist() == ["x", "y", "z"]
+    assert a.rows.tolist() == b.rows.tolist() and a.counts.tolist() == b.counts.tolist()

@@ -102,6 +102,10 @@ class Vocabulary:
         appended = list(range(self.num_rows, self.num_rows + len(cand) - len(reuse)))
         assigned = np.array(reuse + appended, dtype=np.int64)
         rows[cand] = assigned
+        # stored in id order: the same ids give the same file whatever order they arrived in
+        order = np.asarray(pc.sort_indices(all_ids).to_numpy(), dtype=np.int64)
+        all_ids, rows, hsh, cnt, last = (all_ids.take(pa.array(order)), rows[order], hsh[order], cnt[order],
+                                         last[order])
         return Vocabulary(self.name, self.min_count, self.ttl_nights, self.oov_buckets, all_ids, rows, hsh,
                           cnt, last, night, self.num_rows + len(appended), free, sorted(assigned.tolist()))
 
