@@ -54,3 +54,18 @@ def pytest_sessionfinish(session, exitstatus):
     # pytest's exit code 5 ("no tests ran") must fail CI, never pass it.
     if exitstatus == 5:
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A random-weight 2-layer BERT and a word-level tokenizer saved like a real model directory."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "red blue white heart candle mug bag set of lights".split()
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(d)
+    return str(d)
