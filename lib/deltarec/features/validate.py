@@ -87,7 +87,7 @@ def _malformed(c: "Column", cfg: "ValidationConfig") -> "Column":
     bad = (F.length(c) > cfg.max_id_length) | c.rlike("[\\x00-\\x1f\\x7f]")
     if cfg.id_pattern:
         bad = bad | ~c.rlike(f"^(?:{cfg.id_pattern})$")
-    return c.isNotNull() & F.coalesce(bad, F.lit(False))
+    return ~_blank(c) & F.coalesce(bad, F.lit(False))  # a blank id has its own reason (null_*)
 
 
 def _first_reason(checks: list) -> "Column":
@@ -169,7 +169,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     rows = rows.withColumn("_reason", F.when(
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
         F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
-    rows = rows.localCheckpoint(eager=True)  # used by every branch below: evaluate the checks once
+    rows = rows.cache()  # used by every branch below: evaluate the checks once
 
     ok = rows.where(c("_reason").isNull())
     trained = F.coalesce(c("event_type").isin(*trained_types), F.lit(False))
@@ -184,12 +184,12 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
             .withColumn("_rn", F.row_number().over(
                 Window.partitionBy("event_id", "_v").orderBy(c("source_version").desc(), c("trained").asc())))
             .where(c("_rn") == 1)
-            .select("event_id", "_v", *[c(n).alias("_p_" + n) for n in INDEX if n != "event_id"]))
+            .select(*[c(n).alias("_p_" + n) for n in INDEX], "_v"))
 
     # -- updates: replace the earlier event
-    post = evt.where(c("_change_type") == "update_postimage").join(
-        prev, (evt["event_id"] == prev["event_id"]) & (c("source_version") == c("_v")), "left"
-    ).drop(prev["event_id"])
+    # (joins by column name: both sides derive from `rows`, so Column objects would be ambiguous)
+    on_prev = (c("event_id") == c("_p_event_id")) & (c("source_version") == c("_v"))
+    post = evt.where(c("_change_type") == "update_postimage").join(prev, on_prev, "left")
     # A corrected rating changes the label: it is a change like a new user or item.
     same = ((c("user_id") == c("_p_user_id")) & (c("item_id") == c("_p_item_id"))
             & (c("event_type") == c("_p_event_type")) & c("rating").eqNullSafe(c("_p_rating")))
@@ -200,8 +200,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         c("_p_event_type").alias("event_type"), c("event_time"), "source_version", F.lit("update").alias("cause"))
 
     # -- deletes: retract the event when it was consumed
-    dele = ok.where(is_delete).join(prev, (ok["event_id"] == prev["event_id"]) & (c("source_version") == c("_v")),
-                                    "left").drop(prev["event_id"])
+    dele = ok.where(is_delete).join(prev, on_prev, "left")
     del_ok = dele.where(c("_p_source_version").isNotNull())
     del_retract = del_ok.where(c("_p_trained")).select(
         "event_id", c("_p_user_id").alias("user_id"), c("_p_item_id").alias("item_id"),
@@ -228,7 +227,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
                           c("p.event_id").alias("event_id"), "user_id", "item_id",
                           c("p.event_time").alias("_purchase_time"), c("x.event_time").alias("event_time"))
     canc = canc.join(matches.select("_cancel_id", "_cv"),
-                     (canc["event_id"] == c("_cancel_id")) & (canc["source_version"] == c("_cv")), "left")
+                     (c("event_id") == c("_cancel_id")) & (c("source_version") == c("_cv")), "left")
     canc_ok = canc.where(c("_cancel_id").isNotNull()).drop("_cancel_id", "_cv")
     canc_bad = canc.where(c("_cancel_id").isNull()).drop("_cancel_id", "_cv")
     canc_retract = matches.select("event_id", "user_id", "item_id", F.lit("purchase").alias("event_type"),

@@ -124,13 +124,13 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     from pyspark.sql import functions as F
 
     L, FC = cfg.lake, cfg.features
-    changes = read_source_changes(spark, cfg, lake, first, last).localCheckpoint(eager=True)
+    changes = read_source_changes(spark, cfg, lake, first, last).cache()
     prior_ids, prior = _prior_index(lake, changes, first)
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(FC), prior_ids=prior_ids, prior=prior)
-    accepted = v.accepted.localCheckpoint(eager=True)
-    quarantined = v.quarantined.localCheckpoint(eager=True)
-    events = v.events.localCheckpoint(eager=True)
-    retractions = v.retractions.localCheckpoint(eager=True)
+    accepted = v.accepted.cache()
+    quarantined = v.quarantined.cache()
+    events = v.events.cache()
+    retractions = v.retractions.cache()
 
     reasons = {r["reason"]: int(r["count"]) for r in quarantined.groupBy("reason").count().collect()}
     outcomes = {r["outcome"]: int(r["count"]) for r in accepted.groupBy("outcome").count().collect()}
@@ -146,14 +146,14 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     base_users = lake.scan(USER_STATE_TABLE, version=base_version(lake, USER_STATE_TABLE, first))
     base_items = lake.scan(ITEM_STATS_TABLE, version=base_version(lake, ITEM_STATS_TABLE, first))
     touched_users = events.select("user_id").unionByName(retractions.select("user_id")).distinct()
-    base_users = base_users.join(F.broadcast(touched_users), "user_id", "left_semi").localCheckpoint(eager=True)
-    base_items = base_items.localCheckpoint(eager=True)  # catalogue-sized: popularity negatives need all of it
+    base_users = base_users.join(F.broadcast(touched_users), "user_id", "left_semi").cache()
+    base_items = base_items.cache()  # catalogue-sized: popularity negatives need all of it
 
     items = lake.read(L.items_table).cache() if lake.exists(L.items_table) else None
-    new_users = next_user_state(base_users, events, retractions, FC).localCheckpoint(eager=True)
+    new_users = next_user_state(base_users, events, retractions, FC).cache()
     new_items = next_item_stats(base_items, events, retractions, FC,
                                 items.select("item_id", "text") if items is not None else None
-                                ).localCheckpoint(eager=True)
+                                ).cache()
     stats_after = base_items.join(new_items.select("item_id"), "item_id", "left_anti").unionByName(new_items)
     if items is None:  # no catalogue table: negatives come from every item seen so far
         items = stats_after.select("item_id")
@@ -168,9 +168,10 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     lake.create(EVENT_INDEX_TABLE, schemas.EVENT_INDEX)
     lake.write(EVENT_INDEX_TABLE, v.index, mode="overwrite", replace_where=f"source_version >= {first}",
                schema=schemas.EVENT_INDEX)
-    if not new_users.isEmpty():
+    n_users, n_items = new_users.count(), new_items.count()
+    if n_users:
         lake.merge(USER_STATE_TABLE, new_users, ["user_id"], update=True, commit_metadata=meta)
-    if not new_items.isEmpty():
+    if n_items:
         lake.merge(ITEM_STATS_TABLE, new_items, ["item_id"], update=True, commit_metadata=meta)
     lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
     lake.write(L.examples_table, examples, mode="overwrite", replace_where=f"run_id = '{run_id}'",
@@ -180,6 +181,6 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     kinds = {r["kind"]: int(r["count"]) for r in new_examples.groupBy("kind").count().collect()}
     causes = {r["cause"]: int(r["count"]) for r in retractions.groupBy("cause").count().collect()}
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes,
-             "users_updated": new_users.count(), "items_updated": new_items.count()}
+             "users_updated": n_users, "items_updated": n_items}
     return PreparedNight(run_id, first, last, consumed, n_accepted, n_quarantined, reasons,
                          sum(kinds.values()), new_examples, items, stats)

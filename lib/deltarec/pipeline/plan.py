@@ -26,7 +26,9 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
     - ``next_range``: ``(first, last)`` versions the next run would consume, or
       None when there is nothing new;
     - ``change_types``: change-feed rows per ``_change_type`` in that range
-      (``rows``: their total).
+      (``rows``: their total);
+    - ``cancellations``: inserted / updated rows that are cancellations (they
+      become retractions of earlier purchases, not events).
     """
     from pyspark.sql import functions as F
 
@@ -38,10 +40,19 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
     latest = lake.version(L.events_table)
     next_range = (watermark + 1, latest) if latest is not None and latest > watermark else None
     change_types: dict[str, int] = {}
+    cancellations = 0
     if next_range is not None:
-        counts = (lake.read_changes(L.events_table, *next_range)
-                  .groupBy("_change_type").agg(F.count(F.lit(1)).alias("n")).collect())
+        from ..features.changes import map_source
+        from ..features.validate import CANCEL
+
+        changes = lake.read_changes(L.events_table, *next_range)
+        if cfg.source.columns is not None:  # your own table: cancellations are known after the mapping
+            changes = map_source(changes, cfg.source.columns)
+        is_cancel = F.col("_change_type").isin("insert", "update_postimage") & (F.col("event_type") == CANCEL)
+        counts = (changes.groupBy("_change_type")
+                  .agg(F.count(F.lit(1)).alias("n"), F.sum(is_cancel.cast("long")).alias("c")).collect())
         change_types = {r["_change_type"]: int(r["n"]) for r in sorted(counts, key=lambda r: r["_change_type"])}
+        cancellations = sum(int(r["c"] or 0) for r in counts)
     if latest is None:
         note = (f"no source table {lake.uri(L.events_table)}: "
                 + ("the next run loads the demo data (demo.enabled=true)" if cfg.demo.enabled
@@ -63,6 +74,7 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
         "next_range": next_range,
         "change_types": change_types,
         "rows": sum(change_types.values()),
+        "cancellations": cancellations,
         "note": note,
     }
 
@@ -74,6 +86,7 @@ def describe_plan(p: dict[str, Any]) -> str:
     if p["next_range"] is not None:
         first, last = p["next_range"]
         kinds = ", ".join(f"{k}={v}" for k, v in p["change_types"].items()) or "no change-feed rows"
-        lines.append(f"next run: versions {first}..{last}, {p['rows']} change-feed rows ({kinds})")
+        lines.append(f"next run: versions {first}..{last}, {p['rows']} change-feed rows ({kinds}; "
+                     f"{p.get('cancellations', 0)} cancellations)")
     lines.append(p["note"])
     return "\n".join(lines)

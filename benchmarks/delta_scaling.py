@@ -1,0 +1,144 @@
+"""Does a night's Spark work follow the night, not the history?
+
+For each history size (1x, 4x, 16x the night by default) this builds a fresh
+lake: synthetic history events (one Delta commit per night-sized chunk),
+consumed by one ``prepare_night`` (the first run: event index, user_state,
+item_stats, training examples), then appends a fixed night — inserts with ~1%
+cancellations, plus a commit of deletes and one of updates of history events
+— and times the incremental ``prepare_night`` over the night's versions. Users
+and items are the same for every size (the history grows, the audience does
+not). Prints a table and, as the last line, ``ratio_16x_1x=<float>``.
+
+    .venv/bin/python benchmarks/delta_scaling.py            # night of 50k events
+    .venv/bin/python benchmarks/delta_scaling.py --quick    # night of 5k events
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+
+
+def events(n: int, start: int, users: int, items: int, t0: dt.datetime, seconds: float, rng, cancel: float = 0.0):
+    from deltarec.lake import schemas
+
+    u = rng.zipf(1.3, n) % users
+    i = rng.zipf(1.2, n) % items
+    t = np.sort(rng.uniform(0, seconds, n))
+    etype = np.where(rng.random(n) < cancel, "cancel", "purchase")
+    qty = np.where(etype == "cancel", -1, rng.integers(1, 5, n))
+    return pa.table({
+        "event_id": pa.array([f"e{k}" for k in range(start, start + n)], pa.string()),
+        "user_id": pa.array(np.char.add("u", u.astype(str)).astype(object), pa.string()),
+        "item_id": pa.array(np.char.add("i", i.astype(str)).astype(object), pa.string()),
+        "event_time": pa.array([t0 + dt.timedelta(seconds=float(s)) for s in t], schemas.TS),
+        "event_type": pa.array(etype.astype(object), pa.string()),
+        "order_id": pa.array([f"o{k // 4}" for k in range(start, start + n)], pa.string()),
+        "quantity": pa.array(qty, pa.int64()),
+        "price": pa.array(rng.uniform(0.5, 20, n).round(2), pa.float64()),
+        "rating": pa.nulls(n, pa.float64()),
+    }, schema=schemas.BEHAVIOR_EVENTS)
+
+
+def measure(spark, base_cfg_args, night: int, multiple: int, users: int, items: int, repeat: int, workdir: Path):
+    from deltalake import DeltaTable
+
+    from deltarec.config import load_config
+    from deltarec.lake import open_lake, schemas
+    from deltarec.pipeline import delta_job as J
+
+    root = workdir / f"lake_{multiple}x"
+    shutil.rmtree(root, ignore_errors=True)
+    cfg = load_config(ROOT / "conf" / "local.yaml", base_cfg_args + [f"lake.root={root}"], environ={})
+    hist_cfg = load_config(ROOT / "conf" / "local.yaml", base_cfg_args + [f"lake.root={root}", "features.negatives=0"],
+                           environ={})
+    lake = open_lake(cfg.lake, spark)
+    rng = np.random.default_rng(multiple)
+    now = dt.datetime.now(dt.timezone.utc)
+    day = 86400.0
+    n_hist = night * multiple
+    for k in range(multiple):  # one commit per night-sized chunk of history
+        t0 = now - dt.timedelta(days=multiple + 1 - k)
+        lake.write(cfg.lake.events_table, events(night, k * night, users, items, t0, day, rng, 0.005),
+                   enable_cdf=True, schema=schemas.BEHAVIOR_EVENTS)
+    t = time.perf_counter()
+    J.prepare_night(spark, hist_cfg, lake, 0, multiple - 1, "history")
+    build_s = time.perf_counter() - t
+    # the night: inserts (1% cancellations), then deletes and updates of history events
+    first = lake.write(cfg.lake.events_table, events(night, n_hist, users, items, now - dt.timedelta(days=1),
+                                                     day - 3600, rng, 0.01), enable_cdf=True,
+                       schema=schemas.BEHAVIOR_EVENTS)
+    dtab = DeltaTable(lake.uri(cfg.lake.events_table))
+    touch = max(1, night // 500)
+    gone = rng.choice(n_hist, touch, replace=False)
+    dtab.delete("event_id IN (" + ", ".join(f"'e{g}'" for g in gone) + ")")
+    fixed = rng.choice(np.setdiff1d(np.arange(n_hist), gone), touch, replace=False)
+    dtab.update(predicate="event_id IN (" + ", ".join(f"'e{g}'" for g in fixed) + ")", updates={"quantity": "7"})
+    last = lake.version(cfg.lake.events_table)
+    times = []
+    for _ in range(repeat):  # a rerun of the same range is idempotent: a fair second measurement
+        t = time.perf_counter()
+        res = J.prepare_night(spark, cfg, lake, first, last, "night")
+        times.append(time.perf_counter() - t)
+    index_rows = lake.scan(J.EVENT_INDEX_TABLE, ["event_id"]).count()
+    return {"multiple": multiple, "history_events": n_hist, "index_rows": index_rows, "night_rows": res.consumed,
+            "examples": res.examples, "quarantined": res.quarantined, "history_build_s": round(build_s, 1),
+            "night_s": round(min(times), 2), "night_s_all": [round(x, 2) for x in times]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--night", type=int, default=50_000, help="events in the timed night")
+    ap.add_argument("--multiples", default="1,4,16", help="history sizes, in nights (must include 1 and 16)")
+    ap.add_argument("--quick", action="store_true", help="a 5k-event night")
+    ap.add_argument("--repeat", type=int, default=1, help="time each night this many times; report the fastest")
+    ap.add_argument("--workdir", default=None, help="where the lakes go (default: a temp dir, removed after)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    night = 5_000 if args.quick else args.night
+    multiples = [int(m) for m in args.multiples.split(",")]
+    users, items = max(1000, night // 5), max(500, night // 20)
+
+    from deltarec.config import load_config
+    from deltarec.spark import build_spark
+
+    base = ["lake.engine=delta-rs", "demo.enabled=false", "validation.max_quarantine_fraction=1.0",
+            "features.negatives=4"]
+    spark = build_spark(load_config(ROOT / "conf" / "local.yaml", base, environ={}))
+    spark.sparkContext.setLogLevel("ERROR")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="delta_scaling_"))
+    rows = []
+    try:
+        for m in multiples:
+            rows.append(measure(spark, base, night, m, users, items, args.repeat, workdir))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nnight of {night} events, {users} users, {items} items; spark {spark.conf.get('spark.master')}")
+    print("| history | history events | index rows | night rows | examples | night s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['multiple']}x | {r['history_events']} | {r['index_rows']} | {r['night_rows']} | "
+              f"{r['examples']} | {r['night_s']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    by = {r["multiple"]: r["night_s"] for r in rows}
+    ratio = by[16] / by[1] if 1 in by and 16 in by else float("nan")
+    print(f"ratio_16x_1x={ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
