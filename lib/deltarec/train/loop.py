@@ -11,6 +11,13 @@ gives the gradient of the mean loss over the global batch: N workers on a
 global batch B update exactly like one worker on B. A rank whose shard runs
 out early keeps stepping on empty batches, so uneven shards never hang a
 collective.
+
+Batches are dicts of tensors (data/shards.py), so every registered model
+shares this loop. Dynamic vocabularies are updated once, on rank 0, and sent
+to every rank before the model is built. Forgetting controls against the
+parent: distillation is a per-example term (so it averages like the loss);
+the proximal and EWC penalties are added once per optimizer step on every
+rank (the average of identical gradients is the penalty's own gradient).
 """
 from __future__ import annotations
 
