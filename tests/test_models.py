@@ -209,3 +209,16 @@ def test_frozen_text_embeddings_with_spark_recompute_only_changed_texts(spark, l
     m = build_model("ranking", **{**params("ranking", item_buckets=64), "text": text_params(cfg)})
     torch.testing.assert_close(m.text.frozen_lookup[idx["B"]],
                                torch.from_numpy(encode_texts(tok, enc, ["white mug"], 8)[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_first_histories_give_each_user_the_history_before_their_first_row():
+    import datetime as dt
+
+    from deltarec.data.shards import first_histories
+
+    ts = [dt.datetime(2011, 1, d) for d in (3, 1, 2, 5)]
+    t = pa.table({"user_idx": pa.array([7, 7, 2, 2], pa.int64()), "event_time": ts,
+                  "history_idx": pa.array([[1, 2, 3], [1, 2], [], [9]], pa.list_(pa.int64()))})
+    users, hist = first_histories(t, 3)
+    assert users.tolist() == [2, 7]
+    assert hist.tolist() == [[-1, -1, -1], [-1, 1, 2]]  # user 7's earliest row is Jan 1

@@ -196,3 +196,17 @@ def model_batch(table: pa.Table, model) -> dict[str, torch.Tensor]:
     if length and "history_idx" in table.column_names:
         b["history_idx"] = torch.from_numpy(pad_lists(table["history_idx"], length))
     return b
+
+
+def first_histories(table: pa.Table, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each user of ``table`` (user_idx, event_time, history_idx): the
+    history before the user's earliest row, i.e. what the user had done before
+    the scored period. Returns (sorted distinct users, (U, length) padded
+    histories) — the ``history_idx`` a prequential ``score_all`` needs."""
+    if table.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros((0, length), np.int64)
+    order = pc.sort_indices(table, sort_keys=[("user_idx", "ascending"), ("event_time", "ascending")])
+    t = table.select(["user_idx", "history_idx"]).take(order)
+    users = np.asarray(t["user_idx"].to_numpy(), dtype=np.int64)
+    uniq, first = np.unique(users, return_index=True)
+    return uniq, pad_lists(t["history_idx"].take(pa.array(first)), length)
