@@ -1,0 +1,587 @@
+"""Nightly quality and cost: deltarec incremental vs full retrain vs the
+alternatives, side by side on the Online Retail data, one night at a time.
+
+    .venv/bin/python benchmarks/nightly_quality.py            # N=14 nights (about an hour on 2 cores)
+    .venv/bin/python benchmarks/nightly_quality.py --quick    # 3 nights on 60 days of history
+    .venv/bin/python benchmarks/nightly_quality.py --nights 7 --set train.backend=local
+
+The data goes through the normal loader (``pipeline.demo.demo_days`` /
+``append_day``) into one lake: the history up to a cut-off as one Delta commit,
+then one commit per replayed day. Night i appends day D_i, then every strategy
+updates on it, and every strategy is scored on day D_i+1, which none has seen:
+
+- incremental   ``run_nightly`` with ``train.strategy=incremental`` (warm start,
+                tonight's examples), in its own ledger / example tables;
+- full_retrain  ``run_nightly`` with ``train.strategy=full`` every night, in its own tables;
+- stale         the first model (trained on the history), never updated;
+- popularity    the most bought items of the last ``eval.popularity_days`` days;
+- personal      each customer's own most bought items, topped up with the popular ones;
+- als           Spark MLlib ALS (implicitPrefs=True) refitted on all history every night.
+
+Scoring is identical for all: the same users (every customer with a purchase on
+D_i+1), the same catalogue (items first seen before D_i+1), HR@k / NDCG@k of
+each strategy's top k over the whole catalogue, and AUC of the day's purchases
+against the same sampled negatives. Cost per strategy and night: wall seconds,
+examples processed and peak resident memory of the training processes.
+
+Writes ``nightly_quality.{json,md,png}`` to ``--out`` (default
+benchmarks/results). The last line printed is the goal check.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+from deltarec.config import load_config  # noqa: E402
+from deltarec.evaluation.baselines import ImplicitALS, item_counts, personal_scores  # noqa: E402
+from deltarec.evaluation.metrics import auc, gauc, ranking_metrics, topk_from_scores  # noqa: E402
+
+STRATEGIES = ("incremental", "full_retrain", "stale", "popularity", "personal", "als")
+LABELS = {"incremental": "deltarec incremental", "full_retrain": "deltarec full retrain",
+          "stale": "first model, never updated", "popularity": "most popular (7 days)",
+          "personal": "own history + popular", "als": "Spark ALS (implicit)"}
+COLOURS = {"incremental": "tab:blue", "full_retrain": "tab:purple", "stale": "tab:orange",
+           "popularity": "tab:green", "personal": "tab:red", "als": "tab:brown"}
+# Lake entries every lineage keeps to itself; the behaviour and items tables are shared.
+SHARED_TABLES = ("root", "engine", "events_table", "items_table")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ memory
+def reset_peak(pid: int | str = "self") -> None:
+    """Reset a process's peak RSS (Linux ``clear_refs``), so the next reading is this step's."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb(pid: int | str = "self") -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------ data
+def strategy_config(cfg, name: str, strategy: str):
+    """``cfg`` with its own tables / checkpoint area (prefixed ``name_``) and strategy."""
+    lake = dataclasses.replace(cfg.lake, **{f.name: f"{name}_{getattr(cfg.lake, f.name)}"
+                                            for f in dataclasses.fields(cfg.lake)
+                                            if f.name not in SHARED_TABLES and isinstance(getattr(cfg.lake, f.name), str)})
+    return dataclasses.replace(cfg, lake=lake, train=dataclasses.replace(cfg.train, strategy=strategy))
+
+
+def positive_types(cfg) -> list[str]:
+    return list(getattr(cfg.features, "positive_event_types", None) or ("purchase", "click", "rating"))
+
+
+def accepted_positives(cfg, events_df):
+    """Events the pipeline would accept and label positive, with hashed ids:
+    the same ``validate`` rules on the rows seen as one batch of inserts."""
+    from pyspark.sql import functions as F
+
+    from deltarec.features.examples import with_indices
+    from deltarec.features.validate import validate
+
+    changes = (events_df.withColumn("_change_type", F.lit("insert"))
+               .withColumn("_commit_version", F.lit(0).cast("long"))
+               .withColumn("_commit_timestamp", F.current_timestamp()))
+    ok = validate(changes, cfg.validation, "benchmark").accepted
+    ok = ok.where(F.col("event_type").isin(*positive_types(cfg)))
+    return with_indices(ok, cfg.features)
+
+
+def day_bounds(day: dt.date) -> dt.datetime:
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
+
+
+class Interactions:
+    """Every accepted purchase of the benchmark's days, in numpy, time ordered."""
+
+    def __init__(self, spark, cfg, days: list[tuple[dt.date, pa.Table]]):
+        table = pa.concat_tables([t for _, t in days])
+        pos = accepted_positives(cfg, spark.createDataFrame(table)).select(
+            "user_id", "item_id", "event_time", "user_idx", "item_idx").toArrow()
+        pos = pos.sort_by([("event_time", "ascending"), ("user_id", "ascending"), ("item_id", "ascending")])
+        self.user = pos["user_id"].to_numpy(zero_copy_only=False).astype(object)
+        self.item = pos["item_id"].to_numpy(zero_copy_only=False).astype(object)
+        self.user_idx = pos["user_idx"].to_numpy()
+        self.item_idx = pos["item_idx"].to_numpy()
+        t = pc.cast(pc.cast(pos["event_time"], pa.timestamp("us", "UTC")), pa.int64()).to_numpy()
+        self.time_us = t
+        self.user_hash = dict(zip(self.user.tolist(), self.user_idx.tolist()))
+
+    def before(self, when: dt.datetime, since: dt.datetime | None = None) -> np.ndarray:
+        """Row mask of events in [since, when)."""
+        hi = int(when.timestamp() * 1e6)
+        m = self.time_us < hi
+        if since is not None:
+            m &= self.time_us >= int(since.timestamp() * 1e6)
+        return m
+
+
+# ------------------------------------------------------------------ deltarec models
+def serving_run(cfg, lake):
+    """The run whose checkpoint serves now: the registry's champion when the
+    ledger has one, else the newest committed run."""
+    from deltarec.lake.ledger import Ledger
+
+    ledger = Ledger(lake, cfg.lake.runs_table)
+    champ = getattr(ledger, "champion", None)
+    run = champ(cfg.model.name) if champ else None
+    return run or ledger.latest(cfg.model.name)
+
+
+def ledger_runs(cfg, lake):
+    from deltarec.lake.ledger import Ledger
+
+    return Ledger(lake, cfg.lake.runs_table).runs(cfg.model.name)
+
+
+_MODELS: dict[str, Any] = {}
+
+
+def load_model(run):
+    """The torch model of a committed run (cached by run id)."""
+    if run.run_id + run.checkpoint_path in _MODELS:
+        return _MODELS[run.run_id + run.checkpoint_path]
+    from deltarec.models import build_model
+    from deltarec.train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
+    m = build_model(ck.meta["model"], **ck.meta["model_params"])
+    m.load_state_dict(ck.model_state)
+    m.eval()
+    _MODELS[run.run_id + run.checkpoint_path] = m
+    return m
+
+
+def model_scores(model, users: np.ndarray, cat_idx: np.ndarray, data: Interactions, mask: np.ndarray,
+                 history_length: int) -> np.ndarray:
+    """(users × catalogue) scores of a deltarec model from the users' hashed ids
+    (and, for a model that asks for it, their last items before the day)."""
+    import torch
+
+    u = torch.tensor([data.user_hash[x] for x in users], dtype=torch.long)
+    items = torch.from_numpy(cat_idx.astype(np.int64))
+    hist = None
+    if "history_idx" in getattr(model, "inputs", ()):
+        L = max(1, history_length)
+        h = np.full((len(users), L), -1, dtype=np.int64)
+        pos = {x: r for r, x in enumerate(users)}
+        rows = np.flatnonzero(mask)
+        for r in rows[::-1]:  # newest first: fill each user's row from the right
+            p = pos.get(data.user[r])
+            if p is None:
+                continue
+            free = np.flatnonzero(h[p] < 0)
+            if len(free):
+                h[p, free[-1]] = data.item_idx[r]
+        hist = torch.from_numpy(h)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(users), 256):
+            kw = {"history_idx": hist[s:s + 256]} if hist is not None else {}
+            out.append(model.score_all(u[s:s + 256], items, **kw).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(cat_idx)))
+
+
+# ------------------------------------------------------------------ evaluation
+@dataclasses.dataclass
+class Day:
+    """What every strategy is scored on: the day's users, their purchases, negatives."""
+
+    users: np.ndarray  # customer ids, sorted
+    catalog: np.ndarray  # item ids first seen before the day, sorted
+    relevant: tuple[np.ndarray, np.ndarray]  # CSR over catalogue positions (outside: >= len(catalog))
+    pairs: tuple[np.ndarray, np.ndarray]  # (user row, catalogue column) of in-catalogue purchases
+    negatives: tuple[np.ndarray, np.ndarray]  # (user row, column) sampled negatives
+    positives: int  # purchase lines of the day
+    out_of_catalogue: int  # distinct (user, item) pairs with an item new that day
+
+
+def make_day(data: Interactions, mask: np.ndarray, catalog: np.ndarray, n_neg: int, seed: int) -> Day:
+    import pandas as pd
+
+    users_all, items_all = data.user[mask], data.item[mask]
+    pairs = pd.DataFrame({"u": users_all, "i": items_all}).drop_duplicates().sort_values(["u", "i"])
+    users = np.array(sorted(pairs["u"].unique()), dtype=object)
+    row = pd.Index(users).get_indexer(pairs["u"].to_numpy())
+    col = pd.Index(catalog).get_indexer(pairs["i"].to_numpy())
+    outside = col < 0
+    # Items new that day cannot be ranked by anyone: they stay relevant (a miss for all).
+    col_rel = col.copy()
+    col_rel[outside] = len(catalog) + np.arange(outside.sum())
+    indptr = np.r_[0, np.cumsum(np.bincount(row, minlength=len(users)))]
+    inside = ~outside
+    rng = np.random.default_rng(seed)
+    # n_neg negatives per in-catalogue purchase, uniform over the catalogue, never one the user bought that day.
+    bought = set(zip(row.tolist(), col.tolist()))
+    nr = np.repeat(row[inside], n_neg)
+    nc = rng.integers(0, len(catalog), size=len(nr))
+    keep = np.fromiter(((a, b) not in bought for a, b in zip(nr.tolist(), nc.tolist())), bool, len(nr))
+    return Day(users, catalog, (indptr, col_rel), (row[inside], col[inside]), (nr[keep], nc[keep]),
+               int(mask.sum()), int(outside.sum()))
+
+
+def score_day(S: np.ndarray, day: Day, k: int) -> dict[str, float]:
+    top = topk_from_scores(S, k)
+    m = ranking_metrics(top, day.relevant, k)
+    pr, pcol = day.pairs
+    nr, ncol = day.negatives
+    y = np.r_[np.ones(len(pr)), np.zeros(len(nr))]
+    s = np.r_[S[pr, pcol], S[nr, ncol]]
+    s = np.where(np.isneginf(s), np.finfo(np.float64).min, s)
+    users = np.r_[pr, nr]
+    return {"ndcg10": m["ndcg"], "hr10": m["hr"], "recall10": m["recall"], "mrr10": m["mrr"],
+            "auc": auc(y, s), "gauc": gauc(users, y, s)}
+
+
+# ------------------------------------------------------------------ the benchmark
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nights", type=int, default=None, help="nights replayed (default 14; --quick 3)")
+    ap.add_argument("--history-days", type=int, default=None,
+                    help="days in the first load (default: every day before the nights; --quick 60)")
+    ap.add_argument("--quick", action="store_true", help="3 nights on 60 days of history (a smoke run)")
+    ap.add_argument("--conf", default=str(ROOT / "conf" / "local.yaml"), help="config file (default conf/local.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, repeatable (e.g. train.backend=local)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where results go")
+    ap.add_argument("--lake", default=None, help="lake directory to keep (default: a fresh temporary one, removed after)")
+    ap.add_argument("--auc-negatives", type=int, default=100, help="sampled negatives per purchase for AUC")
+    ap.add_argument("--als-rank", type=int, default=32)
+    ap.add_argument("--als-iter", type=int, default=10)
+    ap.add_argument("--als-reg", type=float, default=0.1)
+    ap.add_argument("--als-alpha", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=7)
+    args = ap.parse_args(argv)
+    args.nights = args.nights or (3 if args.quick else 14)
+    if args.history_days is None:
+        args.history_days = 60 if args.quick else 0
+    if args.nights < 1:
+        ap.error(f"--nights must be >= 1, got {args.nights}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_all = time.perf_counter()
+    lake_dir = Path(args.lake) if args.lake else Path(tempfile.mkdtemp(prefix="deltarec-nightly-quality-"))
+    if args.lake and lake_dir.exists() and any(lake_dir.iterdir()):
+        raise SystemExit(f"--lake {lake_dir} is not empty: give a new directory (the benchmark starts from nothing)")
+    try:
+        return benchmark(args, lake_dir, t_all)
+    finally:
+        if not args.lake:
+            shutil.rmtree(lake_dir, ignore_errors=True)
+
+
+def benchmark(args, lake_dir: Path, t_all: float) -> int:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_path = ROOT.parent / "shared" / "data" / "online_retail" / "online_retail.parquet"
+    # One local training process with one torch thread by default: on 2 cores it trains ~4x faster than two
+    # Horovod workers (benchmarks/train_throughput.py) and does not spin against Spark; --set overrides it.
+    cfg = load_config(args.conf, [f"demo.data_path={data_path}", "train.backend=local", "train.num_proc=1",
+                                  *args.overrides,
+                                  f"lake.root={lake_dir}", "demo.max_days=0", "train.progress=false"], environ={})
+    k = cfg.eval.k
+    if k != 10:
+        log(f"eval.k={k}: the *10 names in the results mean @{k}")
+
+    from deltarec.lake import open_lake
+    from deltarec.pipeline.demo import append_day, demo_days
+    from deltarec.pipeline.nightly import run_nightly
+    from deltarec.spark import build_spark
+
+    # no console progress bars: the log stays readable when run in the background
+    import torch
+
+    torch.set_num_threads(1)  # as each training worker does; more threads only fight Spark for 2 cores
+    spark = build_spark(dataclasses.replace(cfg, spark=dataclasses.replace(
+        cfg.spark, conf={"spark.ui.showConsoleProgress": "false", **cfg.spark.conf})))
+    spark.sparkContext.setLogLevel("ERROR")
+    jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
+
+    days, items, what = demo_days(cfg)
+    n_hist = args.history_days or len(days) - args.nights - 1
+    start = len(days) - args.nights - 1 - n_hist if args.history_days else 0
+    if n_hist < 1 or start < 0:
+        raise SystemExit(f"{what} has {len(days)} days: not enough for {args.nights} nights + 1 scoring day "
+                         f"after {args.history_days} days of history")
+    days = days[start:]
+    hist, nights, score_days = days[:n_hist], days[n_hist:n_hist + args.nights], days[n_hist + 1:n_hist + args.nights + 1]
+    log(f"{what}: history {hist[0][0]}..{hist[-1][0]} ({n_hist} days), nights {nights[0][0]}..{nights[-1][0]}, "
+        f"scored on {score_days[0][0]}..{score_days[-1][0]}; lake {lake_dir}")
+
+    data = Interactions(spark, cfg, days)
+    item_first = dict(zip(items["item_id"].to_pylist(), items["first_seen"].to_pylist()))
+    from pyspark.sql import functions as F
+
+    from deltarec.features.examples import bucket
+
+    cat_hash = {r["item_id"]: r["h"] for r in spark.createDataFrame(items.select(["item_id"])).select(
+        "item_id", bucket(F.col("item_id"), cfg.features.item_buckets).alias("h")).collect()}
+
+    cfgs = {"incremental": strategy_config(cfg, "incremental", "incremental"),
+            "full_retrain": strategy_config(cfg, "full_retrain", "full")}
+    lakes = {name: open_lake(c.lake, spark) for name, c in cfgs.items()}
+    lake = lakes["incremental"]
+
+    # ---- the history: one Delta commit through the normal loader, then each lineage's first (full) training
+    t = time.perf_counter()
+    append_day(lake, cfg, pa.concat_tables([ev for _, ev in hist]), items)
+    load_seconds = time.perf_counter() - t
+    first: dict[str, Any] = {"load_seconds": round(load_seconds, 1)}
+    for name, c in cfgs.items():
+        rec = run_pipeline(run_nightly, spark, c, lakes[name], jvm_pid)
+        first[name] = rec
+        log(f"first training ({name}): {rec['seconds']:.0f}s, {rec['examples']} examples")
+    stale_run = ledger_runs(cfgs["incremental"], lakes["incremental"])[0]
+    als = ImplicitALS(spark, rank=args.als_rank, max_iter=args.als_iter, reg_param=args.als_reg,
+                      alpha=args.als_alpha, seed=args.seed)
+    rec = fit_als(als, spark, cfg, lake, jvm_pid)
+    first["als"] = rec
+
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
+    meta = {
+        "data": what, "history": [str(hist[0][0]), str(hist[-1][0])], "history_days": n_hist,
+        "nights": args.nights, "k": k, "auc_negatives_per_purchase": args.auc_negatives,
+        "catalogue": "items first seen before the scored day",
+        "users": "every customer with an accepted purchase on the scored day",
+        "backend": f"{cfg.train.backend} x{cfg.train.num_proc}", "model": cfg.model.name,
+        "epochs": {"incremental": cfg.train.epochs, "full": cfg.train.full_epochs},
+        "als": als.params, "popularity_days": cfg.eval.popularity_days,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "note": "2-core machine shared with 3 other developers' test runs: timings are pessimistic"},
+        "overrides": args.overrides, "first_training": first,
+    }
+    for i, ((night_day, events), (score_day_date, _)) in enumerate(zip(nights, score_days), start=1):
+        append_day(lake, cfg, events, items)  # upstream's commit of the day: no strategy's cost
+        cost: dict[str, dict[str, Any]] = {}
+        for name, c in cfgs.items():
+            cost[name] = run_pipeline(run_nightly, spark, c, lakes[name], jvm_pid)
+            log(f"night {i} {name}: {cost[name]['seconds']:.0f}s ({cost[name]['train_seconds']:.0f}s training "
+                f"{cost[name]['examples']} examples)")
+        cost["als"] = fit_als(als, spark, cfg, lake, jvm_pid)
+        log(f"night {i} als: {cost['als']['seconds']:.0f}s")
+
+        # ---- score everyone on the next day, which nobody has trained on
+        when = day_bounds(score_day_date)
+        seen = data.before(when)
+        day_mask = data.before(when + dt.timedelta(days=1), since=when)
+        catalog = np.array(sorted(i for i, f in item_first.items() if f is not None and f < when), dtype=object)
+        day = make_day(data, day_mask, catalog, args.auc_negatives, args.seed * 1000 + i)
+        cat_idx = np.array([cat_hash[x] for x in catalog], dtype=np.int64)
+        H = getattr(cfg.features, "history_length", 20)
+
+        scores: dict[str, np.ndarray] = {}
+        cost["stale"] = {"seconds": 0.0, "examples": 0, "peak_rss_mb": None}
+        for name, served in (("incremental", serving_run(cfgs["incremental"], lakes["incremental"])),
+                             ("full_retrain", serving_run(cfgs["full_retrain"], lakes["full_retrain"])),
+                             ("stale", stale_run)):
+            scores[name] = model_scores(load_model(served), day.users, cat_idx, data, seen, H)
+            cost[name]["serving_run"] = served.run_id
+
+        recent = data.before(when, since=when - dt.timedelta(days=cfg.eval.popularity_days))
+        tracemalloc.start()
+        t = time.perf_counter()
+        pop = item_counts(data.item[recent], catalog)
+        scores["popularity"] = np.tile(pop, (len(day.users), 1))
+        cost["popularity"] = {"seconds": time.perf_counter() - t, "examples": int(recent.sum()),
+                              "peak_heap_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1)}
+        tracemalloc.reset_peak()
+        t = time.perf_counter()
+        scores["personal"] = personal_scores(data.user[seen], data.item[seen], day.users, catalog,
+                                             item_counts(data.item[recent], catalog))
+        cost["personal"] = {"seconds": time.perf_counter() - t, "examples": int(seen.sum()),
+                            "peak_heap_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1)}
+        tracemalloc.stop()
+        scores["als"] = als.scores(day.users, catalog, fallback=pop)
+
+        for name in STRATEGIES:
+            q = score_day(scores[name], day, k)
+            results[name].append({"night": i, "trained_on": str(night_day), "scored_on": str(score_day_date),
+                                  "users": len(day.users), "purchases": day.positives,
+                                  "new_item_pairs": day.out_of_catalogue,
+                                  **{m: round(v, 5) for m, v in q.items()}, **round_cost(cost[name])})
+        log(f"night {i}/{args.nights} (trained on {night_day}, scored on {score_day_date}, {len(day.users)} users): "
+            + ", ".join(f"{s} {results[s][-1]['ndcg10']:.4f}/{results[s][-1]['seconds']:.0f}s" for s in STRATEGIES))
+        write_outputs(out_dir, meta, results, time.perf_counter() - t_all, partial=i < args.nights)
+
+    total = time.perf_counter() - t_all
+    summary = write_outputs(out_dir, meta, results, total, partial=False)
+    print(summary["markdown"])
+    print(summary["goal_line"])
+    return 0
+
+
+def round_cost(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in c.items()}
+
+
+def run_pipeline(run_nightly, spark, cfg, lake, jvm_pid: int) -> dict[str, Any]:
+    """One ``run_nightly`` with its cost: wall seconds (Spark + training + commit),
+    examples trained, peak RSS of the training processes and of the JVM."""
+    reset_peak()
+    reset_peak(jvm_pid)
+    t = time.perf_counter()
+    res = run_nightly(spark, cfg, lake=lake)
+    seconds = time.perf_counter() - t
+    if res.status != "committed":
+        raise RuntimeError(f"{cfg.lake.runs_table}: run_nightly did nothing ({res.status}); the benchmark "
+                           "appends a day before every night, so this is a bug")
+    run = next(r for r in ledger_runs(cfg, lake) if r.run_id == res.run_id)
+    tr = run.metrics.get("train", {})
+    ranks = tr.get("ranks") or []
+    rss = [r.get("peak_rss_mb") for r in ranks if r.get("peak_rss_mb") is not None]
+    return {"seconds": seconds, "train_seconds": res.train_seconds, "examples": tr.get("examples_trained"),
+            "new_examples": res.examples, "strategy": res.strategy, "status": getattr(run, "status", None),
+            # the local backend trains in this process: its peak is the driver's since reset_peak()
+            "peak_rss_mb": max(rss) if rss and tr.get("backend") != "local" else peak_mb(),
+            "jvm_peak_rss_mb": peak_mb(jvm_pid), "run_id": res.run_id}
+
+
+def fit_als(als: ImplicitALS, spark, cfg, lake, jvm_pid: int) -> dict[str, Any]:
+    """Refit ALS on all history, as a nightly Spark job would: read the behaviour
+    table, keep what the pipeline accepts as purchases, fit."""
+    reset_peak(jvm_pid)
+    t = time.perf_counter()
+    als.fit(accepted_positives(cfg, lake.read(cfg.lake.events_table)))
+    return {"seconds": time.perf_counter() - t, "examples": als.interactions, "peak_rss_mb": peak_mb(jvm_pid)}
+
+
+# ------------------------------------------------------------------ outputs
+def _mean(vals):
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    return round(float(np.mean(vals)), 5) if vals else None
+
+
+def write_outputs(out_dir: Path, meta: dict, results: dict, seconds: float, partial: bool) -> dict[str, Any]:
+    strategies = {}
+    for name, nights in results.items():
+        strategies[name] = {
+            "mean_ndcg10": _mean([n["ndcg10"] for n in nights]), "mean_hr10": _mean([n["hr10"] for n in nights]),
+            "mean_auc": _mean([n["auc"] for n in nights]), "mean_gauc": _mean([n["gauc"] for n in nights]),
+            "mean_seconds": _mean([n["seconds"] for n in nights]),
+            "mean_examples": _mean([n.get("examples") for n in nights]),
+            "max_peak_rss_mb": max([n.get("peak_rss_mb") or 0 for n in nights], default=None) or None,
+            "nights": nights,
+        }
+    goal = goal_check(strategies)
+    doc = {"benchmark": "nightly_quality", "partial": partial, "total_seconds": round(seconds, 1),
+           **meta, "goal": goal, "strategies": strategies}
+    (out_dir / "nightly_quality.json").write_text(json.dumps(doc, indent=1, default=str))
+    md = markdown(doc)
+    (out_dir / "nightly_quality.md").write_text(md + "\n" + goal["line"] + "\n")
+    try:
+        plot(out_dir / "nightly_quality.png", doc)
+    except Exception as e:  # a plot must never lose the figures
+        log(f"plot failed: {type(e).__name__}: {e}")
+    return {"markdown": md, "goal_line": goal["line"]}
+
+
+def goal_check(s: dict) -> dict[str, Any]:
+    g = lambda name, key: s[name][key]  # noqa: E731
+    inc, full = g("incremental", "mean_ndcg10"), g("full_retrain", "mean_ndcg10")
+    if inc is None or full is None:
+        return {"line": "goal: no nights scored yet", "met": False}
+    checks = {
+        "ndcg_vs_full_retrain": inc >= full * 0.98,
+        **{f"ndcg_above_{b}": inc > g(b, "mean_ndcg10") for b in ("personal", "als", "popularity")},
+        "seconds_at_most_20pct_of_full": g("incremental", "mean_seconds") <= 0.2 * g("full_retrain", "mean_seconds"),
+    }
+    ratio = g("incremental", "mean_seconds") / g("full_retrain", "mean_seconds")
+    line = (f"goal {'MET' if all(checks.values()) else 'NOT MET'}: incremental NDCG@10 {inc:.4f} vs full retrain "
+            f"{full:.4f} ({(inc / full - 1) * 100:+.1f}%), personal {g('personal', 'mean_ndcg10'):.4f}, "
+            f"ALS {g('als', 'mean_ndcg10'):.4f}, popularity {g('popularity', 'mean_ndcg10'):.4f}; "
+            f"time {ratio:.0%} of full retrain's; "
+            + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in checks.items()))
+    return {"line": line, "met": all(checks.values()), "checks": checks, "time_ratio": round(ratio, 4)}
+
+
+def _f(v, fmt=".4f"):
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown(doc: dict) -> str:
+    s = doc["strategies"]
+    k = doc["k"]
+    lines = [f"### Nightly quality and cost ({doc['data']}; {len(s['incremental']['nights'])} nights"
+             f"{', PARTIAL' if doc['partial'] else ''}; total {doc['total_seconds'] / 60:.1f} min)", "",
+             f"Means over nights (NDCG@{k} / HR@{k} over the catalogue, AUC vs {doc['auc_negatives_per_purchase']} "
+             "sampled negatives per purchase; seconds and peak memory per night):", "",
+             f"| strategy | NDCG@{k} | HR@{k} | AUC | GAUC | seconds | examples | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in STRATEGIES:
+        m = s[name]
+        lines.append(f"| {name} | {_f(m['mean_ndcg10'])} | {_f(m['mean_hr10'])} | {_f(m['mean_auc'])} | "
+                     f"{_f(m['mean_gauc'])} | {_f(m['mean_seconds'], '.1f')} | {_f(m['mean_examples'], ',.0f')} | "
+                     f"{_f(m['max_peak_rss_mb'], '.0f')} |")
+    lines += ["", f"Per night: NDCG@{k} / seconds", "",
+              "| night | trained on | scored on | users | " + " | ".join(STRATEGIES) + " |",
+              "|---|---|---|---|" + "---|" * len(STRATEGIES)]
+    for j, n in enumerate(s["incremental"]["nights"]):
+        cells = [f"{_f(s[x]['nights'][j]['ndcg10'])} / {_f(s[x]['nights'][j]['seconds'], '.0f')}" for x in STRATEGIES]
+        lines.append(f"| {n['night']} | {n['trained_on']} | {n['scored_on']} | {n['users']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, doc: dict) -> None:
+    from matplotlib.figure import Figure
+
+    s = doc["strategies"]
+    fig = Figure(figsize=(13, 8))
+    axes = fig.subplots(2, 2)
+    k = doc["k"]
+    for ax, key, title in ((axes[0, 0], "ndcg10", f"next-day NDCG@{k}"), (axes[0, 1], "hr10", f"next-day HR@{k}"),
+                           (axes[1, 0], "auc", "next-day AUC (sampled negatives)"),
+                           (axes[1, 1], "seconds", "wall seconds per night (log)")):
+        for name in STRATEGIES:
+            pts = [(n["night"], n.get(key)) for n in s[name]["nights"] if n.get(key)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", ms=3, label=LABELS[name], color=COLOURS[name])
+        ax.set_title(title)
+        ax.set_xlabel("night")
+        ax.grid(True, alpha=0.3)
+    axes[1, 1].set_yscale("log")
+    axes[0, 0].legend(fontsize="small")
+    fig.suptitle(f"deltarec nightly benchmark: {doc['data'].split('(')[0].strip()}, "
+                 f"{len(s['incremental']['nights'])} nights, backend {doc['backend']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
