@@ -26,12 +26,15 @@ def sample(real_data_path):
     return picks.reset_index(drop=True)
 
 
-def expected_reasons(df: pd.DataFrame) -> dict[str, int]:
-    """The validation rules, written again in pandas, first matching rule wins."""
+def expected_reasons(df: pd.DataFrame) -> tuple[dict[str, int], int]:
+    """The validation rules, written again in pandas, first matching rule wins;
+    then each cancellation takes the latest accepted purchase of its customer
+    and item at or before it (one purchase per cancellation, the earliest
+    cancellation first). Returns (reason counts, matched cancellations)."""
     reason = pd.Series([None] * len(df), dtype=object)
+    cancel = df["InvoiceNo"].str.startswith("C")
     rules = [
-        (V.CANCELLED_INVOICE, df["InvoiceNo"].str.startswith("C")),
-        (V.NON_POSITIVE_QUANTITY, df["Quantity"] <= 0),
+        (V.NON_POSITIVE_QUANTITY, ~cancel & (df["Quantity"] <= 0)),
         (V.NON_POSITIVE_PRICE, df["UnitPrice"] <= 0),
         (V.NULL_USER_ID, df["CustomerID"].isna()),
     ]
@@ -40,7 +43,28 @@ def expected_reasons(df: pd.DataFrame) -> dict[str, int]:
     valid = reason.isna()
     dup = df[valid.to_numpy()].duplicated(keep="first")
     reason[dup[dup].index] = V.DUPLICATE_EVENT_ID
-    return reason.value_counts().to_dict()
+    ok = reason.isna().to_numpy()
+    purchases = df[ok & ~cancel.to_numpy()]
+    best = {}
+    for i, row in df[ok & cancel.to_numpy()].iterrows():
+        cand = purchases[(purchases["CustomerID"] == row["CustomerID"]) & (purchases["StockCode"] == row["StockCode"])
+                         & (purchases["InvoiceDate"] <= row["InvoiceDate"])]
+        if len(cand):
+            best[i] = (cand["InvoiceDate"].max(), cand["InvoiceDate"].idxmax())
+    claimed, matched = set(), 0  # a purchase already claimed leaves the later cancellation unmatched
+    for i in sorted(best, key=lambda i: df.loc[i, "InvoiceDate"]):
+        if best[i][1] in claimed:
+            continue
+        claimed.add(best[i][1])
+        matched += 1
+    for i in df[ok & cancel.to_numpy()].index:
+        if i not in best:
+            reason[i] = V.UNMATCHED_CANCELLATION
+    unmatched_claims = len(best) - matched
+    counts = reason.value_counts().to_dict()
+    if unmatched_claims:
+        counts[V.UNMATCHED_CANCELLATION] = counts.get(V.UNMATCHED_CANCELLATION, 0) + unmatched_claims
+    return counts, matched
 
 
 def test_quarantine_counts_on_real_sample(spark, lake_root, sample):
@@ -49,10 +73,12 @@ def test_quarantine_counts_on_real_sample(spark, lake_root, sample):
     lake.write("behavior_events", events, enable_cdf=True, schema=schemas.BEHAVIOR_EVENTS)
     checked = V.validate(lake.read_changes("behavior_events", 0, 0), ValidationConfig(), "run-x")
     got = {r["reason"]: r["count"] for r in checked.quarantined.groupBy("reason").count().collect()}
-    want = expected_reasons(sample)
+    want, matched = expected_reasons(sample)
     assert got == want
-    # the three kinds the issue names are all present in the sample
-    assert got[V.NULL_USER_ID] > 0 and got[V.CANCELLED_INVOICE] > 0 and got[V.NON_POSITIVE_QUANTITY] > 0
+    # the kinds the issue names are all present in the sample
+    assert got[V.NULL_USER_ID] > 0 and got[V.NON_POSITIVE_QUANTITY] > 0 and got[V.DUPLICATE_EVENT_ID] > 0
+    assert matched > 0 and checked.retractions.count() == matched  # cancellations retract, never purchase
+    assert checked.events.where("event_type = 'cancel'").count() == 0
     accepted = checked.accepted.count()
     assert accepted + sum(got.values()) == len(sample)  # nothing silently dropped
     assert {r["run_id"] for r in checked.quarantined.select("run_id").distinct().collect()} == {"run-x"}
@@ -75,14 +101,15 @@ def test_future_late_and_deleted_rows(spark, lake_root):
     DeltaTable(lake.uri("behavior_events")).delete("event_id = 'gone'")
     checked = V.validate(lake.read_changes("behavior_events", 0, 1), ValidationConfig(horizon_days=30), "r")
     got = {r["event_id"] + "/" + r["change_type"]: r["reason"] for r in checked.quarantined.collect()}
+    # "gone" was quarantined when inserted: its delete has nothing to retract
     assert got == {"future/insert": V.FUTURE_TIMESTAMP, "old/insert": V.TOO_LATE,
-                   "gone/insert": V.UNKNOWN_EVENT_TYPE, "gone/delete": V.RETRACTION}
+                   "gone/insert": V.UNKNOWN_EVENT_TYPE, "gone/delete": V.UNMATCHED_RETRACTION}
     assert [r["event_id"] for r in checked.accepted.collect()] == ["ok"]
 
 
 def test_threshold_message_lists_counts_per_reason():
     with pytest.raises(V.QuarantineThresholdExceeded) as e:
-        V.check_threshold({"null_user_id": 6, "cancelled_invoice": 2}, consumed=10, max_fraction=0.5)
+        V.check_threshold({"null_user_id": 6, "unmatched_cancellation": 2}, consumed=10, max_fraction=0.5)
     msg = str(e.value)
-    assert "8 of 10 rows (80.0%)" in msg and "null_user_id=6" in msg and "cancelled_invoice=2" in msg
+    assert "8 of 10 rows (80.0%)" in msg and "null_user_id=6" in msg and "unmatched_cancellation=2" in msg
     V.check_threshold({"null_user_id": 5}, consumed=10, max_fraction=0.5)  # at the limit: passes
