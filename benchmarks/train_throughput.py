@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         rows.append(("ceiling (same loop, tensors in memory, 1 process)", 1, ceil, ceil))
         runs = [("local", 1, LocalBackend())]
         for w in (1, 2):
-            runs += [("horovod", w, HorovodBackend(spark, w)), ("torch", w, TorchBackend(spark, w))]
+            runs += [("horovod", w, HorovodBackend(spark, w)), ("torch", w, TorchBackend(spark, w)),
+                     ("torch processes", w, TorchBackend(None, w))]
         for name, w, backend in runs:
             t0 = time.perf_counter()
             res = backend.run(spec(data, Path(tmp) / f"ck-{name}-{w}", args.batch))
