@@ -22,7 +22,7 @@ except ImportError:
     sys.path[:0] = [os.path.abspath(p) for p in ("lib", os.path.join("..", "lib")) if os.path.isdir(p)]
 
 from deltarec import notebook as nb
-from deltarec.evaluation.report import lineage, load_runs, plot_nights
+from deltarec.evaluation.report import lineage, load_runs, plot_nights, write_report
 
 dbutils, display = nb.platform(globals())  # Databricks' own, else local stand-ins
 
@@ -63,3 +63,16 @@ display(nb.table(run_lineage))
 
 plot_png = plot_nights(runs, os.path.join(report_dir, f"{cfg.model.name}-{cfg.lake.runs_table}-nights.png"))
 display(nb.image(plot_png))
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Registry: champion, candidates, baselines
+# MAGIC Next-day metrics of the champion, the candidates the gate rejected, the never-updated first model and
+# MAGIC popularity, plus the gate's holdout metrics, from the lake's metrics table (what `deltarec report` writes).
+
+# COMMAND ----------
+
+registry_report = write_report(lake, cfg, os.path.join(report_dir, f"{cfg.model.name}-{cfg.lake.runs_table}"))
+print(f"registry report: {registry_report['html']} ({registry_report['metric_rows']} metric rows)")
+display(nb.image(registry_report["png"]))

@@ -29,7 +29,11 @@ def cli(lake_root, *args):
 
 @pytest.fixture(scope="module")
 def nights(spark, tmp_path_factory, real_data_path):
-    """demo (full run + one night), then a worse night, then a normal night with MLflow on."""
+    """demo (full run + one night), a worse night (rejected), an operator promoting it anyway, then a
+    sound full retrain gated against that wrecked champion (promoted) with MLflow on."""
+    from deltarec.pipeline.nightly import _prequential
+    from deltarec.registry import promote
+
     root = tmp_path_factory.mktemp("registry") / "lake"
     cfg = make_config(root, *BASE)
     # gate off for the demo's night: the second run is promoted whatever its metrics
@@ -42,16 +46,22 @@ def nights(spark, tmp_path_factory, real_data_path):
     append_day(lake, cfg, days[3][1], items)
     worse_cfg = make_config(root, *BASE, "train.lr=1000.0")  # through real training: it wrecks the weights
     worse = run_nightly(spark, worse_cfg, lake=lake)
+    # what the next night's prequential step scores while the rejected candidate is the newest run
+    probe = _prequential(spark, cfg, lake, ledger,
+                         lake.read(cfg.lake.examples_table).where(f"run_id = '{worse.run_id}'"),
+                         lake.read(cfg.lake.items_table), ledger.champion(cfg.model.name))
+    promote(ledger, lake, cfg, worse.run_id, by="ops", reason="test: serve the wrecked model")
 
     append_day(lake, cfg, days[4][1], items)
     mlruns = root.parent / "mlruns"
     ml_cfg = make_config(root, *BASE, "mlflow.enabled=true", f"mlflow.tracking_uri=file://{mlruns}",
-                         "mlflow.experiment=test-exp", "mlflow.registered_model=test-model")
+                         "mlflow.experiment=test-exp", "mlflow.registered_model=test-model",
+                         "train.strategy=full")  # a sound model from scratch, gated against the wrecked one
     runs_version = lake.version(cfg.lake.runs_table)
     better = run_nightly(spark, ml_cfg, lake=lake)
     return dict(cfg=cfg, lake=lake, ledger=ledger, root=root, first=first, second=second, worse=worse,
                 better=better, champion_before_worse=champion_before_worse, mlruns=mlruns, ml_cfg=ml_cfg,
-                runs_version_before_better=runs_version)
+                runs_version_before_better=runs_version, probe=probe)
 
 
 def test_first_run_is_champion_and_every_run_advances_the_watermark(nights):
@@ -72,14 +82,19 @@ def test_first_run_is_champion_and_every_run_advances_the_watermark(nights):
 
 def test_worse_candidate_is_not_promoted_and_the_reason_is_stored(nights):
     ledger, cfg, worse = nights["ledger"], nights["cfg"], nights["worse"]
-    row = ledger.get(worse.run_id)
-    assert worse.registry_status == row.status == CANDIDATE
-    assert row.status_reason.startswith("gate failed") and row.status_by == "gate"
+    from deltarec.registry import events
+
+    row = ledger.get(worse.run_id)  # an operator promoted it later (the fixture), so read the record of the night
+    assert worse.registry_status == CANDIDATE
+    gate_event = events(nights["lake"], cfg, worse.run_id)[0]
+    assert (gate_event["action"], gate_event["by"]) == ("gate_reject", "gate")
+    reason = row.metrics["gate"]["decision"]["reason"]
+    assert reason.startswith("gate failed") and gate_event["reason"] == reason
     checks = row.metrics["gate"]["decision"]["checks"]
     assert any(not c["passed"] and c["candidate"] < c["champion"] for c in checks)
     for c in checks:  # the stored reason names each failed metric with both values
         if not c["passed"]:
-            assert c["metric"] in row.status_reason and f"{c['candidate']:.5f}" in row.status_reason
+            assert c["metric"] in reason and f"{c['candidate']:.5f}" in reason
     # the champion kept serving: the worse night's parent, and still champion until the next night
     assert row.parent_run_id == nights["champion_before_worse"].run_id
 
@@ -87,36 +102,50 @@ def test_worse_candidate_is_not_promoted_and_the_reason_is_stored(nights):
 def test_better_candidate_is_promoted_in_one_commit_from_the_champion(nights):
     ledger, cfg, lake, better, worse = nights["ledger"], nights["cfg"], nights["lake"], nights["better"], nights["worse"]
     row = ledger.get(better.run_id)
-    old = nights["champion_before_worse"]
     assert row.status == CHAMPION and row.metrics["gate"]["decision"]["passed"]
-    assert all(c["passed"] for c in row.metrics["gate"]["decision"]["checks"])
-    retired = ledger.get(old.run_id)
+    checks = row.metrics["gate"]["decision"]["checks"]
+    assert all(c["passed"] and c["candidate"] > c["champion"] for c in checks)
+    retired = ledger.get(worse.run_id)  # the champion it beat
     assert retired.status == RETIRED and retired.status_reason == f"superseded by {better.run_id}"
-    # contract 3: warm start from the champion, not from the rejected candidate ...
-    assert row.parent_run_id == old.run_id
-    # ... and the rejected candidate's examples are trained on, so every version is seen once
-    assert row.metrics["inputs"]["run_ids"] == [worse.run_id, better.run_id]
-    ex = lake.read_arrow(cfg.lake.examples_table, filters=[("run_id", "in", [worse.run_id, better.run_id])])
+    assert row.parent_run_id == worse.run_id and row.metrics["train"]["warm_start"] is None
+    # full = every committed run's examples plus tonight's (contract 3)
+    all_runs = [r.run_id for r in ledger.runs(cfg.model.name)]
+    assert row.metrics["inputs"]["run_ids"] == all_runs
+    ex = lake.read_arrow(cfg.lake.examples_table)
     trainable = ex.num_rows - (sum(ex["holdout"].to_pylist()) if "holdout" in ex.column_names else 0)
-    assert trainable > ledger.get(worse.run_id).metrics["examples"]
-    assert row.metrics["train"]["examples_trained"] == trainable * cfg.train.epochs  # holdout rows never train
+    assert row.metrics["train"]["examples_trained"] == trainable * cfg.train.full_epochs  # holdout never trains
     # insert of the new row + retirement of the old champion = exactly one new version of the runs table
     assert lake.version(cfg.lake.runs_table) == nights["runs_version_before_better"] + 1
     assert lake.history(cfg.lake.runs_table)[0]["operation"] == "MERGE"
 
 
+def test_incremental_trains_on_the_runs_after_the_champion(nights):
+    from deltarec.pipeline.nightly import _training_files
+
+    ledger, cfg, lake = nights["ledger"], nights["cfg"], nights["lake"]
+    second, worse, better = nights["second"].run_id, nights["worse"].run_id, nights["better"].run_id
+    got = _training_files(cfg, lake, ledger, "tonight", "incremental", ledger.get(second))
+    want = []
+    for rid in (worse, better, "tonight"):  # candidates after the champion, then tonight: each version once
+        want += lake.data_files(cfg.lake.examples_table, {"run_id": rid})
+    assert got == want and len(got) >= 2
+
+
 def test_prequential_metrics_are_stored_per_night(nights):
     lake, cfg, better, worse = nights["lake"], nights["cfg"], nights["better"], nights["worse"]
+    # with a rejected candidate newer than the champion, the candidate is scored next to it
+    probe = nights["probe"]
+    assert probe["runs"] == {"model": nights["second"].run_id, "candidate": worse.run_id,
+                             "stale": nights["first"].run_id}
+    assert {"model", "candidate", "stale"} <= set(probe) and probe["candidate"] != probe["model"]
     rows = lake.read_arrow(cfg.lake.metrics_table).to_pylist()
     pre = [r for r in rows if r["run_id"] == better.run_id and r["phase"] == "prequential"]
-    roles = {r["role"] for r in pre}
-    # the night after a rejected candidate scores it next to the champion
-    assert roles == {"champion", "candidate", "stale", "popularity"}
+    assert {r["role"] for r in pre} == {"champion", "stale", "popularity"}
     by = {(r["role"], r["metric"]): r for r in pre}
     k = cfg.eval.k
     assert by[("champion", f"ndcg@{k}")]["value"] == better.prequential["model"]["ndcg"]
-    assert by[("candidate", f"hr@{k}")]["model_run_id"] == worse.run_id
-    assert by[("candidate", f"hr@{k}")]["value"] == better.prequential["candidate"]["hr"]
+    assert by[("champion", f"hr@{k}")]["model_run_id"] == worse.run_id  # the champion serving that night
+    assert by[("stale", f"hr@{k}")]["value"] == better.prequential["stale"]["hr"]
     gate = [r for r in rows if r["run_id"] == better.run_id and r["phase"] == "gate"]
     assert {(r["role"], r["metric"]) for r in gate} == {(ro, m) for ro in ("candidate", "champion")
                                                           for m in cfg.gate.metrics}
@@ -156,11 +185,10 @@ def test_registry_list_and_show_json(nights):
     out = cli(nights["root"], "registry", "show", better, "--json")
     assert out.returncode == 0, out.stderr
     show = json.loads(out.stdout)
-    first, old = nights["first"].run_id, nights["champion_before_worse"].run_id
-    chain = [c["id"] for c in show["parent_chain"]]
-    assert chain[0] == old and chain[-1] == first
+    first, second, worse = nights["first"].run_id, nights["second"].run_id, nights["worse"].run_id
+    assert [c["id"] for c in show["parent_chain"]] == [worse, second, first]
     assert show["inputs"]["examples_version"] is not None
-    assert [t["id"] for t in show["inputs"]["trained_on"]] == [nights["worse"].run_id, better]
+    assert [t["id"] for t in show["inputs"]["trained_on"]] == [first, second, worse, better]
     assert show["config"]["train"]["lr"] == nights["ml_cfg"].train.lr and show["code_version"]
     assert show["metrics"]["gate"]["decision"]["passed"] is True
     assert [e["action"] for e in show["events"]][-1] == "gate_promote"
@@ -180,7 +208,7 @@ def test_reproduce_rebuilds_the_checkpoint(spark, nights):
 
 def test_rollback_restores_the_previous_champion_and_records_who_and_why(nights):
     ledger, cfg, lake = nights["ledger"], nights["cfg"], nights["lake"]
-    better, old = nights["better"].run_id, nights["champion_before_worse"].run_id
+    better, old = nights["better"].run_id, nights["worse"].run_id
     v = lake.version(cfg.lake.runs_table)
     out = cli(nights["root"], "registry", "rollback", "--json", "--by", "alice", "--reason", "CTR dropped")
     assert out.returncode == 0, out.stderr
@@ -193,11 +221,29 @@ def test_rollback_restores_the_previous_champion_and_records_who_and_why(nights)
     ev = [e for e in json.loads(cli(nights["root"], "registry", "show", old, "--json").stdout)["events"]
           if e["action"] == "rollback"]
     assert ev and ev[-1]["by"] == "alice" and ev[-1]["reason"] == "CTR dropped"
-    # promote back (default --by = the OS user), then a second rollback walks back, not forth
+    # promote back (default --by = the OS user), then rollbacks walk back through the champions, not forth
     out = cli(nights["root"], "registry", "promote", better, "--json", "--reason", "fixed upstream")
     assert out.returncode == 0 and json.loads(out.stdout)["by"] == "tester"
     assert ledger.champion(cfg.model.name).run_id == better
+    assert json.loads(cli(nights["root"], "registry", "rollback", "--json").stdout)["champion"] == old
     out = cli(nights["root"], "registry", "rollback", "--json")
-    assert json.loads(out.stdout)["champion"] == old
-    out = cli(nights["root"], "registry", "rollback", "--json")
-    assert out.returncode == 0 and json.loads(out.stdout)["champion"] == nights["first"].run_id
+    assert out.returncode == 0 and json.loads(out.stdout)["champion"] == nights["second"].run_id
+
+
+def test_gate_reports_new_user_and_new_item_slices(nights):
+    import numpy as np
+
+    lake, cfg, better = nights["lake"], nights["cfg"], nights["better"]
+    ex = lake.read_arrow(cfg.lake.examples_table)
+    run = np.array(ex["run_id"].to_pylist())
+    earlier = np.isin(run, [r.run_id for r in nights["ledger"].runs(cfg.model.name)
+                            if r.source_last < better.source_versions[0]])
+    tonight = run == better.run_id
+    if "holdout" in ex.column_names:
+        tonight &= np.array(ex["holdout"].to_pylist(), dtype=bool)
+    slices = nights["ledger"].get(better.run_id).metrics["gate"]["slices"]
+    for col, name in (("user_idx", "new_users"), ("item_idx", "new_items")):
+        ids = ex[col].to_numpy()
+        want = int((tonight & ~np.isin(ids, ids[earlier])).sum())
+        assert want > 0 and slices[name]["n"] == want
+        assert set(slices[name]) == {"n", "candidate", "champion"}

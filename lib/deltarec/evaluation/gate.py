@@ -94,10 +94,10 @@ def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> 
     with torch.no_grad():
         for s in range(0, len(users), chunk):
             u, i = torch.from_numpy(users[s:s + chunk]), torch.from_numpy(items[s:s + chunk])
-            if as_batch:
-                # TODO(H2): sequential models also need history_idx here; reuse the
-                # shard → batch conversion of data/shards.py once it exists.
-                out.append(model({"user_idx": u, "item_idx": i}).float().numpy())
+            if as_batch:  # the same inputs training gives it (history_idx for sequence models)
+                from ..data.shards import model_batch
+
+                out.append(model(model_batch(rows.slice(s, chunk), model)).float().numpy())
             else:
                 out.append(model(u, i).float().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -39,6 +39,7 @@ def lineage(runs: list[RunRecord], *, verify: bool = False) -> list[dict[str, An
             "run_id": r.run_id,
             "model": r.model,
             "strategy": r.strategy,
+            "status": r.status,  # registry: champion / candidate / retired
             "first_version": r.source_first,
             "last_version": r.source_last,
             "parent": r.parent_run_id,

@@ -390,15 +390,36 @@ def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck
         rows, where = new_examples, "ALL of tonight's examples (no holdout column; the candidate trained on them)"
     # pointwise metrics over every row (negatives and retractions are label 0);
     # ranking metrics over the label-1 rows, i.e. the held-out events
-    data = rows.select("user_idx", "item_idx", "label").toArrow()
+    # slices (reported, never gating): users / items no earlier committed run had, and eval.slice_column
+    from ..evaluation.metrics import slice_masks, spark_flag_new
+
+    committed = [r.run_id for r in Ledger(lake, cfg.lake.runs_table).runs(cfg.model.name)]
+    seen = lake.read(cfg.lake.examples_table).where(F.col("run_id").isin(committed)).select("user_idx", "item_idx")
+    rows = spark_flag_new(spark_flag_new(rows, seen, "user_idx", "_new_user"), seen, "item_idx", "_new_item")
+    slice_col = cfg.eval.slice_column
+    slice_error = None
+    if slice_col and slice_col not in new_examples.columns:
+        slice_error = (f"eval.slice_column={slice_col!r} is not a column of {cfg.lake.examples_table} "
+                       f"(columns: {', '.join(new_examples.columns)}); no per-value slices")
+        log.error("gate: %s", slice_error)
+        slice_col = None
+    data = rows.select("user_idx", "item_idx", "label", "_new_user", "_new_item",
+                       *[c for c in ("history_idx", slice_col) if c and c in new_examples.columns]).toArrow()
+    masks = slice_masks(new_users=data["_new_user"].to_numpy(zero_copy_only=False),
+                        new_items=data["_new_item"].to_numpy(zero_copy_only=False),
+                        by=data[slice_col].to_numpy(zero_copy_only=False) if slice_col else None,
+                        by_name=slice_col or "column") if data.num_rows else {}
+    masks.pop("all", None)
     models = {"candidate": _load_model(ck["path"], ck["sha256"]), "champion": _load_model(parent)}
-    res = evaluate_models(models, data, _catalog_idx(cfg, items), list(G.metrics))
+    res = evaluate_models(models, data, _catalog_idx(cfg, items), list(G.metrics), slices=masks)
     decision = decide(res.get("candidate", {}), res.get("champion", {}), G)
     if res["n"] == 0:
         decision = GateDecision(False, f"gate failed: no rows to score ({where} is empty)")
     out = {"decision": decision.to_dict(), "scored_on": where, "n": res["n"], "users": res.get("users", 0),
            "candidate": res.get("candidate", {}), "champion": res.get("champion", {}),
-           "champion_run_id": parent.run_id}
+           "champion_run_id": parent.run_id, "slices": res.get("slices", {})}
+    if slice_error:
+        out["slices_error"] = slice_error
     store_metrics(lake, cfg.lake.metrics_table, run_id, "gate",
                   metric_rows(run_id, cfg.model.name, first, last, "gate", out,
                               {"candidate": run_id, "champion": parent.run_id}))
