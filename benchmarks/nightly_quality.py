@@ -6,13 +6,13 @@ alternatives, side by side on the Online Retail data, one night at a time.
     .venv/bin/python benchmarks/nightly_quality.py --nights 7 --set train.backend=local
 
 The data goes through the normal loader (``pipeline.demo.demo_days`` /
-``append_day``) into one lake: the history up to a cut-off as one Delta commit,
-then one commit per replayed day. Night i appends day D_i, then every strategy
+``append_day``) into a lake per deltarec lineage: the history up to a cut-off
+as one Delta commit, then one commit per replayed day. Night i appends day D_i, then every strategy
 updates on it, and every strategy is scored on day D_i+1, which none has seen:
 
 - incremental   ``run_nightly`` with ``train.strategy=incremental`` (warm start,
-                tonight's examples), in its own ledger / example tables;
-- full_retrain  ``run_nightly`` with ``train.strategy=full`` every night, in its own tables;
+                tonight's examples), in its own lake;
+- full_retrain  ``run_nightly`` with ``train.strategy=full`` every night, in its own lake;
 - stale         the first model (trained on the history), never updated;
 - popularity    the most bought items of the last ``eval.popularity_days`` days;
 - personal      each customer's own most bought items, topped up with the popular ones;
@@ -62,8 +62,6 @@ LABELS = {"incremental": "deltarec incremental", "full_retrain": "deltarec full 
           "personal": "own history + popular", "als": "Spark ALS (implicit)"}
 COLOURS = {"incremental": "tab:blue", "full_retrain": "tab:purple", "stale": "tab:orange",
            "popularity": "tab:green", "personal": "tab:red", "als": "tab:brown"}
-# Lake entries every lineage keeps to itself; the behaviour and items tables are shared.
-SHARED_TABLES = ("root", "engine", "events_table", "items_table")
 
 
 def log(msg: str) -> None:
@@ -92,11 +90,11 @@ def peak_mb(pid: int | str = "self") -> float | None:
 
 
 # ------------------------------------------------------------------ data
-def strategy_config(cfg, name: str, strategy: str):
-    """``cfg`` with its own tables / checkpoint area (prefixed ``name_``) and strategy."""
-    lake = dataclasses.replace(cfg.lake, **{f.name: f"{name}_{getattr(cfg.lake, f.name)}"
-                                            for f in dataclasses.fields(cfg.lake)
-                                            if f.name not in SHARED_TABLES and isinstance(getattr(cfg.lake, f.name), str)})
+def strategy_config(cfg, root: Path, strategy: str):
+    """``cfg`` with its own lake root and strategy. A lake per lineage: the delta
+    job keeps state tables (event index, user state, item stats) beside the
+    ledger, so two lineages in one lake would share them."""
+    lake = dataclasses.replace(cfg.lake, root=str(root))
     return dataclasses.replace(cfg, lake=lake, train=dataclasses.replace(cfg.train, strategy=strategy))
 
 
@@ -353,14 +351,16 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     cat_hash = {r["item_id"]: r["h"] for r in spark.createDataFrame(items.select(["item_id"])).select(
         "item_id", bucket(F.col("item_id"), cfg.features.item_buckets).alias("h")).collect()}
 
-    cfgs = {"incremental": strategy_config(cfg, "incremental", "incremental"),
-            "full_retrain": strategy_config(cfg, "full_retrain", "full")}
+    cfgs = {"incremental": strategy_config(cfg, lake_dir / "incremental", "incremental"),
+            "full_retrain": strategy_config(cfg, lake_dir / "full_retrain", "full")}
     lakes = {name: open_lake(c.lake, spark) for name, c in cfgs.items()}
-    lake = lakes["incremental"]
+    lake = lakes["incremental"]  # ALS reads the behaviour table from here
 
     # ---- the history: one Delta commit through the normal loader, then each lineage's first (full) training
     t = time.perf_counter()
-    append_day(lake, cfg, pa.concat_tables([ev for _, ev in hist]), items)
+    history = pa.concat_tables([ev for _, ev in hist])
+    for name, c in cfgs.items():  # the same commits in each lineage's lake
+        append_day(lakes[name], c, history, items)
     load_seconds = time.perf_counter() - t
     first: dict[str, Any] = {"load_seconds": round(load_seconds, 1)}
     for name, c in cfgs.items():
@@ -387,7 +387,8 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
         "overrides": args.overrides, "first_training": first,
     }
     for i, ((night_day, events), (score_day_date, _)) in enumerate(zip(nights, score_days), start=1):
-        append_day(lake, cfg, events, items)  # upstream's commit of the day: no strategy's cost
+        for name, c in cfgs.items():  # upstream's commit of the day: no strategy's cost
+            append_day(lakes[name], c, events, items)
         cost: dict[str, dict[str, Any]] = {}
         for name, c in cfgs.items():
             cost[name] = run_pipeline(run_nightly, spark, c, lakes[name], jvm_pid)
@@ -559,6 +560,7 @@ def markdown(doc: dict) -> str:
 
 def plot(path: Path, doc: dict) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     s = doc["strategies"]
     fig = Figure(figsize=(13, 8))
@@ -574,10 +576,11 @@ def plot(path: Path, doc: dict) -> None:
                 ax.plot(xs, ys, marker="o", ms=3, label=LABELS[name], color=COLOURS[name])
         ax.set_title(title)
         ax.set_xlabel("night")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
     axes[1, 1].set_yscale("log")
     axes[0, 0].legend(fontsize="small")
-    fig.suptitle(f"deltarec nightly benchmark: {doc['data'].split('(')[0].strip()}, "
+    fig.suptitle(f"deltarec nightly benchmark: {Path(doc['data'].split('(')[0].strip()).name}, "
                  f"{len(s['incremental']['nights'])} nights, backend {doc['backend']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
