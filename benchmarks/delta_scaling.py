@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     from deltarec.spark import build_spark
 
     base = ["lake.engine=delta-rs", "demo.enabled=false", "validation.max_quarantine_fraction=1.0",
-            "features.negatives=4"]
+            "features.negatives=4", "spark.conf={spark.ui.showConsoleProgress: 'false'}"]
     spark = build_spark(load_config(ROOT / "conf" / "local.yaml", base, environ={}))
     spark.sparkContext.setLogLevel("ERROR")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="delta_scaling_"))

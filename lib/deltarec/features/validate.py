@@ -73,6 +73,7 @@ class Validated:
     retractions: "DataFrame"  # event_id (retracted), user_id, item_id, event_type, event_time, source_version, cause
     index: "DataFrame"  # EVENT_INDEX rows of tonight's accepted changes
     quarantined: "DataFrame"  # QUARANTINE_EVENTS columns (run_id set)
+    checked: "DataFrame | None" = None  # the cached rows the above derive from (unpersist when done)
 
 
 def _blank(c: "Column") -> "Column":
@@ -273,7 +274,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
                    .unionByName(quarantine(canc_bad.withColumn("_detail", F.lit(
                        "no purchase of this user and item in force at or before the cancellation")),
                        UNMATCHED_CANCELLATION)))
-    return Validated(accepted, events, retractions, index, quarantined)
+    return Validated(accepted, events, retractions, index, quarantined, rows)
 
 
 def check_threshold(counts: dict[str, int], consumed: int, max_fraction: float) -> None:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 EVENT_INDEX_TABLE = "event_index"
 USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
+EXAMPLES_PER_WRITE = 400_000  # rows per Arrow slice written by the driver (delta-rs)
 LOOKUP_LIMIT = 20_000  # ids / users tonight beyond which the index slice is read without an IN list
 
 
@@ -121,16 +122,31 @@ def _prior_index(lake: "LakeEngine", changes: "DataFrame", first: int):
 
 def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int, last: int,
                   run_id: str) -> PreparedNight:
+    cached: list = []
+
+    def keep(df):  # cached for this run only: released in `finally`, before training needs the memory
+        cached.append(df.cache())
+        return df
+
+    try:
+        return _prepare(spark, cfg, lake, first, last, run_id, keep)
+    finally:
+        for df in cached:
+            df.unpersist()
+
+
+def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     from pyspark.sql import functions as F
 
     L, FC = cfg.lake, cfg.features
-    changes = read_source_changes(spark, cfg, lake, first, last).cache()
+    changes = keep(read_source_changes(spark, cfg, lake, first, last))
     prior_ids, prior = _prior_index(lake, changes, first)
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(FC), prior_ids=prior_ids, prior=prior)
-    accepted = v.accepted.cache()
-    quarantined = v.quarantined.cache()
-    events = v.events.cache()
-    retractions = v.retractions.cache()
+    keep(v.checked)
+    accepted = keep(v.accepted)
+    quarantined = keep(v.quarantined)
+    events = keep(v.events)
+    retractions = keep(v.retractions)
 
     reasons = {r["reason"]: int(r["count"]) for r in quarantined.groupBy("reason").count().collect()}
     outcomes = {r["outcome"]: int(r["count"]) for r in accepted.groupBy("outcome").count().collect()}
@@ -146,14 +162,13 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     base_users = lake.scan(USER_STATE_TABLE, version=base_version(lake, USER_STATE_TABLE, first))
     base_items = lake.scan(ITEM_STATS_TABLE, version=base_version(lake, ITEM_STATS_TABLE, first))
     touched_users = events.select("user_id").unionByName(retractions.select("user_id")).distinct()
-    base_users = base_users.join(F.broadcast(touched_users), "user_id", "left_semi").cache()
-    base_items = base_items.cache()  # catalogue-sized: popularity negatives need all of it
+    base_users = keep(base_users.join(F.broadcast(touched_users), "user_id", "left_semi"))
+    base_items = keep(base_items)  # catalogue-sized: popularity negatives need all of it
 
-    items = lake.read(L.items_table).cache() if lake.exists(L.items_table) else None
-    new_users = next_user_state(base_users, events, retractions, FC).cache()
-    new_items = next_item_stats(base_items, events, retractions, FC,
-                                items.select("item_id", "text") if items is not None else None
-                                ).cache()
+    items = lake.read(L.items_table) if lake.exists(L.items_table) else None
+    new_users = keep(next_user_state(base_users, events, retractions, FC))
+    new_items = keep(next_item_stats(base_items, events, retractions, FC,
+                                items.select("item_id", "text") if items is not None else None))
     stats_after = base_items.join(new_items.select("item_id"), "item_id", "left_anti").unionByName(new_items)
     if items is None:  # no catalogue table: negatives come from every item seen so far
         items = stats_after.select("item_id")
@@ -174,10 +189,18 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     if n_items:
         lake.merge(ITEM_STATS_TABLE, new_items, ["item_id"], update=True, commit_metadata=meta)
     lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
-    lake.write(L.examples_table, examples, mode="overwrite", replace_where=f"run_id = '{run_id}'",
-               partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
+    # A big night (a first run over years of history) is written in slices, so
+    # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
+    # slice is a hash range of event ids, itself in the seeded shuffle order.
+    expected = outcomes.get("event", 0) * (1 + FC.negatives) + sum(outcomes.values())
+    slices = 1 + expected // EXAMPLES_PER_WRITE
+    part = F.pmod(F.xxhash64(F.col("event_id"), F.lit(FC.seed + 1)), F.lit(slices))
+    for k in range(slices):
+        lake.write(L.examples_table, examples.where(part == k) if slices > 1 else examples,
+                   mode="overwrite" if k == 0 else "append", replace_where=f"run_id = '{run_id}'" if k == 0 else None,
+                   partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
 
-    new_examples = lake.scan(L.examples_table, where=f"run_id = '{run_id}'").cache()  # one partition
+    new_examples = lake.scan(L.examples_table, where=f"run_id = '{run_id}'")  # one partition
     kinds = {r["kind"]: int(r["count"]) for r in new_examples.groupBy("kind").count().collect()}
     causes = {r["cause"]: int(r["count"]) for r in retractions.groupBy("cause").count().collect()}
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes,
