@@ -53,7 +53,9 @@ def test_replace_where_overwrites_only_that_run(rs_lake):
             "run_id": [run] * n, "event_id": [f"{run}{i}" for i in range(n)], "user_id": ["u"] * n,
             "item_id": ["i"] * n, "user_idx": pa.array([1] * n, pa.int64()), "item_idx": pa.array([2] * n, pa.int64()),
             "label": pa.array([1.0] * n, pa.float32()), "weight": pa.array([1.0] * n, pa.float32()),
-            "event_time": pa.array([T0] * n, schemas.TS)}, schema=t)
+            "event_time": pa.array([T0] * n, schemas.TS), "kind": ["event"] * n,
+            "history_ids": pa.array([[]] * n, pa.list_(pa.string())),
+            "history_idx": pa.array([[]] * n, pa.list_(pa.int64())), "holdout": [False] * n}, schema=t)
 
     rs_lake.create("ex", t, partition_by=["run_id"])
     for run, n in (("r1", 3), ("r2", 2), ("r1", 4)):  # r1 written twice: the rerun replaces it
@@ -89,8 +91,8 @@ def test_ledger_merge_rejects_same_start_twice(rs_lake):
     the watermark check was passed before the other commit landed."""
     ledger = Ledger(rs_lake)
     ledger.ensure()
-    rs_lake.merge("runs", Ledger._to_row(_record(0, 3)), on=["model", "source_first"], update=False)
-    res = rs_lake.merge("runs", Ledger._to_row(_record(0, 3, "dup")), on=["model", "source_first"], update=False)
+    rs_lake.merge("runs", Ledger._to_rows([_record(0, 3)]), on=["model", "source_first"], update=False)
+    res = rs_lake.merge("runs", Ledger._to_rows([_record(0, 3, "dup")]), on=["model", "source_first"], update=False)
     assert res["inserted"] == 0 and len(ledger.runs("m")) == 1
 
 
