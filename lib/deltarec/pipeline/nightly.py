@@ -282,14 +282,14 @@ def _replay_files(spark, cfg: "Config", lake, ledger: Ledger, run_id: str, strat
     older = [r.run_id for r in ledger.runs(cfg.model.name) if r.source_last <= parent.source_last]
     if not older:
         return []
-    tonight = lake.read(L.examples_table).where(F.col("run_id") == run_id)
+    tonight = lake.scan(L.examples_table, where=f"run_id = '{run_id}'")
     if "holdout" in tonight.columns:
         tonight = tonight.where(~F.col("holdout"))
     want = int(round(R.replay_ratio * tonight.count()))
     # time travel to the newest version without tonight's rows (tonight's write is the last commit or two)
     version = lake.version(L.examples_table)
     while version is not None and version > 0 and \
-            lake.read(L.examples_table, version=version).where(F.col("run_id") == run_id).limit(1).count():
+            lake.scan(L.examples_table, ["run_id"], where=f"run_id = '{run_id}'", version=version).count():
         version -= 1
     sample = replay_sample(spark, lake, L.examples_table, older, want, R.replay_seed + first, version)
     out = f"{lake.uri(L.checkpoints_dir)}/{cfg.model.name}/{run_id}/replay"
@@ -345,7 +345,8 @@ def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items
     runs = ledger.runs(cfg.model.name)
     committed = [r.run_id for r in runs]
     since = start - dt.timedelta(days=cfg.eval.popularity_days)
-    pop = (lake.read(cfg.lake.examples_table)
+    # Only the columns and rows needed cross into Spark: never the whole table.
+    pop = (lake.scan(cfg.lake.examples_table, ["run_id", "item_idx", "label", "event_time"], where="label = 1")
            .where(F.col("run_id").isin(committed) & (F.col("label") == 1)
                   & (F.col("event_time") >= F.lit(since)) & (F.col("event_time") < F.lit(start)))
            .groupBy("item_idx").count().orderBy(F.desc("count"), "item_idx").limit(k).toArrow())
@@ -394,7 +395,8 @@ def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck
     from ..evaluation.metrics import slice_masks, spark_flag_new
 
     committed = [r.run_id for r in Ledger(lake, cfg.lake.runs_table).runs(cfg.model.name)]
-    seen = lake.read(cfg.lake.examples_table).where(F.col("run_id").isin(committed)).select("user_idx", "item_idx")
+    seen = (lake.scan(cfg.lake.examples_table, ["run_id", "user_idx", "item_idx"])
+            .where(F.col("run_id").isin(committed)).select("user_idx", "item_idx"))
     rows = spark_flag_new(spark_flag_new(rows, seen, "user_idx", "_new_user"), seen, "item_idx", "_new_item")
     slice_col = cfg.eval.slice_column
     slice_error = None
