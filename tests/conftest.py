@@ -38,6 +38,21 @@ def spark():
     yield session
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_cached_data():
+    """One JVM serves the whole run: drop each module's cached DataFrames so the
+    driver heap does not fill up over 100+ tests."""
+    yield
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.catalog.clearCache()
+        import gc
+
+        gc.collect()  # Python-side DataFrame handles pin JVM objects until collected
+
+
 @pytest.fixture
 def lake_root(tmp_path):
     return tmp_path / "lake"

@@ -49,6 +49,11 @@ class LakeConfig:
     quarantine_table: str = "quarantine_events"
     examples_table: str = "training_examples"
     runs_table: str = "runs"
+    # The delta job's state: consumed-event index (cross-run dedup, retractions),
+    # per-user history and per-item statistics, kept by MERGE.
+    event_index_table: str = "event_index"
+    user_state_table: str = "user_state"
+    item_stats_table: str = "item_stats"
     checkpoints_dir: str = "checkpoints"
     metrics_table: str = "prequential_metrics"  # per-night prequential and gate metrics
     registry_events_table: str = "registry_events"  # who promoted / rolled back what, and why

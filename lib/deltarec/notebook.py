@@ -305,7 +305,8 @@ def night_table(results: list["NightResult"]) -> list[dict[str, Any]]:
     return rows
 
 
-LINEAGE_TABLES = ("runs_table", "examples_table", "quarantine_table", "checkpoints_dir")
+LINEAGE_TABLES = ("runs_table", "examples_table", "quarantine_table", "checkpoints_dir", "event_index_table",
+                  "user_state_table", "item_stats_table", "metrics_table", "registry_events_table")
 _SUFFIX = re.compile(r"^[A-Za-z0-9_]+$")
 
 

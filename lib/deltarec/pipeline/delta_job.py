@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ..lake.engine import LakeEngine
 
 # State tables of the delta job (relative to lake.root).
+# Default names; a run uses cfg.lake.{event_index,user_state,item_stats}_table.
 EVENT_INDEX_TABLE = "event_index"
 USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
@@ -97,14 +98,14 @@ def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine"
     return map_source(raw, m)
 
 
-def _prior_index(lake: "LakeEngine", changes: "DataFrame", first: int):
+def _prior_index(lake: "LakeEngine", changes: "DataFrame", first: int, table: str = EVENT_INDEX_TABLE):
     """(event ids consumed before ``first``, index rows tonight's lookups need)."""
     from pyspark.sql import functions as F
 
-    if not lake.exists(EVENT_INDEX_TABLE):
+    if not lake.exists(table):
         return None, None
     before = f"source_version < {first}"
-    ids = lake.scan(EVENT_INDEX_TABLE, ["event_id"], where=before)
+    ids = lake.scan(table, ["event_id"], where=before)
     c = F.col
     keys = [r[0] for r in changes.where(c("_change_type").isin("update_postimage", "delete")
                                         & c("event_id").isNotNull()).select("event_id").distinct().collect()]
@@ -114,10 +115,10 @@ def _prior_index(lake: "LakeEngine", changes: "DataFrame", first: int):
     if not keys and not users:
         return ids, None
     if len(keys) + len(users) > LOOKUP_LIMIT:
-        return ids, lake.scan(EVENT_INDEX_TABLE, where=before)
+        return ids, lake.scan(table, where=before)
     cond = " OR ".join(([f"event_id IN ({_sql_list(keys)})"] if keys else [])
                        + ([f"user_id IN ({_sql_list(users)})"] if users else []))
-    return ids, lake.scan(EVENT_INDEX_TABLE, where=f"{before} AND ({cond})")
+    return ids, lake.scan(table, where=f"{before} AND ({cond})")
 
 
 def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int, last: int,
@@ -140,7 +141,9 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
 
     L, FC = cfg.lake, cfg.features
     changes = keep(read_source_changes(spark, cfg, lake, first, last))
-    prior_ids, prior = _prior_index(lake, changes, first)
+    index_table, users_table, items_table = (  # this lineage's state tables
+        cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.item_stats_table)
+    prior_ids, prior = _prior_index(lake, changes, first, index_table)
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(FC), prior_ids=prior_ids, prior=prior)
     keep(v.checked)
     accepted = keep(v.accepted)
@@ -157,10 +160,10 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
 
     # ---- state as of before tonight (time travel past this range's own commits)
     meta = {"run_id": run_id, "source_first": str(first), "source_last": str(last)}
-    for table, schema in ((USER_STATE_TABLE, schemas.USER_STATE), (ITEM_STATS_TABLE, schemas.ITEM_STATS)):
+    for table, schema in ((users_table, schemas.USER_STATE), (items_table, schemas.ITEM_STATS)):
         lake.create(table, schema)
-    base_users = lake.scan(USER_STATE_TABLE, version=base_version(lake, USER_STATE_TABLE, first))
-    base_items = lake.scan(ITEM_STATS_TABLE, version=base_version(lake, ITEM_STATS_TABLE, first))
+    base_users = lake.scan(users_table, version=base_version(lake, users_table, first))
+    base_items = lake.scan(items_table, version=base_version(lake, items_table, first))
     touched_users = events.select("user_id").unionByName(retractions.select("user_id")).distinct()
     base_users = keep(base_users.join(F.broadcast(touched_users), "user_id", "left_semi"))
     base_items = keep(base_items)  # catalogue-sized: popularity negatives need all of it
@@ -180,14 +183,14 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     lake.create(L.quarantine_table, schemas.QUARANTINE_EVENTS)
     lake.write(L.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
                schema=schemas.QUARANTINE_EVENTS)
-    lake.create(EVENT_INDEX_TABLE, schemas.EVENT_INDEX)
-    lake.write(EVENT_INDEX_TABLE, v.index, mode="overwrite", replace_where=f"source_version >= {first}",
+    lake.create(index_table, schemas.EVENT_INDEX)
+    lake.write(index_table, v.index, mode="overwrite", replace_where=f"source_version >= {first}",
                schema=schemas.EVENT_INDEX)
     n_users, n_items = new_users.count(), new_items.count()
     if n_users:
-        lake.merge(USER_STATE_TABLE, new_users, ["user_id"], update=True, commit_metadata=meta)
+        lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta)
     if n_items:
-        lake.merge(ITEM_STATS_TABLE, new_items, ["item_id"], update=True, commit_metadata=meta)
+        lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta)
     lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
     # A big night (a first run over years of history) is written in slices, so
     # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
