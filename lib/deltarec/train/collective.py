@@ -38,13 +38,41 @@ def densify_grads(params) -> None:
             p.grad = p.grad.to_dense()
 
 
-class _AveragingOptimizer:
-    """Wraps an optimizer: ``step`` first averages gradients over the workers.
+class _SyncThenStep:
+    """The surface of ``hvd.DistributedOptimizer`` the loop uses:
+    ``synchronize()`` (average now, e.g. before clipping),
+    ``skip_synchronize()`` (step without averaging again) and ``step()``
+    (synchronize unless already done, then ``_apply``). Subclasses set ``_opt``
+    and implement ``synchronize`` and ``_apply``."""
 
-    Same surface as ``hvd.DistributedOptimizer`` for what the loop uses:
-    ``synchronize()`` (average now, e.g. before clipping) and
-    ``skip_synchronize()`` (step without averaging again).
-    """
+    _opt = None
+    _synced = False
+
+    def __getattr__(self, name):  # param_groups, state, state_dict, ...
+        return getattr(self._opt, name)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self._zero_grad(set_to_none)
+        self._synced = False
+
+    def _zero_grad(self, set_to_none: bool) -> None:
+        self._opt.zero_grad(set_to_none=set_to_none)
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        self._synced = True
+        yield
+
+    def step(self, closure=None):
+        if not self._synced:
+            self.synchronize()
+        out = self._apply(closure)
+        self._synced = False
+        return out
+
+
+class _AveragingOptimizer(_SyncThenStep):
+    """Wraps an optimizer: ``step`` first averages gradients over the workers."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], allreduce_mean,
                  sparse: list[torch.nn.Parameter] = (), allgather=None, size: int = 1):
@@ -55,14 +83,6 @@ class _AveragingOptimizer:
         self._allreduce_mean = allreduce_mean
         self._allgather = allgather  # concatenates each rank's tensor along dim 0
         self._size = size
-        self._synced = False
-
-    def __getattr__(self, name):  # param_groups, state, state_dict, ...
-        return getattr(self._opt, name)
-
-    def zero_grad(self, set_to_none: bool = True):
-        self._opt.zero_grad(set_to_none=set_to_none)
-        self._synced = False
 
     def synchronize(self):
         dense = list(self._params)
@@ -96,52 +116,29 @@ class _AveragingOptimizer:
                 offset += n
         self._synced = True
 
-    @contextlib.contextmanager
-    def skip_synchronize(self):
-        self._synced = True
-        yield
-
-    def step(self, closure=None):
-        if not self._synced:
-            self.synchronize()
-        out = self._opt.step(closure)
-        self._synced = False
-        return out
+    def _apply(self, closure):
+        return self._opt.step(closure)
 
 
-class _DensifyAfterSync:
+class _DensifyAfterSync(_SyncThenStep):
     """hvd.DistributedOptimizer whose averaged sparse gradients are made dense
     before the wrapped optimizer (Adam, ...) steps."""
 
     def __init__(self, inner, sparse: list[torch.nn.Parameter]):
-        self._inner = inner
+        self._opt = inner
         self._sparse = sparse
-        self._synced = False
 
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def zero_grad(self, set_to_none: bool = True):
-        self._inner.zero_grad()
-        self._synced = False
+    def _zero_grad(self, set_to_none: bool) -> None:
+        self._opt.zero_grad()  # horovod's takes no argument
 
     def synchronize(self):
-        self._inner.synchronize()
+        self._opt.synchronize()
         densify_grads(self._sparse)
         self._synced = True
 
-    @contextlib.contextmanager
-    def skip_synchronize(self):
-        self._synced = True
-        yield
-
-    def step(self, closure=None):
-        if not self._synced:
-            self.synchronize()
-        with self._inner.skip_synchronize():
-            out = self._inner.step(closure)
-        self._synced = False
-        return out
+    def _apply(self, closure):
+        with self._opt.skip_synchronize():
+            return self._opt.step(closure)
 
 
 class LocalCollective:
