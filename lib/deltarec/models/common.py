@@ -2,9 +2,13 @@
 dynamic-vocabulary tables, growing tables across nights, defined init of new rows."""
 from __future__ import annotations
 
+import logging
 import zlib
+
 import torch
 from torch import nn
+
+log = logging.getLogger("deltarec.models")
 
 EMBEDDINGS = ("hashed", "dynamic")
 INIT_STD = 0.05  # every embedding row starts N(0, INIT_STD²); biases start at 0
@@ -90,7 +94,13 @@ def load_grown(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
         else:
             raise ValueError(f"parent checkpoint's {k} has shape {tuple(v.shape)}, the model's is "
                              f"{tuple(mine.shape)}: only a table's row count may change between nights")
-    missing = [k for k in own if k not in fixed and not k.endswith("_lookup")]
+    # parameters a newer model added (``optional_state``) start from the model's own init
+    # when the parent predates them; any other gap is a checkpoint of another model
+    optional = set(getattr(model, "optional_state", ()))
+    added = [k for k in own if k not in fixed and k in optional]
+    if added:
+        log.warning("parent checkpoint predates %s: starting them from their initial values", ", ".join(added))
+    missing = [k for k in own if k not in fixed and not k.endswith("_lookup") and k not in optional]
     if missing:
         raise KeyError(f"parent checkpoint lacks {', '.join(missing)}: a checkpoint of another model or config")
     model.load_state_dict({**own, **fixed})

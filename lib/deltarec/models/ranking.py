@@ -1,8 +1,17 @@
 """Ranking / CTR model over user and item ids (hashed buckets or a dynamic vocabulary).
 
-score(u, i) = b + b_i + <e_u, e_i> + MLP([e_u, e_i, e_u * e_i])
+score(u, i) = b + b_i + <e_u, e_i> + MLP([e_u, e_i, e_u * e_i]) + repeat(u, i, history)
 The dot product lets the model rank a whole catalogue quickly; the MLP adds
 interactions. With the text tower on, e_i = item embedding + text embedding.
+
+repeat(u, i, h) = w · [log1p(n), [n > 0], 0.9^age, n / |h|] + [n > 0] · (r_u + r_i), where n is how often
+i occurs in the user's history h (``history_idx``: the last items before the
+event, oldest first, -1 padded) and age the steps back to its last occurrence.
+Retail customers mostly re-buy what they bought before (a customer's own top
+items beat any collaborative model on Online Retail), so the model learns how
+much a past purchase predicts a future one, per user (r_u) and item (r_i: a
+consumable is re-bought, a one-off is not). All of it starts at zero, so a
+checkpoint saved before this term existed scores exactly as it did.
 """
 from __future__ import annotations
 
@@ -14,16 +23,58 @@ from torch import nn
 from . import register
 from .common import INIT_STD, IdModel
 
+REPEAT_FEATURES = 4  # log1p(count), present, recency, share of the history
+RECENCY_DECAY = 0.9  # per step back from the newest history item
+# parameters of the repeat term: a parent checkpoint without them gets them at zero (old behaviour)
+REPEAT_STATE = ("repeat.weight", "user_repeat_bias.weight", "item_repeat_bias.weight")
+
+
+def repeat_features(hist: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+    """(N, REPEAT_FEATURES) for N rows: ``hist`` (N, L) hashed item indices
+    (-1 padding, newest last), ``item_idx`` (N,) the scored item."""
+    L = hist.shape[1]
+    valid = hist >= 0
+    match = (hist == item_idx.unsqueeze(1)) & valid
+    n = match.sum(1).to(torch.float32)
+    steps_back = torch.arange(L - 1, -1, -1, device=hist.device, dtype=torch.float32)
+    rec = torch.where(match, RECENCY_DECAY ** steps_back, torch.zeros((), device=hist.device)).amax(1) if L else n
+    size = valid.sum(1).clamp(min=1).to(torch.float32)
+    return torch.stack([torch.log1p(n), (n > 0).to(torch.float32), rec, n / size], 1)
+
+
+def repeat_features_all(hist: torch.Tensor, item_idx: torch.Tensor, buckets: int) -> torch.Tensor:
+    """(U, I, REPEAT_FEATURES): :func:`repeat_features` of every user (rows of
+    ``hist``) with every item of ``item_idx``, by scattering each history into a
+    (U, buckets) count / last-position matrix (no loop over users)."""
+    U, L = hist.shape
+    valid = hist >= 0
+    col = hist.clamp(min=0)
+    counts = torch.zeros(U, buckets, dtype=torch.float32, device=hist.device)
+    counts.scatter_add_(1, col, valid.to(torch.float32))
+    decay = (RECENCY_DECAY ** torch.arange(L - 1, -1, -1, device=hist.device, dtype=torch.float32)).expand(U, L)
+    recency = torch.zeros(U, buckets, dtype=torch.float32, device=hist.device)
+    recency.scatter_reduce_(1, col, torch.where(valid, decay, torch.zeros((), device=hist.device)), "amax")
+    n, rec = counts[:, item_idx], recency[:, item_idx]
+    size = valid.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+    return torch.stack([torch.log1p(n), (n > 0).to(torch.float32), rec, n / size], -1)
+
 
 class RankingModel(IdModel):
-    id_tables = {"user": ["user_emb.weight"], "item": ["item_emb.weight", "item_bias.weight"]}
+    id_tables = {"user": ["user_emb.weight", "user_repeat_bias.weight"],
+                 "item": ["item_emb.weight", "item_bias.weight", "item_repeat_bias.weight"]}
+    optional_state = REPEAT_STATE  # common.load_grown: absent in a parent → kept at their (zero) init
 
     def __init__(self, user_buckets: int, item_buckets: int, embedding_dim: int = 32,
                  hidden: list[int] | tuple[int, ...] = (64, 32), dropout: float = 0.0,
                  embedding: str = "hashed", user_rows: int = 0, item_rows: int = 0,
-                 text: dict[str, Any] | None = None):
+                 text: dict[str, Any] | None = None, history_length: int = 20):
         super().__init__()
+        if history_length < 0:
+            raise ValueError(f"history_length={history_length}: must be >= 0 (0: no repeat term)")
         self._init_ids(embedding, user_buckets, item_buckets, user_rows, item_rows)
+        # batches carry the user's last history_length items; 0: the repeat term is off
+        self.history_length = history_length
+        self.inputs = ("history_idx",) if history_length else ()
         self.user_emb = nn.Embedding(self.rows_of["user"], embedding_dim)
         self.item_emb = nn.Embedding(self.rows_of["item"], embedding_dim)
         self.item_bias = nn.Embedding(self.rows_of["item"], 1)
@@ -40,10 +91,30 @@ class RankingModel(IdModel):
         nn.init.normal_(self.user_emb.weight, std=INIT_STD)
         nn.init.normal_(self.item_emb.weight, std=INIT_STD)
         nn.init.zeros_(self.item_bias.weight)
+        self.repeat = nn.Linear(REPEAT_FEATURES, 1, bias=False)
+        self.user_repeat_bias = nn.Embedding(self.rows_of["user"], 1)
+        self.item_repeat_bias = nn.Embedding(self.rows_of["item"], 1)
+        for p in (self.repeat.weight, self.user_repeat_bias.weight, self.item_repeat_bias.weight):
+            nn.init.zeros_(p)
         if text:
             from .text import TextTower
 
             self.text = TextTower(item_buckets=item_buckets, out_dim=embedding_dim, **text)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A checkpoint from before the repeat term loads with the term at zero,
+        so it scores as it always did."""
+        missing = [k for k in REPEAT_STATE if k not in state_dict]
+        if missing:
+            own = self.state_dict()
+            state_dict = {**state_dict, **{k: torch.zeros_like(own[k]) for k in missing}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _repeat(self, f: torch.Tensor, ur: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
+        """The repeat term from features ``f`` (..., REPEAT_FEATURES) and the rows
+        of user ``ur`` and item ``ir`` (broadcastable to f's leading shape)."""
+        propensity = self.user_repeat_bias(ur).squeeze(-1) + self.item_repeat_bias(ir).squeeze(-1)
+        return self.repeat(f).squeeze(-1) + f[..., 1] * propensity
 
     def item_vectors(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, key: str = "item_idx"):
         v = self.item_emb(rows)
@@ -51,32 +122,44 @@ class RankingModel(IdModel):
             v = v + self.text(batch[key])
         return v
 
-    inputs: tuple[str, ...] = ()  # batch keys beyond user_idx / item_idx
-    history_length = 0
-
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ur, ir = self.rows(batch, "user"), self.rows(batch, "item")
         u = self.user_emb(ur)
         i = self.item_vectors(batch, ir)
         dot = (u * i).sum(-1)
         deep = self.mlp(torch.cat([u, i, u * i], dim=-1)).squeeze(-1)
-        return self.bias + self.item_bias(ir).squeeze(-1) + dot + deep
+        out = self.bias + self.item_bias(ir).squeeze(-1) + dot + deep
+        if self.history_length and "history_idx" in batch:  # without a history: as a user with none
+            hist = batch["history_idx"][:, -self.history_length:]
+            out = out + self._repeat(repeat_features(hist, batch["item_idx"]), ur, ir)
+        return out
 
     @torch.no_grad()
     def score_all(self, user_idx: torch.Tensor, item_idx: torch.Tensor,
                   history_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every user in ``user_idx`` for every item in ``item_idx``
-        (hashed indices, as in training_examples): (U, I). ``history_idx`` is
-        accepted for a uniform signature and not used."""
+        (hashed indices, as in training_examples): (U, I). ``history_idx``
+        (U, L): each user's items before the scored period, -1 padded, newest
+        last; without it every user scores as one with no history."""
         U, I = len(user_idx), len(item_idx)
         users = user_idx.repeat_interleave(I)
         items = item_idx.repeat(U)
-        return self.forward({"user_idx": users, "item_idx": items}).view(U, I)
+        out = self.forward({"user_idx": users, "item_idx": items}).view(U, I)
+        if self.history_length and history_idx is not None:
+            if history_idx.shape[0] != U:
+                raise ValueError(f"history_idx has {history_idx.shape[0]} rows for {U} users: one row per user")
+            f = repeat_features_all(history_idx[:, -self.history_length:].long(), item_idx.long(),
+                                    self.buckets["item"])
+            ur = self.rows({"user_idx": user_idx}, "user").unsqueeze(1)
+            ir = self.rows({"item_idx": item_idx}, "item").unsqueeze(0)
+            out = out + self._repeat(f, ur, ir)
+        return out
 
 
 @register("ranking")
 def _ranking(user_buckets: int, item_buckets: int, embedding_dim: int = 32,
              hidden: list[int] = (64, 32), dropout: float = 0.0, embedding: str = "hashed",
-             user_rows: int = 0, item_rows: int = 0, text: dict[str, Any] | None = None, **_ignored) -> RankingModel:
+             user_rows: int = 0, item_rows: int = 0, text: dict[str, Any] | None = None,
+             history_length: int = 20, **_ignored) -> RankingModel:
     return RankingModel(user_buckets, item_buckets, embedding_dim, list(hidden), dropout, embedding,
-                        user_rows, item_rows, text)
+                        user_rows, item_rows, text, history_length)
