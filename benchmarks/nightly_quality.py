@@ -183,6 +183,29 @@ def load_model(run):
     return m
 
 
+def user_histories(data: Interactions, mask: np.ndarray, users: np.ndarray, length: int) -> np.ndarray:
+    """(users × length) hashed item indices: each user's last ``length``
+    accepted purchases among the rows of ``mask`` (time order, newest in the
+    last column, -1 padded) — what the delta job's user_state holds before the day."""
+    h = np.full((len(users), length), -1, dtype=np.int64)
+    rows = np.flatnonzero(mask)
+    if not len(rows) or not len(users):
+        return h
+    p = np.searchsorted(users, data.user[rows])  # users is sorted
+    p = np.clip(p, 0, len(users) - 1)
+    keep = users[p] == data.user[rows]
+    rows, p = rows[keep], p[keep]
+    order = np.argsort(p, kind="stable")  # by user, time order kept within a user
+    rows, p = rows[order], p[order]
+    # position from the end of each user's run of rows: 0 = newest
+    ends = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]
+    end_of = np.repeat(ends, np.diff(np.r_[-1, ends]))
+    back = end_of - np.arange(len(p))
+    take = back < length
+    h[p[take], length - 1 - back[take]] = data.item_idx[rows[take]]
+    return h
+
+
 def model_scores(model, users: np.ndarray, cat_idx: np.ndarray, data: Interactions, mask: np.ndarray,
                  history_length: int) -> np.ndarray:
     """(users × catalogue) scores of a deltarec model from the users' hashed ids
@@ -193,18 +216,8 @@ def model_scores(model, users: np.ndarray, cat_idx: np.ndarray, data: Interactio
     items = torch.from_numpy(cat_idx.astype(np.int64))
     hist = None
     if "history_idx" in getattr(model, "inputs", ()):
-        L = max(1, history_length)
-        h = np.full((len(users), L), -1, dtype=np.int64)
-        pos = {x: r for r, x in enumerate(users)}
-        rows = np.flatnonzero(mask)
-        for r in rows[::-1]:  # newest first: fill each user's row from the right
-            p = pos.get(data.user[r])
-            if p is None:
-                continue
-            free = np.flatnonzero(h[p] < 0)
-            if len(free):
-                h[p, free[-1]] = data.item_idx[r]
-        hist = torch.from_numpy(h)
+        L = max(1, int(getattr(model, "history_length", 0) or history_length))
+        hist = torch.from_numpy(user_histories(data, mask, users, L))
     out = []
     with torch.no_grad():
         for s in range(0, len(users), 256):

@@ -105,18 +105,24 @@ def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> 
 
 def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalog: np.ndarray,
                     metrics: list[str], *, slices: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Metrics of each model on ``rows`` (columns user_idx, item_idx, label).
+    """Metrics of each model on ``rows`` (columns user_idx, item_idx, label;
+    with history_idx and event_time, ranking passes each user's history).
 
     Returns ``{role: {metric: value}, "n": rows, "users": held-out users with a
     positive}``; with ``slices`` (name → boolean row mask) also
     ``{"slices": {name: {role: {metric: value}}}}`` (slices never gate)."""
-    from .prequential import model_topk, relevant_sets
+    from .prequential import align_histories, model_topk, relevant_sets, user_histories
 
     labels = rows["label"].to_numpy().astype(np.float64)
     users = rows["user_idx"].to_numpy()
     items = rows["item_idx"].to_numpy()
     ks = sorted({k for m in metrics for b, k in [parse_metric(m)] if b in RANKING})
     out: dict[str, Any] = {"n": int(rows.num_rows)}
+    # each held-out user's history before their first held-out row, for models that read one
+    histories = None
+    if "history_idx" in rows.column_names and "event_time" in rows.column_names:
+        width = max([int(getattr(m, "history_length", 0) or 0) for m in models.values()] + [1])
+        histories = user_histories(rows.filter(pa.array(labels == 1)), width)
     masks = {"all": np.ones(len(labels), dtype=bool), **(slices or {})}
     sliced: dict[str, Any] = {}
     for role, model in models.items():
@@ -136,7 +142,8 @@ def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalo
             pos = y == 1
             if ks and pos.any() and len(catalog):
                 uniq, relevant = relevant_sets(u[pos], it[pos])
-                top = model_topk(model, uniq, catalog, min(max(ks), len(catalog)))
+                top = model_topk(model, uniq, catalog, min(max(ks), len(catalog)),
+                                 histories=align_histories(uniq, histories))
                 for k in ks:
                     r = ranking_metrics(top, relevant, min(k, top.shape[1]))
                     for b in RANKING:

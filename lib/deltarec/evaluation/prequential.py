@@ -19,28 +19,78 @@ def relevant_sets(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, lis
     return uniq, [set(items[s:e].tolist()) for s, e in zip(starts, bounds)]
 
 
+def user_histories(rows, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's history before their first row of ``rows`` (an Arrow table
+    with user_idx, event_time, history_idx, optionally event_id): (sorted users,
+    (U, length) -1 padded). Rows at the same time are taken in the delta job's
+    history order (event_id), so the first one's history holds none of the
+    scored period's items."""
+    import pyarrow.compute as pc
+
+    from ..data.shards import first_histories
+
+    keys = [("user_idx", "ascending"), ("event_time", "ascending")]
+    if "event_id" in rows.column_names:
+        keys.append(("event_id", "ascending"))
+    rows = rows.select([c for c in ("user_idx", "event_time", "history_idx", "event_id") if c in rows.column_names])
+    return first_histories(rows.take(pc.sort_indices(rows, sort_keys=keys)), max(length, 1))
+
+
+def align_histories(users: np.ndarray, histories: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+    """Rows of ``histories`` ((sorted users, (H, L))) for ``users``; -1 (no
+    history) for a user it does not have."""
+    if histories is None:
+        return None
+    have, hist = histories
+    out = np.full((len(users), hist.shape[1]), -1, dtype=np.int64)
+    if len(have):
+        pos = np.clip(np.searchsorted(have, users), 0, len(have) - 1)
+        found = have[pos] == users
+        out[found] = hist[pos[found]]
+    return out
+
+
+def _takes_history(model) -> bool:
+    import inspect
+
+    try:
+        return "history_idx" in inspect.signature(model.score_all).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def model_topk(model: torch.nn.Module, users: np.ndarray, catalog: np.ndarray, k: int,
-               chunk: int = 256) -> np.ndarray:
+               chunk: int = 256, histories: np.ndarray | None = None) -> np.ndarray:
+    """Top ``k`` of ``catalog`` for each user; ``histories`` (len(users), L):
+    each user's items before the scored period, for a model that reads them."""
     model.eval()
     cat = torch.from_numpy(catalog.astype(np.int64))
+    with_hist = histories is not None and _takes_history(model)
+    if with_hist and len(histories) != len(users):
+        raise ValueError(f"{len(histories)} histories for {len(users)} users: one row per user")
     out = []
     for s in range(0, len(users), chunk):
         u = torch.from_numpy(users[s:s + chunk].astype(np.int64))
-        scores = model.score_all(u, cat).numpy()
+        kw = {"history_idx": torch.from_numpy(np.ascontiguousarray(histories[s:s + chunk]))} if with_hist else {}
+        scores = model.score_all(u, cat, **kw).numpy()
         out.append(catalog[topk_from_scores(scores, k)])
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
 def evaluate(models: dict[str, torch.nn.Module], popular: np.ndarray | None, users: np.ndarray,
-             items: np.ndarray, catalog: np.ndarray, k: int) -> dict[str, Any]:
-    """HR@k / NDCG@k (and recall, MRR) per model and for the popularity list."""
+             items: np.ndarray, catalog: np.ndarray, k: int,
+             histories: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """HR@k / NDCG@k (and recall, MRR) per model and for the popularity list.
+    ``histories``: (sorted users, (H, L)) as :func:`user_histories` gives,
+    passed to every model that reads a history."""
     uniq, relevant = relevant_sets(users, items)
     out: dict[str, Any] = {"users": int(len(uniq)), "k": k}
     if len(uniq) == 0 or len(catalog) == 0:
         return out
+    hist = align_histories(uniq, histories)
     for name, model in models.items():
-        out[name] = _rounded(ranking_metrics(model_topk(model, uniq, catalog, k), relevant, k))
+        out[name] = _rounded(ranking_metrics(model_topk(model, uniq, catalog, k, histories=hist), relevant, k))
     if popular is not None and len(popular):
         top = np.tile(np.asarray(popular[:k], dtype=np.int64), (len(uniq), 1))
         out["popularity"] = _rounded(ranking_metrics(top, relevant, k))
