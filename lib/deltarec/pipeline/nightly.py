@@ -245,8 +245,11 @@ def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: 
 
 
 def _history_length(cfg: "Config") -> int:
-    """Items of history a batch carries: only models that read one get it."""
-    return max(cfg.features.history_length, 1) if cfg.model.name == "sequential" else 0
+    """Items of history a batch carries: only models that read one get it
+    (the ranking model's repeat term; 0 turns it off)."""
+    if cfg.model.name == "sequential":
+        return max(cfg.features.history_length, 1)
+    return cfg.features.history_length if cfg.model.name == "ranking" else 0
 
 
 def _model_params(cfg: "Config") -> dict[str, Any]:
@@ -256,6 +259,8 @@ def _model_params(cfg: "Config") -> dict[str, Any]:
                               "embedding": m.embedding}
     if m.name == "sequential":
         params.update(history_length=max(f.history_length, 1), heads=m.heads, layers=m.layers)
+    elif m.name == "ranking":
+        params.update(history_length=f.history_length)
     if m.text.enabled:
         from .text_embeddings import text_params
 
@@ -334,7 +339,9 @@ def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items
     pos = new_examples.where(F.col("label") == 1)
     if "kind" in new_examples.columns:  # contract 1: retractions are label 0 anyway; events only
         pos = pos.where(F.col("kind") == "event")
-    pos = pos.select("user_idx", "item_idx", "event_time").toArrow()
+    # histories (and the event id that orders same-time rows as the delta job did) for models that read them
+    pos = pos.select("user_idx", "item_idx", "event_time",
+                     *[c for c in ("history_idx", "event_id") if c in new_examples.columns]).toArrow()
     if pos.num_rows == 0:
         return {}
     users = pos["user_idx"].to_numpy()
@@ -363,7 +370,13 @@ def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items
         except Exception as e:  # a corrupt candidate is reported, not fatal: it does not serve
             log.error("prequential: cannot load candidate %s: %s", challenger.run_id, e)
     models["stale"] = _load_model(runs[0]) if len(runs) > 1 else models["model"]
-    out = evaluate(models, popular, users, itms, cat, k)
+    histories = None
+    if "history_idx" in pos.column_names:  # each user's items before tonight, for models that read them
+        from ..evaluation.prequential import user_histories
+
+        width = max([int(getattr(m, "history_length", 0) or 0) for m in models.values()] + [1])
+        histories = user_histories(pos, width)
+    out = evaluate(models, popular, users, itms, cat, k, histories=histories)
     out["runs"] = run_ids
     if run_id is not None:
         store_metrics(lake, cfg.lake.metrics_table, run_id, "prequential",
@@ -405,8 +418,10 @@ def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck
                        f"(columns: {', '.join(new_examples.columns)}); no per-value slices")
         log.error("gate: %s", slice_error)
         slice_col = None
+    # history_idx, event_time, event_id: each held-out user's history for the ranking metrics
     data = rows.select("user_idx", "item_idx", "label", "_new_user", "_new_item",
-                       *[c for c in ("history_idx", slice_col) if c and c in new_examples.columns]).toArrow()
+                       *[c for c in dict.fromkeys(("history_idx", "event_time", "event_id", slice_col))
+                         if c and c in new_examples.columns]).toArrow()
     masks = slice_masks(new_users=data["_new_user"].to_numpy(zero_copy_only=False),
                         new_items=data["_new_item"].to_numpy(zero_copy_only=False),
                         by=data[slice_col].to_numpy(zero_copy_only=False) if slice_col else None,
