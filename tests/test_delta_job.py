@@ -210,3 +210,40 @@ def test_ratings_source_through_the_column_mapping(spark, lake_root):
     assert rows_of(n1.examples_df, "user_id", "item_id", "label", "kind") == [
         ("1", "m2", 0.0, "retraction"), ("1", "m2", 1.0, "event")]
     assert [r["history_ids"] for r in n1.examples_df.collect()] == [["m1", "m2"]] * 2
+
+
+def test_cancellation_after_a_correction_judges_the_newest_row(spark, lake_root):
+    cfg, lake = setup(spark, lake_root)
+    append(cfg, lake, [ev("p1", "u1", "i1", 1)])
+    J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    DeltaTable(lake.uri(cfg.lake.events_table)).update(predicate="event_id = 'p1'", updates={"item_id": "'i2'"})
+    n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    assert rows_of(n1.examples_df, "event_id", "item_id", "kind") == [("p1", "i2", "event"),
+                                                                      ("p1:r1", "i1", "retraction")]
+    # p1 no longer holds (u1, i1): cancelling that pair finds nothing; cancelling (u1, i2) retracts p1
+    append(cfg, lake, [ev("x1", "u1", "i1", 5, "cancel", qty=-1), ev("x2", "u1", "i2", 5, "cancel", qty=-1)])
+    n2 = J.prepare_night(spark, cfg, lake, 2, 2, "r2")
+    assert rows_of(n2.examples_df, "event_id", "item_id", "kind") == [("p1:r2", "i2", "retraction")]
+    assert quarantine(lake, "r2") == {("x1", "insert"): V.UNMATCHED_CANCELLATION}
+
+
+def test_index_lookup_reads_only_the_keys_rows(spark, lake_root):
+    from deltarec.lake.engine import LakeEngine
+
+    cfg, lake = setup(spark, lake_root)
+    rows = pa.Table.from_pylist([{"k": f"k{n}", "u": f"u{n % 3}", "v": n, "h": [f"i{n}"] * (n % 2)}
+                                 for n in range(3000)])
+    lake.write("lk", rows.slice(0, 1500))
+    lake.write("lk", rows.slice(1500))
+    few = pa.table({"k": ["k7", "k2999", "nope", None, "k7"]})  # an IN list in the scan
+    many = pa.table({"k": [f"k{n}" for n in range(0, 6000, 2)]})  # above the IN-list size: joined in Arrow
+    pairs = pa.table({"u": ["u1", "u2"], "k": ["k1", "k1"]})  # two key columns
+    for keys, where, want in ((few, None, {7, 2999}), (many, "v >= 1000", set(range(1000, 3000, 2))),
+                              (pairs, None, {1}), (few.slice(0, 0), None, set())):
+        got = lake.lookup("lk", keys, ["v", "h"], where)
+        assert got.column_names == ["v", "h"] and set(got["v"].to_pylist()) == want and got.num_rows == len(want)
+        assert got["h"].to_pylist() == [[f"i{n}"] * (n % 2) for n in got["v"].to_pylist()]
+        # the engines' shared default (a Spark semi-join) returns the same rows
+        spark_side = LakeEngine.lookup(lake, "lk", keys, ["v", "h"], where)
+        assert sorted(spark_side["v"].to_pylist()) == sorted(got["v"].to_pylist())
+    assert lake.lookup("lk", few, version=0).num_rows == 1  # time travel: k2999 came in version 1

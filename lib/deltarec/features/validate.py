@@ -109,8 +109,8 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     ``trained_types``: event types that produce an event example (so a later
     change to them needs a retraction). ``prior_ids``: event ids consumed by
     earlier runs (column ``event_id``). ``prior``: EVENT_INDEX rows of earlier
-    runs — at least those of the event ids updated or deleted tonight and of
-    the (user, item) pairs cancelled tonight."""
+    runs — at least every row of the event ids updated or deleted tonight and
+    of the events that ever held a (user, item) cancelled tonight."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -212,10 +212,14 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     # -- cancellations: retract the most recent matching purchase still in force
     canc = ok.where(is_cancel)
     pairs = canc.select("user_id", "item_id").distinct()
-    current = (known.join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi")
+    # An event is judged by its newest row, whatever (user, item) that row
+    # has: a purchase corrected to another item no longer holds the old pair.
+    held = known.join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi").select("event_id").distinct()
+    current = (known.join(F.broadcast(held), "event_id", "left_semi")
                .withColumn("_rn", F.row_number().over(
                    Window.partitionBy("event_id").orderBy(c("source_version").desc(), c("trained").asc())))
                .where((c("_rn") == 1) & c("trained") & (c("event_type") == "purchase"))
+               .join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi")
                .select("event_id", "user_id", "item_id", "event_time", "source_version"))
     cand = canc.alias("x").join(current.alias("p"), ["user_id", "item_id"]).where(
         (c("p.event_time") <= c("x.event_time")) & (c("p.source_version") <= c("x.source_version")))

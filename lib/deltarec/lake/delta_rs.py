@@ -14,6 +14,7 @@ from .engine import LakeEngine, LakeError, ConcurrentRunError, Data, plain_strin
 import json
 
 METADATA_KEY = "deltarec.metadata"  # custom commit metadata: one JSON string under this key
+LOOKUP_IN_LIST = 1000  # distinct key values up to which a lookup's scan filters with an IN list
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -162,6 +163,43 @@ class DeltaRsEngine(LakeEngine):
             schema = _arrow_schema(dt)
             out = pa.table({n: pa.array([], schema.field(n).type) for n in out.column_names})
         return self._to_spark(out)
+
+    def lookup(self, table: str, keys: pa.Table, columns: list[str] | None = None, where: str | None = None,
+               version: int | None = None) -> pa.Table:
+        # delta-rs's query engine reads the needed columns (a few keys go into
+        # the scan as IN lists, so files are skipped by their statistics), the
+        # semi-join with the keys runs in Arrow: nothing history-sized reaches
+        # Spark, and the cost per history row is a column read in Rust.
+        import pyarrow.compute as pc
+        from deltalake import QueryBuilder
+
+        dt = self._table(table, version)
+        schema = _arrow_schema(dt)
+        names = keys.column_names
+        cols = columns or schema.names
+        missing = [n for n in [*names, *cols] if n not in schema.names]
+        if missing:
+            raise LakeError(f"lookup in {table!r}: no column(s) {missing} (it has {schema.names})")
+        keys = plain_strings(keys).group_by(names).aggregate([])  # distinct key rows
+        conds = [f"({where})"] if where else []
+        for n in names:
+            values = pc.unique(keys[n].drop_null())
+            if len(values) == 0:
+                return pa.table({n: pa.array([], schema.field(n).type) for n in cols})
+            if len(values) <= LOOKUP_IN_LIST:
+                conds.append(f'"{n}" IN ({", ".join(_literal(v) for v in values.to_pylist())})')
+        need = ", ".join(f'"{c}"' for c in dict.fromkeys([*cols, *names]))
+        sql = f"SELECT {need} FROM t" + (f" WHERE {' AND '.join(conds)}" if conds else "")
+        out = plain_strings(pa.RecordBatchReader.from_stream(QueryBuilder().register("t", dt).execute(sql)).read_all())
+        if out.num_rows:  # join on the keys and a row number only: Arrow joins carry no list columns
+            import numpy as np
+
+            pos = out.select(names).append_column("_row", pa.array(np.arange(out.num_rows)))
+            hit = np.sort(pos.join(keys, keys=names, join_type="left semi")["_row"].to_numpy())
+            out = out.take(hit) if len(hit) < out.num_rows else out
+        if out.num_rows == 0:  # one empty chunk per column: Spark rejects chunkless columns
+            return pa.table({n: pa.array([], schema.field(n).type) for n in cols})
+        return out.select(cols).combine_chunks()
 
     def _to_spark(self, arrow: pa.Table) -> "DataFrame":
         spark = self._require_spark()

@@ -114,6 +114,23 @@ class LakeEngine(abc.ABC):
         """Only ``columns`` of the rows matching the SQL predicate ``where``, as a
         Spark DataFrame: lets a job read a slice of a growing table cheaply."""
 
+    def lookup(self, table: str, keys: pa.Table, columns: list[str] | None = None, where: str | None = None,
+               version: int | None = None) -> pa.Table:
+        """The rows of ``table`` (only ``columns``; matching ``where``) whose key
+        columns (the columns of ``keys``) equal a row of ``keys``, into driver
+        memory: a night's slice of a history-sized table, found without the
+        history ever becoming a Spark DataFrame. Null keys match nothing.
+        This default semi-joins in Spark with the keys broadcast."""
+        from pyspark.sql import functions as F
+
+        names = keys.column_names
+        df = self.scan(table, None, where, version)
+        cols = columns or df.columns
+        if keys.num_rows == 0:
+            return plain_strings(df.select(*cols).limit(0).toArrow())
+        k = self._require_spark().createDataFrame(plain_strings(keys)).distinct()
+        return plain_strings(df.join(F.broadcast(k), names, "left_semi").select(*cols).toArrow())
+
     @abc.abstractmethod
     def delete(self, table: str, predicate: str) -> int: ...
 

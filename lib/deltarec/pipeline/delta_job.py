@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 from ..features.changes import check_drift, map_source, mapped_columns
 from ..features.examples import build_examples, trained_types
 from ..features.state import next_item_stats, next_user_state
-from ..features.validate import CANCEL, check_threshold, validate
+from ..features.validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES, check_threshold, validate
 from ..lake import schemas
-from ..lake.engine import LakeError
+from ..lake.engine import LakeError, plain_strings, to_arrow
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -44,7 +44,6 @@ EVENT_INDEX_TABLE = "event_index"
 USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
 EXAMPLES_PER_WRITE = 400_000  # rows per Arrow slice written by the driver (delta-rs)
-LOOKUP_LIMIT = 20_000  # ids / users tonight beyond which the index slice is read without an IN list
 
 
 @dataclass
@@ -60,10 +59,6 @@ class PreparedNight:
     examples_df: "DataFrame"  # this run's rows of training_examples (as written)
     items: "DataFrame"  # the catalogue negatives are drawn from (item_id, ...)
     stats: dict = field(default_factory=dict)  # anything else worth recording in the run's metrics
-
-
-def _sql_list(values: list[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
 
 def base_version(lake: "LakeEngine", table: str, first: int) -> int | None:
@@ -98,27 +93,36 @@ def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine"
     return map_source(raw, m)
 
 
-def _prior_index(lake: "LakeEngine", changes: "DataFrame", first: int, table: str = EVENT_INDEX_TABLE):
-    """(event ids consumed before ``first``, index rows tonight's lookups need)."""
+def _tonight_keys(changes: "DataFrame"):
+    """Tonight's consumed change rows, key columns only, on the driver (one
+    small collect): what the lookups into the history-sized tables start from."""
     from pyspark.sql import functions as F
+
+    return changes.where(F.col("_change_type").isin(*CONSUMED_CHANGES)).select(
+        "_change_type", "event_id", "user_id", "item_id", "event_type").toArrow()
+
+
+def _prior_index(lake: "LakeEngine", keys, first: int, table: str = EVENT_INDEX_TABLE):
+    """Arrow slices of the event index of earlier runs (``source_version <
+    first``): (the ids among tonight's inserts consumed before — duplicates;
+    every row of the events tonight's updates and deletes refer to, and of the
+    events that ever held a (user, item) cancelled tonight). Found by the
+    engine's ``lookup``: the cost per history row is a column read, not Spark."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     if not lake.exists(table):
         return None, None
     before = f"source_version < {first}"
-    ids = lake.scan(table, ["event_id"], where=before)
-    c = F.col
-    keys = [r[0] for r in changes.where(c("_change_type").isin("update_postimage", "delete")
-                                        & c("event_id").isNotNull()).select("event_id").distinct().collect()]
-    users = [r[0] for r in changes.where(c("_change_type").isin("insert", "update_postimage")
-                                         & (c("event_type") == CANCEL) & c("user_id").isNotNull())
-             .select("user_id").distinct().collect()]
-    if not keys and not users:
-        return ids, None
-    if len(keys) + len(users) > LOOKUP_LIMIT:
-        return ids, lake.scan(table, where=before)
-    cond = " OR ".join(([f"event_id IN ({_sql_list(keys)})"] if keys else [])
-                       + ([f"user_id IN ({_sql_list(users)})"] if users else []))
-    return ids, lake.scan(table, where=f"{before} AND ({cond})")
+    ct = keys["_change_type"]
+    ids = lake.lookup(table, keys.filter(pc.equal(ct, "insert")).select(["event_id"]), ["event_id"], before)
+    changed = keys.filter(pc.is_in(ct, pa.array(["update_postimage", "delete"]))).select(["event_id"])
+    cancels = keys.filter(pc.and_(pc.is_in(ct, pa.array(list(EVENT_CHANGES))),
+                                  pc.fill_null(pc.equal(keys["event_type"], CANCEL), False)))
+    held = lake.lookup(table, cancels.select(["user_id", "item_id"]), ["event_id"], before)
+    ids_of = pa.chunked_array(changed["event_id"].chunks + held["event_id"].chunks, pa.string())
+    prior = lake.lookup(table, pa.table({"event_id": ids_of}), None, before)
+    return ids, prior
 
 
 def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int, last: int,
@@ -136,45 +140,98 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
             df.unpersist()
 
 
+class _Stages:
+    """Seconds and Spark jobs per stage of the job (recorded in the run's
+    stats): where a night's time goes. Spark is lazy, so a stage is charged
+    with the work its own actions trigger."""
+
+    def __init__(self, spark):
+        import time
+
+        self._clock, self._tracker = time.perf_counter, spark.sparkContext.statusTracker()
+        self.seconds: dict[str, float] = {}
+        self.jobs: dict[str, int] = {}
+        self._t, self._j = self._clock(), self._last_job()
+
+    def _last_job(self) -> int:
+        return max(self._tracker.getJobIdsForGroup(None) or [-1])
+
+    def __call__(self, stage: str) -> None:
+        t, j = self._clock(), self._last_job()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + t - self._t, 3)
+        self.jobs[stage] = self.jobs.get(stage, 0) + j - self._j
+        self._t, self._j = t, j
+
+
+def _df(spark, arrow):
+    return None if arrow is None else spark.createDataFrame(arrow)
+
+
+def _counts(arrow, column: str) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    return {r["values"]: int(r["counts"]) for r in pc.value_counts(arrow[column]).to_pylist()}
+
+
 def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from pyspark.sql import functions as F
 
+    c = F.col
     L, FC = cfg.lake, cfg.features
-    changes = keep(read_source_changes(spark, cfg, lake, first, last))
+    stage = _Stages(spark)
     index_table, users_table, items_table = (  # this lineage's state tables
         cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.item_stats_table)
-    prior_ids, prior = _prior_index(lake, changes, first, index_table)
-    v = validate(changes, cfg.validation, run_id, trained_types=trained_types(FC), prior_ids=prior_ids, prior=prior)
+    changes = keep(read_source_changes(spark, cfg, lake, first, last))
+    keys = plain_strings(_tonight_keys(changes))
+    stage("read_changes")
+    prior_ids, prior = _prior_index(lake, keys, first, index_table)
+    stage("index_lookup")
+    v = validate(changes, cfg.validation, run_id, trained_types=trained_types(FC), prior_ids=_df(spark, prior_ids),
+                 prior=_df(spark, prior))
     keep(v.checked)
     accepted = keep(v.accepted)
-    quarantined = keep(v.quarantined)
     events = keep(v.events)
     retractions = keep(v.retractions)
 
-    reasons = {r["reason"]: int(r["count"]) for r in quarantined.groupBy("reason").count().collect()}
-    outcomes = {r["outcome"]: int(r["count"]) for r in accepted.groupBy("outcome").count().collect()}
+    # Counted from what is written anyway (the quarantine as Arrow) and one
+    # aggregate for the rest: every Spark job costs a fixed fraction of a second.
+    quarantined = to_arrow(v.quarantined, schemas.QUARANTINE_EVENTS)
+    reasons = _counts(quarantined, "reason")
+    tallies = (accepted.groupBy(F.lit("outcome").alias("what"), c("outcome").alias("value")).count()
+               .unionByName(retractions.groupBy(F.lit("cause").alias("what"), c("cause").alias("value")).count())
+               .collect())
+    outcomes = {r["value"]: int(r["count"]) for r in tallies if r["what"] == "outcome"}
+    causes = {r["value"]: int(r["count"]) for r in tallies if r["what"] == "cause"}
     n_accepted = sum(outcomes.values())
     n_quarantined = sum(reasons.values())
     consumed = n_accepted + n_quarantined
     check_threshold(reasons, consumed, cfg.validation.max_quarantine_fraction)
+    stage("validate")
 
     # ---- state as of before tonight (time travel past this range's own commits)
     meta = {"run_id": run_id, "source_first": str(first), "source_last": str(last)}
     for table, schema in ((users_table, schemas.USER_STATE), (items_table, schemas.ITEM_STATS)):
         lake.create(table, schema)
-    base_users = lake.scan(users_table, version=base_version(lake, users_table, first))
-    base_items = lake.scan(items_table, version=base_version(lake, items_table, first))
-    touched_users = events.select("user_id").unionByName(retractions.select("user_id")).distinct()
-    base_users = keep(base_users.join(F.broadcast(touched_users), "user_id", "left_semi"))
-    base_items = keep(base_items)  # catalogue-sized: popularity negatives need all of it
+    # Users touched tonight: tonight's rows' users and the earlier owners of the
+    # events they change (a superset is fine: next_user_state joins by user).
+    touched = pa.chunked_array(keys["user_id"].chunks + (prior["user_id"].chunks if prior is not None else []),
+                               pa.string())
+    base_users = keep(_df(spark, lake.lookup(users_table, pa.table({"user_id": pc.unique(touched)}),
+                                             version=base_version(lake, users_table, first))))
+    base_items = keep(lake.scan(items_table, version=base_version(lake, items_table, first)))  # catalogue-sized
 
     items = lake.read(L.items_table) if lake.exists(L.items_table) else None
-    new_users = keep(next_user_state(base_users, events, retractions, FC))
-    new_items = keep(next_item_stats(base_items, events, retractions, FC,
-                                items.select("item_id", "text") if items is not None else None))
-    stats_after = base_items.join(new_items.select("item_id"), "item_id", "left_anti").unionByName(new_items)
+    new_users = to_arrow(next_user_state(base_users, events, retractions, FC), schemas.USER_STATE)
+    new_items = to_arrow(next_item_stats(base_items, events, retractions, FC,
+                                         items.select("item_id", "text") if items is not None else None),
+                         schemas.ITEM_STATS)
+    tonight_items = _df(spark, new_items)
+    stats_after = base_items.join(tonight_items.select("item_id"), "item_id", "left_anti").unionByName(tonight_items)
     if items is None:  # no catalogue table: negatives come from every item seen so far
         items = stats_after.select("item_id")
+    stage("state")
 
     examples = build_examples(events, retractions, items, FC, run_id, history=base_users,
                               item_stats=stats_after)
@@ -186,11 +243,12 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     lake.create(index_table, schemas.EVENT_INDEX)
     lake.write(index_table, v.index, mode="overwrite", replace_where=f"source_version >= {first}",
                schema=schemas.EVENT_INDEX)
-    n_users, n_items = new_users.count(), new_items.count()
+    n_users, n_items = new_users.num_rows, new_items.num_rows
     if n_users:
         lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta)
     if n_items:
         lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta)
+    stage("write_state")
     lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
     # A big night (a first run over years of history) is written in slices, so
     # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
@@ -202,11 +260,14 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
         lake.write(L.examples_table, examples.where(part == k) if slices > 1 else examples,
                    mode="overwrite" if k == 0 else "append", replace_where=f"run_id = '{run_id}'" if k == 0 else None,
                    partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
+    stage("examples")
 
+    this_run = pa.table({"run_id": [run_id]})
+    kinds = _counts(lake.lookup(L.examples_table, this_run, ["kind"]), "kind")
     new_examples = lake.scan(L.examples_table, where=f"run_id = '{run_id}'")  # one partition
-    kinds = {r["kind"]: int(r["count"]) for r in new_examples.groupBy("kind").count().collect()}
-    causes = {r["cause"]: int(r["count"]) for r in retractions.groupBy("cause").count().collect()}
+    stage("report")
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes,
-             "users_updated": n_users, "items_updated": n_items}
+             "users_updated": n_users, "items_updated": n_items,
+             "stage_seconds": stage.seconds, "stage_spark_jobs": stage.jobs}
     return PreparedNight(run_id, first, last, consumed, n_accepted, n_quarantined, reasons,
                          sum(kinds.values()), new_examples, items, stats)
