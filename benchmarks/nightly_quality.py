@@ -464,14 +464,48 @@ def round_cost(c: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in c.items()}
 
 
+# run_nightly's steps, timed by wrapping them in the nightly module: where a night's seconds go
+PHASES = {"prepare_night": "delta_job", "_training_files": "training_files", "_replay_files": "replay",
+          "_prequential": "prequential", "_gate": "gate", "_after_commit": "after_commit"}
+_PHASE_SECONDS: dict[str, float] = {}
+
+
+def instrument_phases() -> None:
+    import functools
+
+    from deltarec.pipeline import nightly
+
+    for fn, phase in PHASES.items():
+        orig = getattr(nightly, fn, None)
+        if orig is None or getattr(orig, "_timed", False):
+            continue
+
+        def timed(*a, _orig=orig, _phase=phase, **kw):
+            t = time.perf_counter()
+            try:
+                return _orig(*a, **kw)
+            finally:
+                _PHASE_SECONDS[_phase] = _PHASE_SECONDS.get(_phase, 0.0) + time.perf_counter() - t
+
+        timed._timed = True
+        setattr(nightly, fn, functools.wraps(orig)(timed))
+
+
 def run_pipeline(run_nightly, spark, cfg, lake, jvm_pid: int) -> dict[str, Any]:
     """One ``run_nightly`` with its cost: wall seconds (Spark + training + commit),
-    examples trained, peak RSS of the training processes and of the JVM."""
+    examples trained, peak RSS of the training processes and of the JVM, and
+    seconds per step of the night (``phases``; 'other' is the rest: ledger
+    reads, checkpoint verification, the commit)."""
+    instrument_phases()
     reset_peak()
     reset_peak(jvm_pid)
+    _PHASE_SECONDS.clear()
     t = time.perf_counter()
     res = run_nightly(spark, cfg, lake=lake)
     seconds = time.perf_counter() - t
+    phases = {k: round(v, 2) for k, v in _PHASE_SECONDS.items()}
+    phases["train"] = round(res.train_seconds, 2)
+    phases["other"] = round(seconds - sum(phases.values()), 2)
     if res.status != "committed":
         raise RuntimeError(f"{cfg.lake.runs_table}: run_nightly did nothing ({res.status}); the benchmark "
                            "appends a day before every night, so this is a bug")
@@ -483,7 +517,7 @@ def run_pipeline(run_nightly, spark, cfg, lake, jvm_pid: int) -> dict[str, Any]:
             "new_examples": res.examples, "strategy": res.strategy, "status": getattr(run, "status", None),
             # the local backend trains in this process: its peak is the driver's since reset_peak()
             "peak_rss_mb": max(rss) if rss and tr.get("backend") != "local" else peak_mb(),
-            "jvm_peak_rss_mb": peak_mb(jvm_pid), "run_id": res.run_id}
+            "jvm_peak_rss_mb": peak_mb(jvm_pid), "run_id": res.run_id, "phases": phases}
 
 
 def fit_als(als: ImplicitALS, spark, cfg, lake, jvm_pid: int) -> dict[str, Any]:
@@ -512,6 +546,10 @@ def write_outputs(out_dir: Path, meta: dict, results: dict, seconds: float, part
             "max_peak_rss_mb": max([n.get("peak_rss_mb") or 0 for n in nights], default=None) or None,
             "nights": nights,
         }
+        phased = [n["phases"] for n in nights if n.get("phases")]
+        if phased:
+            strategies[name]["mean_phases"] = {k: _mean([ph.get(k) for ph in phased])
+                                               for k in dict.fromkeys(k for ph in phased for k in ph)}
     goal = goal_check(strategies)
     doc = {"benchmark": "nightly_quality", "partial": partial, "total_seconds": round(seconds, 1),
            **meta, "goal": goal, "strategies": strategies}
@@ -562,6 +600,11 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {_f(m['mean_ndcg10'])} | {_f(m['mean_hr10'])} | {_f(m['mean_auc'])} | "
                      f"{_f(m['mean_gauc'])} | {_f(m['mean_seconds'], '.1f')} | {_f(m['mean_examples'], ',.0f')} | "
                      f"{_f(m['max_peak_rss_mb'], '.0f')} |")
+    for name in ("incremental", "full_retrain"):
+        ph = s[name].get("mean_phases")
+        if ph:
+            lines += ["", f"Where a {name} night's seconds go (means): "
+                      + ", ".join(f"{p} {_f(v, '.1f')}" for p, v in ph.items())]
     lines += ["", f"Per night: NDCG@{k} / seconds", "",
               "| night | trained on | scored on | users | " + " | ".join(STRATEGIES) + " |",
               "|---|---|---|---|" + "---|" * len(STRATEGIES)]
