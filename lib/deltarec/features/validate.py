@@ -74,6 +74,7 @@ class Validated:
     index: "DataFrame"  # EVENT_INDEX rows of tonight's accepted changes
     quarantined: "DataFrame"  # QUARANTINE_EVENTS columns (run_id set)
     checked: "DataFrame | None" = None  # the cached rows the above derive from (unpersist when done)
+    cached: tuple = ()  # every DataFrame cached here, `checked` included (unpersist when done)
 
 
 def _blank(c: "Column") -> "Column":
@@ -170,7 +171,11 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     rows = rows.withColumn("_reason", F.when(
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
         F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
-    rows = rows.cache()  # used by every branch below: evaluate the checks once
+    # Cached: `rows` and the two lookups every output below shares (the
+    # earlier state of changed events, the cancellations' matches), so each is
+    # computed once however many outputs are read — on a small night each
+    # Spark job is mostly fixed cost.
+    rows = rows.cache()
 
     ok = rows.where(c("_reason").isNull())
     trained = F.coalesce(c("event_type").isin(*trained_types), F.lit(False))
@@ -185,7 +190,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
             .withColumn("_rn", F.row_number().over(
                 Window.partitionBy("event_id", "_v").orderBy(c("source_version").desc(), c("trained").asc())))
             .where(c("_rn") == 1)
-            .select(*[c(n).alias("_p_" + n) for n in INDEX], "_v"))
+            .select(*[c(n).alias("_p_" + n) for n in INDEX], "_v")).cache()
 
     # -- updates: replace the earlier event
     # (joins by column name: both sides derive from `rows`, so Column objects would be ambiguous)
@@ -230,7 +235,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         c("x.event_time"), c("x.source_version"), c("x.event_id")))).where(c("_claim") == 1)
     matches = best.select(c("x.event_id").alias("_cancel_id"), c("x.source_version").alias("_cv"),
                           c("p.event_id").alias("event_id"), "user_id", "item_id",
-                          c("p.event_time").alias("_purchase_time"), c("x.event_time").alias("event_time"))
+                          c("p.event_time").alias("_purchase_time"), c("x.event_time").alias("event_time")).cache()
     canc = canc.join(matches.select("_cancel_id", "_cv"),
                      (c("event_id") == c("_cancel_id")) & (c("source_version") == c("_cv")), "left")
     canc_ok = canc.where(c("_cancel_id").isNotNull()).drop("_cancel_id", "_cv")
@@ -278,7 +283,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
                    .unionByName(quarantine(canc_bad.withColumn("_detail", F.lit(
                        "no purchase of this user and item in force at or before the cancellation")),
                        UNMATCHED_CANCELLATION)))
-    return Validated(accepted, events, retractions, index, quarantined, rows)
+    return Validated(accepted, events, retractions, index, quarantined, rows, (rows, prev, matches))
 
 
 def check_threshold(counts: dict[str, int], consumed: int, max_fraction: float) -> None:

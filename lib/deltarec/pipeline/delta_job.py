@@ -130,7 +130,7 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     cached: list = []
 
     def keep(df):  # cached for this run only: released in `finally`, before training needs the memory
-        cached.append(df.cache())
+        cached.append(df if df.is_cached else df.cache())
         return df
 
     try:
@@ -190,7 +190,8 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     stage("index_lookup")
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(FC), prior_ids=_df(spark, prior_ids),
                  prior=_df(spark, prior))
-    keep(v.checked)
+    for df in v.cached:
+        keep(df)
     accepted = keep(v.accepted)
     events = keep(v.events)
     retractions = keep(v.retractions)
