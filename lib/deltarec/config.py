@@ -196,7 +196,7 @@ class TrainConfig:
     launcher: str = field(default="spark", metadata=_choices("spark", "processes"))
     num_proc: int = 2
     use_gpu: bool = False
-    optimizer: str = field(default="adam", metadata=_choices("sgd", "adagrad", "rmsprop", "adam", "adamw"))
+    optimizer: str = field(default="adam", metadata=_choices("sgd", "adagrad", "rmsprop", "adam", "adamw", "lazy_adam"))
     lr: float = 0.003
     weight_decay: float = 0.0
     batch_size: int = 1024  # global batch: split across workers
