@@ -32,6 +32,7 @@ import torch
 from ..data.shards import Batch, columns_for, read_shard, to_shard
 from ..models import build_model
 from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import LazyAdam, clip_grad_norm
 from .regularizers import FISHER_FILE, Anchor, distillation, ewc_penalty, fisher_diagonal, fisher_from_bytes, \
     fisher_to_bytes, proximal_penalty
 
@@ -43,6 +44,8 @@ OPTIMIZERS = {
     "rmsprop": lambda p, lr, wd: torch.optim.RMSprop(p, lr=lr, weight_decay=wd),
     "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd),
     "adamw": lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+    # Adam whose embedding rows update only when a batch touches them (train/optim.py)
+    "lazy_adam": lambda p, lr, wd: LazyAdam(p, lr=lr, weight_decay=wd),
 }
 
 
@@ -347,9 +350,40 @@ def _stop_early(spec: TrainSpec, model, val, collective, state: dict[str, Any], 
     return state["bad_epochs"] >= spec.patience
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in this process's heap (glibc).
+
+    Each step allocates and frees temporaries the size of the embedding
+    tables (dense gradients, optimizer intermediates). glibc serves blocks
+    over its mmap threshold with fresh mappings and returns heap tops to the
+    OS, so a new worker process page-faults those megabytes every step until
+    its adaptive threshold catches up: measured here, a fresh worker ran its
+    steps 1.3-1.7x slower than a warmed one. Fixing the thresholds (what
+    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would do at start-up)
+    removes that; the cost is memory kept for reuse. A no-op off glibc."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 256 << 20) == 1
+    except (OSError, AttributeError):
+        ok = False
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
 def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     """Train this rank. ``shard``: tensors already in memory instead of reading
     ``spec.files`` (the throughput benchmark's ceiling)."""
+    tune_allocator()
     rank, world = collective.rank, collective.size
     t0 = time.perf_counter()
     device = device_for(spec, collective.local_rank)
@@ -404,7 +438,14 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
         bar = tqdm(total=steps * spec.epochs, desc=f"train {spec.run_id} ×{world}", unit="step",
                    mininterval=2.0, leave=False)
     model.train()
-    seen, loss_sum, compute_seconds = 0, 0.0, 0.0
+    seen, compute_seconds = 0, 0.0
+    # Steady state: examples/second after the first few steps, which pay
+    # one-off costs (lazy imports such as torch._dynamo on the first optimizer
+    # step, allocator growth, CUDA kernels loading) that a long run amortises.
+    warm_steps, warm_at, warm_seen, steps_run = min(10, max(steps // 10, 1)), None, 0, 0
+    first_step_at = None
+    # Summed on the device: reading it each step would make the CPU wait for the GPU.
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     start_epoch, start_step = state["run_epoch"], state["run_step"]
     if bar is not None and (start_epoch or start_step):
         bar.update(start_epoch * steps + start_step)
@@ -414,6 +455,11 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
         perm = torch.randperm(len(shard), generator=g) if spec.shuffle else torch.arange(len(shard))
         for t in range(start_step if epoch == start_epoch else 0, steps):
             tw = time.perf_counter()
+            if first_step_at is None:
+                first_step_at = tw
+            if steps_run == warm_steps:
+                warm_at, warm_seen = tw, seen
+            steps_run += 1
             idx = perm[t * local_bs:(t + 1) * local_bs]
             idx = idx.to(device)
             batch = shard.take(idx)
@@ -443,14 +489,14 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
                 raw = raw + part.detach()
             if spec.grad_clip > 0:
                 dopt.synchronize()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                clip_grad_norm(model.parameters(), spec.grad_clip)
                 with dopt.skip_synchronize():
                     dopt.step()
             else:
                 dopt.step()
             compute_seconds += time.perf_counter() - tc
             seen += len(idx)
-            loss_sum += float(raw)
+            loss_acc += raw
             state["global_step"] = int(state.get("global_step", 0)) + 1
             state["run_epoch"], state["run_step"] = (epoch, t + 1) if t + 1 < steps else (epoch + 1, 0)
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0 \
@@ -458,13 +504,17 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
                 _save_inrun(spec, model, optimizer, state)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", ex_s=f"{seen * world / (time.perf_counter() - t0):.0f}",
-                                refresh=False)
+                if t % 50 == 0 or t + 1 == steps:
+                    bar.set_postfix(loss=f"{float(loss_acc) / max(seen, 1):.4f}",
+                                    ex_s=f"{seen * world / (time.perf_counter() - t0):.0f}", refresh=False)
         if spec.validation_fraction > 0:  # the same on every rank: they all join the gather
             if _stop_early(spec, model, val, collective, state, device, cuda):
                 break
     if bar is not None:
         bar.close()
+    if cuda:
+        torch.cuda.synchronize(device)  # steps queued on the GPU count in the time
+    steps_end = time.perf_counter()
     fisher = None
     if spec.fisher_batches > 0:  # for EWC next night; every rank joins the allreduce
         n_fb = min(spec.fisher_batches, math.ceil(len(shard) / max(local_bs, 1)))
@@ -476,7 +526,12 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     mine = {"rank": rank, "examples": seen, "seconds": round(seconds, 3),
             "examples_per_second": round(seen / seconds, 1) if seconds else 0.0,
             "data_seconds": round(data_seconds, 3), "compute_seconds": round(compute_seconds, 3),
-            "loss_sum": loss_sum,
+            "setup_seconds": round((first_step_at or steps_end) - t0, 3),
+            "sync_seconds": round(getattr(dopt, "sync_seconds", 0.0), 3),
+            "steady_examples_per_second": round((seen - warm_seen) / (steps_end - warm_at), 1)
+            if warm_at is not None and steps_end > warm_at else None,
+            "loss_sum": float(loss_acc), "device": str(device),
+            "comm": getattr(collective, "backend", collective.name),
             # this worker process's peak resident memory (Linux reports KiB), for cost benchmarks
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     ranks = collective.allgather_object(mine)
