@@ -43,6 +43,8 @@ def _release_cached_data():
     """One JVM serves the whole run: drop each module's cached DataFrames so the
     driver heap does not fill up over 100+ tests."""
     yield
+    if "pyspark" not in sys.modules:  # no Spark in this run (e.g. the GPU tests on a torch-only machine)
+        return
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
