@@ -7,7 +7,12 @@ item_stats, training examples), then appends a fixed night — inserts with ~1%
 cancellations, plus a commit of deletes and one of updates of history events
 — and times the incremental ``prepare_night`` over the night's versions. Users
 and items are the same for every size (the history grows, the audience does
-not). Prints a table and, as the last line, ``ratio_16x_1x=<float>``.
+not). The lakes are built first; then every size's night is timed in
+``--repeat`` rounds (order reversed each round, so load that comes and goes
+weighs on all sizes alike; a rerun is idempotent, so each is a fair run) and
+the fastest counts. Wall and CPU seconds (Python + Spark's JVM), Spark jobs
+and seconds per stage go to the JSON rows. Prints a table and, as the last
+line, ``ratio_16x_1x=<float>`` (wall seconds).
 
     .venv/bin/python benchmarks/delta_scaling.py            # night of 50k events
     .venv/bin/python benchmarks/delta_scaling.py --quick    # night of 5k events
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -51,7 +57,9 @@ def events(n: int, start: int, users: int, items: int, t0: dt.datetime, seconds:
     }, schema=schemas.BEHAVIOR_EVENTS)
 
 
-def measure(spark, base_cfg_args, night: int, multiple: int, users: int, items: int, repeat: int, workdir: Path):
+def build(spark, base_cfg_args, night: int, multiple: int, users: int, items: int, workdir: Path) -> dict:
+    """A lake with ``multiple`` nights of history consumed by a first run, and
+    the night (inserts, deletes, updates) appended, not yet consumed."""
     from deltalake import DeltaTable
 
     from deltarec.config import load_config
@@ -86,18 +94,46 @@ def measure(spark, base_cfg_args, night: int, multiple: int, users: int, items: 
     fixed = rng.choice(np.setdiff1d(np.arange(n_hist), gone), touch, replace=False)
     dtab.update(predicate="event_id IN (" + ", ".join(f"'e{g}'" for g in fixed) + ")", updates={"quantity": "7"})
     last = lake.version(cfg.lake.events_table)
-    times, stages = [], []
-    for _ in range(repeat):  # a rerun of the same range is idempotent: a fair second measurement
-        t = time.perf_counter()
-        res = J.prepare_night(spark, cfg, lake, first, last, "night")
-        times.append(time.perf_counter() - t)
-        stages.append(res.stats)
-    best = stages[times.index(min(times))]
     index_rows = lake.scan(J.EVENT_INDEX_TABLE, ["event_id"]).count()
-    return {"multiple": multiple, "history_events": n_hist, "index_rows": index_rows, "night_rows": res.consumed,
-            "examples": res.examples, "quarantined": res.quarantined, "history_build_s": round(build_s, 1),
-            "night_s": round(min(times), 2), "night_s_all": [round(x, 2) for x in times],
-            "stage_s": best["stage_seconds"], "stage_spark_jobs": best["stage_spark_jobs"]}
+    return {"multiple": multiple, "history_events": n_hist, "index_rows": index_rows,
+            "history_build_s": round(build_s, 1), "_night": (cfg, lake, first, last), "_runs": []}
+
+
+def cpu_seconds(spark) -> float:
+    """CPU seconds of this process and of Spark's JVM (local mode: the
+    executors are its threads) — less sensitive than wall time to what else
+    runs on the machine."""
+    t = time.process_time()
+    try:  # spark-submit execs the JVM, so the gateway's process is the JVM
+        with open(f"/proc/{spark.sparkContext._gateway.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        t += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, IndexError, ValueError):
+        return float("nan")
+    return t
+
+
+def time_night(spark, row) -> None:
+    """One incremental run over the night (a rerun of the same range is
+    idempotent, so every repetition is a fair measurement)."""
+    from deltarec.pipeline import delta_job as J
+
+    cfg, lake, first, last = row["_night"]
+    c, t = cpu_seconds(spark), time.perf_counter()
+    res = J.prepare_night(spark, cfg, lake, first, last, "night")
+    row["_runs"].append({"s": time.perf_counter() - t, "cpu_s": cpu_seconds(spark) - c, "load1": os.getloadavg()[0],
+                         "stages": res.stats["stage_seconds"], "jobs": res.stats["stage_spark_jobs"]})
+    row.update(night_rows=res.consumed, examples=res.examples, quarantined=res.quarantined)
+
+
+def summary(row) -> dict:
+    runs = row["_runs"]
+    best = min(runs, key=lambda r: r["s"])
+    out = {k: v for k, v in row.items() if not k.startswith("_")}
+    out.update(night_s=round(best["s"], 2), night_s_all=[round(r["s"], 2) for r in runs],
+               night_cpu_s=round(min(r["cpu_s"] for r in runs), 2), load1_all=[round(r["load1"], 1) for r in runs],
+               stage_s=best["stages"], stage_spark_jobs=best["jobs"])
+    return out
 
 
 def main(argv=None) -> int:
@@ -105,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--night", type=int, default=50_000, help="events in the timed night")
     ap.add_argument("--multiples", default="1,4,16", help="history sizes, in nights (must include 1 and 16)")
     ap.add_argument("--quick", action="store_true", help="a 5k-event night")
-    ap.add_argument("--repeat", type=int, default=1, help="time each night this many times; report the fastest")
+    ap.add_argument("--repeat", type=int, default=2, help="time each night this many times (in rounds); report the fastest")
     ap.add_argument("--workdir", default=None, help="where the lakes go (default: a temp dir, removed after)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
@@ -124,17 +160,26 @@ def main(argv=None) -> int:
     rows = []
     try:
         for m in multiples:
-            rows.append(measure(spark, base, night, m, users, items, args.repeat, workdir))
-            print(json.dumps(rows[-1]), flush=True)
+            rows.append(build(spark, base, night, m, users, items, workdir))
+        # Every size's nights are timed in rounds, the order reversed each round,
+        # so a change in the machine's load over time weighs on all sizes alike.
+        for k in range(args.repeat):
+            for row in (rows if k % 2 == 0 else rows[::-1]):
+                time_night(spark, row)
+                print(json.dumps({"multiple": row["multiple"], **row["_runs"][-1]}), flush=True)
+        rows = [summary(r) for r in rows]
+        for r in rows:
+            print(json.dumps(r), flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nnight of {night} events, {users} users, {items} items; spark {spark.conf.get('spark.master')}")
-    print("| history | history events | index rows | night rows | examples | night s |")
-    print("|---|---|---|---|---|---|")
+    print("| history | history events | index rows | night rows | examples | night s (each run) | night CPU s | Spark jobs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['multiple']}x | {r['history_events']} | {r['index_rows']} | {r['night_rows']} | "
-              f"{r['examples']} | {r['night_s']:.2f} |")
+              f"{r['examples']} | {r['night_s']:.2f} ({', '.join(map(str, r['night_s_all']))}) | "
+              f"{r['night_cpu_s']:.1f} | {sum(r['stage_spark_jobs'].values())} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     by = {r["multiple"]: r["night_s"] for r in rows}

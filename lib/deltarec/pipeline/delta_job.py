@@ -15,10 +15,16 @@ run over that range:
   version >= ``first``; tonight's rows are absolute values computed from it,
   so repeating the MERGE changes nothing.
 
-Cost follows the night, not the history: the event index is read as one
-column (event ids, for duplicates) plus the few rows that tonight's updates,
-deletes and cancellations refer to, both filtered by delta-rs / Spark before
-they reach the job; the state is read for the catalogue's items and the users.
+Cost follows the night, not the history: tonight's keys (one small collect)
+find their slice of the event index (duplicate ids; every row of the events
+tonight's updates, deletes and cancellations refer to) and of ``user_state``
+through the engine's ``lookup`` — with delta-rs a column read and an Arrow
+semi-join, so nothing history-sized becomes a Spark DataFrame; ``item_stats``
+is read whole (catalogue-sized: popularity negatives need it). Each Spark job
+costs a fixed fraction of a second, so counts come from what is written
+anyway and shared intermediates are cached; ``stats["stage_seconds"]`` and
+``stats["stage_spark_jobs"]`` say where a night's time went
+(``benchmarks/delta_scaling.py``).
 """
 from __future__ import annotations
 
