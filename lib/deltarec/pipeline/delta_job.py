@@ -105,15 +105,47 @@ def _tonight_keys(changes: "DataFrame"):
     from pyspark.sql import functions as F
 
     return changes.where(F.col("_change_type").isin(*CONSUMED_CHANGES)).select(
-        "_change_type", "event_id", "user_id", "item_id", "event_type").toArrow()
+        "_change_type", "event_id", "user_id", "item_id", "event_type", "event_time").toArrow()
+
+
+def _micros(col):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.cast(pc.cast(col, pa.timestamp("us", "UTC")), pa.int64())
+
+
+def _cancel_candidates(rows, cancels):
+    """Event ids among ``rows`` (every index row of some events) that a
+    cancellation could retract: an event whose newest row is a trained
+    purchase, and for each cancellation only the latest such purchase of its
+    (user, item) at or before it — validation's own choice among earlier runs'
+    purchases (ties: newer version, then larger id), so the rest of a popular
+    pair's history never reaches Spark."""
+    import pandas as pd
+
+    r = rows.select(["event_id", "user_id", "item_id", "event_type", "trained", "source_version"]).to_pandas()
+    r["t"] = _micros(rows["event_time"]).to_numpy(zero_copy_only=False)
+    newest = r.sort_values(["event_id", "source_version", "trained"], ascending=[True, False, True]) \
+        .drop_duplicates("event_id")
+    held = newest[newest["trained"].fillna(False) & (newest["event_type"] == "purchase") & newest["t"].notna()]
+    x = cancels.select(["user_id", "item_id"]).to_pandas()
+    x["t"] = _micros(cancels["event_time"]).to_numpy(zero_copy_only=False)
+    x = x.dropna()
+    if held.empty or x.empty:
+        return []
+    held = held.astype({"t": "int64"}).sort_values(["t", "source_version", "event_id"], kind="stable")
+    got = pd.merge_asof(x.astype({"t": "int64"}).sort_values("t"), held[["t", "user_id", "item_id", "event_id"]],
+                        on="t", by=["user_id", "item_id"], direction="backward")
+    return sorted(set(got["event_id"].dropna()))
 
 
 def _prior_index(lake: "LakeEngine", keys, first: int, table: str = EVENT_INDEX_TABLE):
     """Arrow slices of the event index of earlier runs (``source_version <
     first``): (the ids among tonight's inserts consumed before — duplicates;
     every row of the events tonight's updates and deletes refer to, and of the
-    events that ever held a (user, item) cancelled tonight). Found by the
-    engine's ``lookup``: the cost per history row is a column read, not Spark."""
+    purchases tonight's cancellations could retract). Found by the engine's
+    ``lookup``: the cost per history row is a column read, not Spark."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -122,12 +154,16 @@ def _prior_index(lake: "LakeEngine", keys, first: int, table: str = EVENT_INDEX_
     before = f"source_version < {first}"
     ct = keys["_change_type"]
     ids = lake.lookup(table, keys.filter(pc.equal(ct, "insert")).select(["event_id"]), ["event_id"], before)
-    changed = keys.filter(pc.is_in(ct, pa.array(["update_postimage", "delete"]))).select(["event_id"])
+    changed = pc.unique(keys.filter(pc.is_in(ct, pa.array(["update_postimage", "delete"])))["event_id"].drop_null())
+    prior = lake.lookup(table, pa.table({"event_id": changed}), None, before)
     cancels = keys.filter(pc.and_(pc.is_in(ct, pa.array(list(EVENT_CHANGES))),
                                   pc.fill_null(pc.equal(keys["event_type"], CANCEL), False)))
-    held = lake.lookup(table, cancels.select(["user_id", "item_id"]), ["event_id"], before)
-    ids_of = pa.chunked_array(changed["event_id"].chunks + held["event_id"].chunks, pa.string())
-    prior = lake.lookup(table, pa.table({"event_id": ids_of}), None, before)
+    held = lake.lookup(table, cancels.select(["user_id", "item_id"]), ["event_id"], before)["event_id"]
+    held = pc.filter(held, pc.invert(pc.is_in(held, changed)))  # those are in `prior` already, every row
+    if len(held):
+        rows = lake.lookup(table, pa.table({"event_id": pc.unique(held)}), None, before)
+        keep = pa.array(_cancel_candidates(rows, cancels), pa.string())
+        prior = pa.concat_tables([prior, rows.filter(pc.is_in(rows["event_id"], keep))], promote_options="permissive")
     return ids, prior
 
 
