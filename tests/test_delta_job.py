@@ -247,3 +247,16 @@ def test_index_lookup_reads_only_the_keys_rows(spark, lake_root):
         spark_side = LakeEngine.lookup(lake, "lk", keys, ["v", "h"], where)
         assert sorted(spark_side["v"].to_pylist()) == sorted(got["v"].to_pylist())
     assert lake.lookup("lk", few, version=0).num_rows == 1  # time travel: k2999 came in version 1
+
+
+def test_late_cancellation_takes_the_purchase_at_or_before_it(spark, lake_root):
+    cfg, lake = setup(spark, lake_root)
+    append(cfg, lake, [ev("p0", "u1", "i1", 0.5), ev("p1", "u1", "i1", 1), ev("p2", "u1", "i1", 10),
+                       ev("q1", "u2", "i1", 1)])
+    J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    # x1 arrives late (5h, between p1 and p2); x2 (20h) takes the newest; x3 (0.1h) precedes every purchase
+    append(cfg, lake, [ev("x1", "u1", "i1", 5, "cancel", qty=-1), ev("x2", "u1", "i1", 20, "cancel", qty=-1),
+                       ev("x3", "u1", "i1", 0.1, "cancel", qty=-1)])
+    n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    assert rows_of(n1.examples_df, "event_id", "kind") == [("p1:r1", "retraction"), ("p2:r1", "retraction")]
+    assert quarantine(lake, "r1") == {("x3", "insert"): V.UNMATCHED_CANCELLATION}
