@@ -101,8 +101,10 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
                 rows = rows.filter(pc.equal(rows["holdout"], True))
             items = lake.read(inputs["items_table"], version=inputs.get("items_version"))
             rebuilt = evaluate_models({"candidate": _load_model(ck["path"], ck["sha256"])},
+                                      # the columns the nightly gate scored with (histories need the time order)
                                       rows.select(["user_idx", "item_idx", "label"] + [
-                                          c for c in ("history_idx",) if c in rows.column_names]),
+                                          c for c in ("history_idx", "event_time", "event_id")
+                                          if c in rows.column_names]),
                                       _catalog_idx(cfg, items), sorted(recorded))
             for m, v in sorted(recorded.items()):
                 comparisons.append(_compare(f"gate.{m}", v, rebuilt["candidate"].get(m, float("nan")), tolerance))
