@@ -47,16 +47,13 @@ def make_data(n: int, path: Path) -> None:
     }), path, row_group_size=1 << 16)
 
 
-OPTIMIZER = "adam"  # --optimizer
-
-
-def spec(path: Path, out: Path, batch: int, gpu: bool = False) -> TrainSpec:
+def spec(path: Path, out: Path, batch: int, gpu: bool = False, optimizer: str = "adam") -> TrainSpec:
     return TrainSpec(run_id="bench", files=[str(path)], model_name="ranking", model_params=PARAMS,
-                     optimizer=OPTIMIZER, lr=0.003, weight_decay=0.0, batch_size=batch, epochs=1, seed=1,
+                     optimizer=optimizer, lr=0.003, weight_decay=0.0, batch_size=batch, epochs=1, seed=1,
                      checkpoint_dir=str(out), progress=False, use_gpu=gpu)
 
 
-def ceiling(path: Path, out: Path, batch: int, gpu: bool = False) -> float:
+def ceiling(path: Path, out: Path, batch: int, gpu: bool = False, optimizer: str = "adam") -> dict:
     """The same training loop, model, optimizer and batches in one process, on
     tensors already in memory: only the data path and the other workers are
     missing. Warmed up once (allocator, lazy init) so it is the steady state."""
@@ -65,8 +62,8 @@ def ceiling(path: Path, out: Path, batch: int, gpu: bool = False) -> float:
 
     shard = to_shard(read_shard([str(path)], 0, 1))
     torch.set_num_threads(1)
-    train_worker(spec(path, out / "warm", batch, gpu), LocalCollective(), shard=shard)
-    res = train_worker(spec(path, out / "ceil", batch, gpu), LocalCollective(), shard=shard)
+    train_worker(spec(path, out / "warm", batch, gpu, optimizer), LocalCollective(), shard=shard)
+    res = train_worker(spec(path, out / "ceil", batch, gpu, optimizer), LocalCollective(), shard=shard)
     return res["ranks"][0]
 
 
@@ -82,8 +79,6 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", default="adam",
                     help="train.optimizer of every run (adam, lazy_adam, adagrad, ...; default adam)")
     args = ap.parse_args(argv)
-    global OPTIMIZER
-    OPTIMIZER = args.optimizer
     n = args.rows or (60_000 if args.quick else 400_000)
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(names) - {"horovod", "torch", "processes"})
@@ -107,27 +102,27 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "examples.parquet"
         make_data(n, data)
-        c = ceiling(data, Path(tmp), args.batch, args.gpu)
+        c = ceiling(data, Path(tmp), args.batch, args.gpu, args.optimizer)
         ceil = c.get("steady_examples_per_second") or c["examples_per_second"]
         rows.append(("ceiling (same loop, tensors in memory, 1 process)", 1, ceil, ceil,
-                     c["examples_per_second"], c.get("setup_seconds", 0.0)))
+                     c["examples_per_second"], c["setup_seconds"]))
         runs = [("local", 1, LocalBackend())]
         for w in workers:
             runs += [(labels[b], w, make[b](w)) for b in names]
         for name, w, backend in runs:
             t0 = time.perf_counter()
-            res = backend.run(spec(data, Path(tmp) / f"ck-{name}-{w}", args.batch, args.gpu))
+            res = backend.run(spec(data, Path(tmp) / f"ck-{name}-{w}", args.batch, args.gpu, args.optimizer))
             wall = time.perf_counter() - t0
             per_worker = float(np.mean([r.get("steady_examples_per_second") or r["examples_per_second"]
                                         for r in res["ranks"]]))
             whole = float(np.mean([r["examples_per_second"] for r in res["ranks"]]))
-            setup = max(r.get("setup_seconds", 0.0) for r in res["ranks"])
+            setup = max(r["setup_seconds"] for r in res["ranks"])
             rows.append((f"{name} pipeline", w, per_worker * w, per_worker, whole, setup))
             print(f"  {name} ×{w}: {per_worker * w:,.0f} ex/s in the workers, steady state "
                   f"({wall:.1f}s wall with launch); per rank: "
                   + "; ".join(f"rank {r['rank']} {r.get('steady_examples_per_second') or 0:,.0f} ex/s, "
-                              f"data wait {r['data_seconds']:.2f}s, gradient exchange {r.get('sync_seconds', 0):.2f}s, "
-                              f"steps {r.get('compute_seconds', 0):.2f}s" for r in res["ranks"]), file=sys.stderr)
+                              f"data wait {r['data_seconds']:.2f}s, gradient exchange {r['sync_seconds']:.2f}s, "
+                              f"steps {r['compute_seconds']:.2f}s" for r in res["ranks"]), file=sys.stderr)
     where = f"CUDA ({torch.cuda.get_device_name()})" if args.gpu else "CPU, torch threads 1 per worker"
     print(f"\n{n} examples, global batch {args.batch}, optimizer {args.optimizer}, {where}, "
           f"{os.cpu_count()} cores\n")

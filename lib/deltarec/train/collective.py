@@ -120,7 +120,7 @@ class _AveragingOptimizer(_SyncThenStep):
             self._synced = True
             return
         T = len(self._sparse)
-        local = []  # per sparse table: ("dense", None) | (rows, values)
+        local = []  # per sparse table: (rows, values), or None where its gradient is dense
         for p in self._sparse:
             g = p.grad
             if g is None:
