@@ -175,19 +175,22 @@ def test_labels_history_decay_and_popularity_negatives(spark, lake_root):
     append(cfg, lake, rows)
     J.prepare_night(spark, cfg, lake, 0, 0, "r0")
     append(cfg, lake, [ev("a1", "w", "cold1", 24), ev("a2", "w", "hot", 48), ev("a3", "w", "cold2", 72),
-                       ev("k1", "w", "x", 60, etype="click")])
+                       ev("k1", "w", "x", 60, etype="click"), ev("b1", "w", "p", 72), ev("b2", "w", "q", 72)])
     n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
     ex = {r["event_id"]: r for r in n1.examples_df.collect()}
     # history: user_state before tonight ([cold1, cold2]) then tonight's earlier events, last 2
     assert ex["a1"]["history_ids"] == ["cold1", "cold2"]
     assert ex["a2"]["history_ids"] == ["cold2", "cold1"]
     assert ex["a3"]["history_ids"] == ["hot", "x"]  # the click (t=60h) came before a3 (t=72h)
+    # one basket (same user and time as a3): no line of it is another's past
+    assert ex["b1"]["history_ids"] == ex["b2"]["history_ids"] == ["hot", "x"]
+    assert ex["b2"]["history_idx"] == [ex["a2"]["item_idx"], ex["k1"]["item_idx"]]
     # half-life 1 day, measured back from the night's newest event (a3)
     assert ex["a3"]["weight"] == pytest.approx(1.0) and ex["a1"]["weight"] == pytest.approx(0.25)
     negs = [r for r in ex.values() if r["kind"] == "negative"]
-    assert len(negs) == 16 and all(r["weight"] == ex[r["event_id"].split(":")[0]]["weight"] for r in negs)
+    assert len(negs) == 4 * 6 and all(r["weight"] == ex[r["event_id"].split(":")[0]]["weight"] for r in negs)
     hot = sum(r["item_id"] == "hot" for r in negs) / len(negs)
-    assert hot > 0.6  # popularity 61 of 66 (uniform over the 4 items would give 0.25)
+    assert hot > 0.6  # popularity 61 of 68 (uniform over the 6 items would give 0.17)
 
 
 def test_ratings_source_through_the_column_mapping(spark, lake_root):

@@ -5,9 +5,10 @@ the holdout flag. Pure DataFrame → DataFrame; no I/O.
 - Labels: ``features.positive_event_types`` → 1; a ``rating`` event → 1 when
   ``rating >= features.rating_threshold``, else an explicit 0; any other
   accepted type teaches nothing (it still counts in the state).
-- History: the user's last ``features.history_length`` items before the event,
-  oldest first: ``user_state`` as of before tonight, then tonight's earlier
-  events in time order. Retractions carry the pre-night history.
+- History: the user's last ``features.history_length`` items strictly before
+  the event's time, oldest first: ``user_state`` as of before tonight, then
+  tonight's events of earlier times (not the rest of its own basket: lines
+  with the same user and time). Retractions carry the pre-night history.
 - Negatives (``features.negatives`` per positive): ``uniform`` over the
   catalogue or ``popularity``-weighted by ``item_stats``. The draw is a hash of
   (event id, j, seed): a rerun gives the same examples whatever the partitioning.
@@ -133,11 +134,24 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
     history = history.select("user_id", c("history_ids").alias("_h_ids"), c("history_idx").alias("_h_idx"))
     ev = ev.join(history, "user_id", "left")
     if N > 0:
-        w = Window.partitionBy("user_id").orderBy("event_time", "source_version", "event_id").rowsBetween(-N, -1)
+        # Strictly before the event's time: the other lines of its basket (same
+        # user, same time: one invoice) are not its past. At serving time the
+        # history is everything before the scored day; with the basket's own
+        # lines in it the model learned that a just-seen item is *not* bought
+        # (the rest of an invoice never repeats within it).
+        # Per basket: its last N items (time, version, id order); then the last
+        # N items of the N baskets before it (each basket has >= 1 item).
+        line = F.struct("source_version", "event_id", "item_id", "item_idx")
+        baskets = ev.groupBy("user_id", "event_time").agg(_last(F.sort_array(F.collect_list(line)), N).alias("_b"))
+        w = Window.partitionBy("user_id").orderBy("event_time").rowsBetween(-N, -1)
+        baskets = baskets.select("user_id", "event_time",
+                                 _last(F.flatten(F.collect_list("_b").over(w)), N).alias("_before"))
+        ev = ev.join(baskets, ["user_id", "event_time"], "left")
+        before = F.coalesce(c("_before"), F.array().cast(baskets.schema["_before"].dataType))
         ev = ev.withColumn("history_ids", _last(F.concat(F.coalesce(c("_h_ids"), empty_s),
-                                                         F.collect_list("item_id").over(w)), N))
+                                                         F.transform(before, lambda e: e["item_id"])), N))
         ev = ev.withColumn("history_idx", _last(F.concat(F.coalesce(c("_h_idx"), empty_l),
-                                                         F.collect_list("item_idx").over(w)), N))
+                                                         F.transform(before, lambda e: e["item_idx"])), N))
     else:
         ev = ev.withColumn("history_ids", empty_s).withColumn("history_idx", empty_l)
     cols = ["event_id", "user_id", "item_id", "user_idx", "item_idx", "label", "weight", "event_time",
