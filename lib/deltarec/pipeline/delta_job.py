@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 EVENT_INDEX_TABLE = "event_index"
 USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
-EXAMPLES_PER_WRITE = 400_000  # rows per Arrow slice written by the driver (delta-rs)
+EXAMPLES_PER_WRITE = 400_000  # rows per Arrow slice written by the driver (delta-rs), at history 20 or less
+# (a slice's bytes grow with the two history arrays of every row, so longer histories write smaller slices)
 
 
 @dataclass
@@ -297,7 +298,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
     # slice is a hash range of event ids, itself in the seeded shuffle order.
     expected = outcomes.get("event", 0) * (1 + FC.negatives) + sum(outcomes.values())
-    slices = 1 + expected // EXAMPLES_PER_WRITE
+    slices = 1 + expected // (EXAMPLES_PER_WRITE * 20 // max(20, FC.history_length))
     part = F.pmod(F.xxhash64(F.col("event_id"), F.lit(FC.seed + 1)), F.lit(slices))
     for k in range(slices):
         lake.write(L.examples_table, examples.where(part == k) if slices > 1 else examples,
