@@ -167,3 +167,41 @@ def test_full_strategy_retrains_from_scratch_over_all_history(spark, lake_root, 
     assert runs[-1].parent_run_id == champion.run_id  # lineage still links the runs (to the champion)
     all_examples = trainable_rows(lake, full, [r.run_id for r in runs])  # full: every committed run's
     assert train["examples_trained"] == all_examples * full.train.full_epochs
+
+
+def test_prequential_popularity_counts_committed_positives_in_the_window(spark, lake_root):
+    """The popular items the prequential baseline serves: positives of committed
+    runs only, event_time in [since, until), most first, ties by index."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+
+    from deltarec.lake import schemas
+    from deltarec.pipeline.nightly import _popular
+
+    cfg = make_config(lake_root)
+    lake = open_lake(cfg.lake, spark)
+    rng = np.random.default_rng(3)
+    n = 400
+    t0 = dt.datetime(2011, 1, 1, tzinfo=dt.timezone.utc)
+    rows = {f.name: [None] * n for f in schemas.TRAINING_EXAMPLES}
+    rows.update(run_id=rng.choice(["r0", "r1", "r2"], n).tolist(), item_idx=rng.integers(0, 12, n).tolist(),
+                label=rng.choice([0.0, 1.0], n).tolist(),
+                event_time=[t0 + dt.timedelta(hours=int(h)) for h in rng.integers(0, 240, n)],
+                event_id=[f"e{i}" for i in range(n)])
+    table = pa.Table.from_pydict(rows, schema=schemas.TRAINING_EXAMPLES)
+    lake.create(cfg.lake.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
+    lake.write(cfg.lake.examples_table, table, partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
+    since, until = t0 + dt.timedelta(days=2), t0 + dt.timedelta(days=7)
+
+    got = _popular(lake, cfg.lake.examples_table, ["r0", "r2"], since, until, 5)
+    hours = np.array([(t - t0).total_seconds() / 3600 for t in rows["event_time"]])
+    keep = (np.isin(rows["run_id"], ["r0", "r2"]) & (np.array(rows["label"]) == 1)
+            & (hours >= 48) & (hours < 168))
+    counts = np.bincount(np.array(rows["item_idx"])[keep], minlength=12)
+    want = sorted(range(12), key=lambda i: (-counts[i], i))[:5]
+    assert got.tolist() == want and counts[want[0]] > counts[want[-1]]
+    assert _popular(lake, cfg.lake.examples_table, [], since, until, 5) is None
+    later = t0 + dt.timedelta(days=11)  # after every event
+    assert _popular(lake, cfg.lake.examples_table, ["r0"], later, later + dt.timedelta(days=30), 5) is None

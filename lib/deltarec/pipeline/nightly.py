@@ -352,12 +352,7 @@ def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items
     runs = ledger.runs(cfg.model.name)
     committed = [r.run_id for r in runs]
     since = start - dt.timedelta(days=cfg.eval.popularity_days)
-    # Only the columns and rows needed cross into Spark: never the whole table.
-    pop = (lake.scan(cfg.lake.examples_table, ["run_id", "item_idx", "label", "event_time"], where="label = 1")
-           .where(F.col("run_id").isin(committed) & (F.col("label") == 1)
-                  & (F.col("event_time") >= F.lit(since)) & (F.col("event_time") < F.lit(start)))
-           .groupBy("item_idx").count().orderBy(F.desc("count"), "item_idx").limit(k).toArrow())
-    popular = pop["item_idx"].to_numpy() if pop.num_rows else None
+    popular = _popular(lake, cfg.lake.examples_table, committed, since, start, k)
 
     challenger = max((r for r in runs if r.status == CANDIDATE and r.source_first > parent.source_last),
                      key=lambda r: r.source_last, default=None)
@@ -384,6 +379,29 @@ def _prequential(spark, cfg: "Config", lake, ledger: Ledger, new_examples, items
     return out
 
 
+def _popular(lake, table: str, committed: list[str], since, until, k: int):
+    """The ``k`` items (hashed) with most positive examples of committed runs in
+    [since, until), most first (ties: smaller index); None if there are none.
+    The engine's ``lookup`` reads three columns of the committed runs' rows
+    (delta-rs: in Rust), so no history-sized Spark job runs every night."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not committed:
+        return None
+    rows = lake.lookup(table, pa.table({"run_id": pa.array(committed, pa.string())}),
+                       ["item_idx", "event_time"], where="label = 1")
+    t = pc.cast(pc.cast(rows["event_time"], pa.timestamp("us", "UTC")), pa.int64()).to_numpy(zero_copy_only=False)
+    lo, hi = (int((x if x.tzinfo else x.replace(tzinfo=dt.timezone.utc)).timestamp() * 1_000_000)
+              for x in (since, until))
+    items = rows["item_idx"].to_numpy(zero_copy_only=False)[(t >= lo) & (t < hi)]
+    if not len(items):
+        return None
+    ids, counts = np.unique(items, return_counts=True)
+    return ids[np.lexsort((ids, -counts))][:k]
+
+
 def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck: dict[str, Any],
           run_id: str, first: int, last: int) -> dict[str, Any]:
     """Score the candidate and the champion on tonight's held-out rows
@@ -405,12 +423,8 @@ def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck
     # pointwise metrics over every row (negatives and retractions are label 0);
     # ranking metrics over the label-1 rows, i.e. the held-out events
     # slices (reported, never gating): users / items no earlier committed run had, and eval.slice_column
-    from ..evaluation.metrics import slice_masks, spark_flag_new
+    from ..evaluation.metrics import slice_masks
 
-    committed = [r.run_id for r in Ledger(lake, cfg.lake.runs_table).runs(cfg.model.name)]
-    seen = (lake.scan(cfg.lake.examples_table, ["run_id", "user_idx", "item_idx"])
-            .where(F.col("run_id").isin(committed)).select("user_idx", "item_idx"))
-    rows = spark_flag_new(spark_flag_new(rows, seen, "user_idx", "_new_user"), seen, "item_idx", "_new_item")
     slice_col = cfg.eval.slice_column
     slice_error = None
     if slice_col and slice_col not in new_examples.columns:
@@ -419,11 +433,12 @@ def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck
         log.error("gate: %s", slice_error)
         slice_col = None
     # history_idx, event_time, event_id: each held-out user's history for the ranking metrics
-    data = rows.select("user_idx", "item_idx", "label", "_new_user", "_new_item",
+    data = rows.select("user_idx", "item_idx", "label",
                        *[c for c in dict.fromkeys(("history_idx", "event_time", "event_id", slice_col))
                          if c and c in new_examples.columns]).toArrow()
-    masks = slice_masks(new_users=data["_new_user"].to_numpy(zero_copy_only=False),
-                        new_items=data["_new_item"].to_numpy(zero_copy_only=False),
+    committed = [r.run_id for r in Ledger(lake, cfg.lake.runs_table).runs(cfg.model.name)]
+    masks = slice_masks(new_users=_unseen(lake, cfg.lake.examples_table, data, "user_idx", committed),
+                        new_items=_unseen(lake, cfg.lake.examples_table, data, "item_idx", committed),
                         by=data[slice_col].to_numpy(zero_copy_only=False) if slice_col else None,
                         by_name=slice_col or "column") if data.num_rows else {}
     masks.pop("all", None)
@@ -441,6 +456,22 @@ def _gate(cfg: "Config", lake, new_examples, items, parent: RunRecord | None, ck
                   metric_rows(run_id, cfg.model.name, first, last, "gate", out,
                               {"candidate": run_id, "champion": parent.run_id}))
     return out
+
+
+def _unseen(lake, table: str, rows, col: str, committed: list[str]):
+    """Boolean mask over ``rows``: its ``col`` value is in no committed run's
+    examples. Found by the engine's ``lookup`` on tonight's distinct values
+    (delta-rs: a column read), not a Spark scan of every run's examples."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = rows[col].to_numpy(zero_copy_only=False)
+    if not len(values) or not committed:
+        return np.ones(len(values), dtype=bool)
+    hits = lake.lookup(table, pa.table({col: pc.unique(rows[col]).drop_null()}), ["run_id", col])
+    seen = hits.filter(pc.is_in(hits["run_id"], pa.array(committed, pa.string())))[col]
+    return ~np.isin(values, seen.to_numpy(zero_copy_only=False))
 
 
 def _inputs(cfg: "Config", lake, files: list[str]) -> dict[str, Any]:
