@@ -3,6 +3,7 @@ change semantics (insert, update, delete, cancellation), quarantine reasons,
 dedup across runs, schema drift, MERGE state, a second source schema, and
 idempotence."""
 import datetime as dt
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -170,7 +171,8 @@ def test_rerun_leaves_the_lake_as_one_run(spark, lake_root):
 
 def test_labels_history_decay_and_popularity_negatives(spark, lake_root):
     cfg, lake = setup(spark, lake_root, "features.negatives=4", "features.negative_sampling=popularity",
-                      "features.time_decay_half_life_days=1.0", "features.history_length=2")
+                      "features.time_decay_half_life_days=1.0", "features.history_length=2",
+                      "features.history_before=time")
     rows = [ev(f"h{k}", f"v{k}", "hot", 0.01 * k) for k in range(60)] + [ev("c1", "w", "cold1"), ev("c2", "w", "cold2")]
     append(cfg, lake, rows)
     J.prepare_night(spark, cfg, lake, 0, 0, "r0")
@@ -263,3 +265,48 @@ def test_late_cancellation_takes_the_purchase_at_or_before_it(spark, lake_root):
     n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
     assert rows_of(n1.examples_df, "event_id", "kind") == [("p1:r1", "retraction"), ("p2:r1", "retraction")]
     assert quarantine(lake, "r1") == {("x3", "insert"): V.UNMATCHED_CANCELLATION}
+
+
+def test_history_negatives_come_from_the_users_own_past_items(spark, lake_root):
+    cfg, lake = setup(spark, lake_root, "features.negatives=2", "features.history_negatives=3",
+                      "features.history_length=5")
+    append(cfg, lake, [ev("p1", "w", "a"), ev("p2", "w", "b", 1), ev("p3", "w", "c", 2), ev("p4", "w", "a", 3),
+                       ev("z1", "v", "d", 1), ev("z2", "v", "e", 1)])
+    J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    append(cfg, lake, [ev("t1", "w", "b", 24), ev("t2", "v", "f", 24)])
+    n1 = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    ex = [{**r.asDict(), "src": r["event_id"].split(":")[0]} for r in n1.examples_df.collect()]
+    hist = [r for r in ex if ":h" in r["event_id"]]
+    # w's past items other than tonight's b: {a, c}; v's past {d, e}
+    assert sorted(r["event_id"] for r in hist) == [f"{e}:h{j}" for e in ("t1", "t2") for j in range(3)]
+    by_src = {"t1": {"a", "c"}, "t2": {"d", "e"}}
+    assert all(r["item_id"] in by_src[r["src"]] and r["label"] == 0.0 and r["kind"] == "negative" for r in hist)
+    assert {r["item_id"] for r in hist if r["src"] == "t1"} == {"a", "c"}  # both drawn in 3 tries (seeded)
+    n_items = len({"a", "b", "c", "d", "e", "f"})  # the catalogue the uniform negatives are drawn from
+    # weight: uniform negatives put negatives / n_items on each item; history ones as much on each past item
+    assert all(r["weight"] == pytest.approx(2 * 2 / (n_items * 3)) for r in hist)
+    pos = {r["event_id"]: r for r in ex if r["kind"] == "event"}
+    assert all(r["history_ids"] == pos[r["src"]]["history_ids"] for r in hist)
+    assert {r["item_idx"] for r in hist if r["item_id"] == "a"} == {
+        i for p, i in zip(pos["t1"]["history_ids"], pos["t1"]["history_idx"]) if p == "a"}
+    # a later rerun of the same range gives the same rows (seeded by event id)
+    again = J.prepare_night(spark, cfg, lake, 1, 1, "r1")
+    assert rows_of(again.examples_df, "event_id", "item_id", "weight") == rows_of(n1.examples_df, "event_id", "item_id", "weight")
+
+
+def test_history_before_the_events_day_or_its_time(spark, lake_root):
+    """history_before=day: an event's history is what a nightly model serves it
+    with, everything before its day; =time: everything before its time. Never
+    the rest of its own basket."""
+    day = dt.datetime.combine((NOW - dt.timedelta(days=3)).date(), dt.time(), NOW.tzinfo)
+    hours = lambda h: (day + dt.timedelta(hours=h) - T0).total_seconds() / 3600  # noqa: E731 (ev() counts from T0)
+    rows = [ev("x", "u", "ix", hours(1)), ev("y1", "u", "iy", hours(5)), ev("y2", "u", "iy2", hours(5)),
+            ev("z", "u", "iz", hours(30))]
+    got = {}
+    for mode in ("day", "time"):
+        cfg, lake = setup(spark, Path(lake_root) / mode, "features.history_length=5", f"features.history_before={mode}")
+        append(cfg, lake, rows)
+        n0 = J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+        got[mode] = {r["event_id"]: r["history_ids"] for r in n0.examples_df.collect()}
+    assert got["day"] == {"x": [], "y1": [], "y2": [], "z": ["ix", "iy", "iy2"]}
+    assert got["time"] == {"x": [], "y1": ["ix"], "y2": ["ix"], "z": ["ix", "iy", "iy2"]}

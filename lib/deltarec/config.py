@@ -131,7 +131,13 @@ class FeaturesConfig:
     positive_event_types: list[str] = field(default_factory=lambda: ["purchase", "click"])
     rating_threshold: float = 4.0
     negative_sampling: str = field(default="uniform", metadata=_choices("uniform", "popularity"))
+    # Negatives per positive drawn from the items of the user's own history (not the positive's item),
+    # importance-weighted so that the loss's optimum is the uniform-negative one: they teach which of a
+    # customer's past items come back, which uniform negatives (almost never in a history) cannot.
+    history_negatives: int = 0
     history_length: int = 20  # item ids per example's history (user_state keeps as many)
+    # an example's history: the items before its day (as the nightly model serves it) or its time
+    history_before: str = field(default="day", metadata=_choices("day", "time"))
     holdout_fraction: float = 0.1  # share of source events whose examples are tonight's holdout
     retraction_weight: float = 1.0
     time_decay_half_life_days: float = 0.0  # > 0: weight halves per this many days before the night's end
@@ -429,6 +435,13 @@ def _validate(obj: Any, prefix: str) -> None:
             raise bad("negatives", "must be >= 0")
         if obj.history_length < 0:
             raise bad("history_length", "must be >= 0")
+        if obj.history_negatives < 0:
+            raise bad("history_negatives", "must be >= 0")
+        if obj.history_negatives and (obj.negatives == 0 or obj.negative_sampling != "uniform"
+                                      or obj.history_length == 0):
+            raise bad("history_negatives", "needs features.negatives > 0 with negative_sampling=uniform and "
+                      "history_length > 0 (their weights are relative to uniform negatives over the catalogue); "
+                      "set history_negatives=0 or those")
         if not 0.0 <= obj.holdout_fraction < 1.0:
             raise bad("holdout_fraction", "must be in [0, 1)")
         if obj.retraction_weight < 0 or obj.time_decay_half_life_days < 0:

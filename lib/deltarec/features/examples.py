@@ -5,12 +5,15 @@ the holdout flag. Pure DataFrame → DataFrame; no I/O.
 - Labels: ``features.positive_event_types`` → 1; a ``rating`` event → 1 when
   ``rating >= features.rating_threshold``, else an explicit 0; any other
   accepted type teaches nothing (it still counts in the state).
-- History: the user's last ``features.history_length`` items strictly before
-  the event's time, oldest first: ``user_state`` as of before tonight, then
-  tonight's events of earlier times (not the rest of its own basket: lines
-  with the same user and time). Retractions carry the pre-night history.
+- History: the user's last ``features.history_length`` items before the
+  event's day (``features.history_before=day``: as a nightly model serves it)
+  or strictly before its time (``=time``), oldest first: ``user_state`` as of
+  before tonight, then tonight's earlier events. Never the rest of its own
+  basket (same user and time). Retractions carry the pre-night history.
 - Negatives (``features.negatives`` per positive): ``uniform`` over the
-  catalogue or ``popularity``-weighted by ``item_stats``. The draw is a hash of
+  catalogue or ``popularity``-weighted by ``item_stats``; plus
+  ``features.history_negatives`` from the user's own past items,
+  importance-weighted (see ``_history_negatives``). The draw is a hash of
   (event id, j, seed): a rerun gives the same examples whatever the partitioning.
 - Weights: 1 (retractions ``features.retraction_weight``), times
   ``0.5 ** (age / time_decay_half_life_days)`` where age is measured back from
@@ -108,6 +111,34 @@ def popularity_slots(spark, stats: "DataFrame", cfg: "FeaturesConfig") -> "DataF
     return df.withColumn("item_idx", bucket(F.col("item_id"), cfg.item_buckets))
 
 
+def _history_negatives(pos: "DataFrame", cfg: "FeaturesConfig", n_items: int) -> "DataFrame":
+    """``features.history_negatives`` label-0 rows per positive, each an item
+    drawn (seeded hash) from the distinct items of the positive's history other
+    than its own. A uniform negative (``features.negatives`` of them over
+    ``n_items``) almost never lands in a history, so the loss never compares a
+    customer's past items with each other: it cannot tell a staple from a
+    one-off. The weight makes a history item's expected negative weight that of
+    the uniform draws (negatives / n_items), so these rows add samples, not a
+    different optimum (in-history items' total negative weight doubles: a
+    constant log 2 against items outside the history)."""
+    from pyspark.sql import functions as F
+
+    c = F.col
+    past = F.filter(F.array_distinct(F.arrays_zip(c("history_ids"), c("history_idx"))),
+                    lambda e: e["history_ids"] != c("item_id"))
+    draws = (pos.where(c("label") == 1)
+             .select("event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx", past.alias("_past"))
+             .where(F.size("_past") > 0)
+             .withColumn("j", F.explode(F.sequence(F.lit(0), F.lit(cfg.history_negatives - 1)))))
+    at = F.pmod(F.xxhash64(c("event_id"), c("j"), F.lit(cfg.seed), F.lit("history")), F.size("_past")) + 1
+    weight = F.lit(float(cfg.negatives)) * F.size("_past") / F.lit(float(n_items * cfg.history_negatives))
+    return draws.withColumn("_e", F.element_at(c("_past"), at.cast("int"))).select(
+        F.concat(c("event_id"), F.lit(":h"), c("j").cast("string")).alias("event_id"),
+        c("user_id"), c("_e.history_ids").alias("item_id"), c("user_idx"), c("_e.history_idx").alias("item_idx"),
+        F.lit(0.0).alias("label"), weight.cast("float").alias("weight"), c("event_time"),
+        F.lit("negative").alias("kind"), "history_ids", "history_idx", c("event_id").alias("src"))
+
+
 def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFrame", cfg: "FeaturesConfig",
                    run_id: str, *, history: "DataFrame | None" = None,
                    item_stats: "DataFrame | None" = None) -> "DataFrame":
@@ -134,19 +165,25 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
     history = history.select("user_id", c("history_ids").alias("_h_ids"), c("history_idx").alias("_h_idx"))
     ev = ev.join(history, "user_id", "left")
     if N > 0:
-        # Strictly before the event's time: the other lines of its basket (same
-        # user, same time: one invoice) are not its past. At serving time the
-        # history is everything before the scored day; with the basket's own
-        # lines in it the model learned that a just-seen item is *not* bought
-        # (the rest of an invoice never repeats within it).
+        # The history an event is trained with is the one it would be served
+        # with: everything before its day (features.history_before=day; the
+        # nightly job serves tomorrow from the state as of tonight), or before
+        # its time (=time). Never the rest of its own basket (same user and
+        # time: one invoice), which never repeats within it: with those lines
+        # in the history the model learned that a just-seen item is *not*
+        # bought. Nor, by day, the same day's earlier orders (a re-order after
+        # a cancellation, a split order), which made "bought minutes ago" the
+        # strongest signal in training and one that serving never sees.
         # Per basket: its last N items (time, version, id order); then the last
         # N items of the N baskets before it (each basket has >= 1 item).
-        line = F.struct("source_version", "event_id", "item_id", "item_idx")
-        baskets = ev.groupBy("user_id", "event_time").agg(_last(F.sort_array(F.collect_list(line)), N).alias("_b"))
-        w = Window.partitionBy("user_id").orderBy("event_time").rowsBetween(-N, -1)
-        baskets = baskets.select("user_id", "event_time",
+        line = F.struct("event_time", "source_version", "event_id", "item_id", "item_idx")
+        ev = ev.withColumn("_basket", F.date_trunc("day", c("event_time"))
+                           if cfg.history_before == "day" else c("event_time"))
+        baskets = ev.groupBy("user_id", "_basket").agg(_last(F.sort_array(F.collect_list(line)), N).alias("_b"))
+        w = Window.partitionBy("user_id").orderBy("_basket").rowsBetween(-N, -1)
+        baskets = baskets.select("user_id", "_basket",
                                  _last(F.flatten(F.collect_list("_b").over(w)), N).alias("_before"))
-        ev = ev.join(baskets, ["user_id", "event_time"], "left")
+        ev = ev.join(baskets, ["user_id", "_basket"], "left")
         before = F.coalesce(c("_before"), F.array().cast(baskets.schema["_before"].dataType))
         ev = ev.withColumn("history_ids", _last(F.concat(F.coalesce(c("_h_ids"), empty_s),
                                                          F.transform(before, lambda e: e["item_id"])), N))
@@ -190,6 +227,8 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
                 F.lit(0.0).alias("label"), F.lit(1.0).alias("weight"), c("event_time"),
                 F.lit("negative").alias("kind"), "history_ids", "history_idx", c("event_id").alias("src"))
             out = out.unionByName(neg.select(*cols))
+        if cfg.history_negatives > 0 and N > 0 and key == "pos" and n:
+            out = out.unionByName(_history_negatives(pos, cfg, n).select(*cols))
 
     if cfg.time_decay_half_life_days > 0:
         ref = events.select(F.max("event_time").alias("_ref")).unionByName(

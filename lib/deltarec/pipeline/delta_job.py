@@ -300,6 +300,10 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     expected = outcomes.get("event", 0) * (1 + FC.negatives) + sum(outcomes.values())
     slices = 1 + expected // (EXAMPLES_PER_WRITE * 20 // max(20, FC.history_length))
     part = F.pmod(F.xxhash64(F.col("event_id"), F.lit(FC.seed + 1)), F.lit(slices))
+    if slices > 1:  # computed once, not once per slice; on disk: the driver's heap is the executor's here
+        from pyspark import StorageLevel
+
+        examples = keep(examples.persist(StorageLevel.DISK_ONLY))
     for k in range(slices):
         lake.write(L.examples_table, examples.where(part == k) if slices > 1 else examples,
                    mode="overwrite" if k == 0 else "append", replace_where=f"run_id = '{run_id}'" if k == 0 else None,
