@@ -1,0 +1,98 @@
+"""Why the model loses to ``personal``: its scores taken apart, on the days a
+``nightly_quality.py --lake DIR`` run scored, from the incremental lineage's
+checkpoint of each night.
+
+    .venv/bin/python benchmarks/nightly_quality.py --quick --lake /tmp/nq --set gate.enabled=false
+    .venv/bin/python benchmarks/repeat_diagnosis.py --lake /tmp/nq --results benchmarks/results/nightly_quality.json
+
+Per night, NDCG@10 on the same users and catalogue as the benchmark of:
+the model; ``personal``; the model without history (embeddings, biases, MLP);
+its repeat term alone; and rankings by one feature of the same history
+(count, recency) with the 7-day popularity as the tie-break. If the count
+alone beats the learned repeat term over the same history, the loss, not the
+window, is what loses; if the count over the whole history (``personal``)
+beats the count over the window, the window does.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import nightly_quality as NQ  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lake", required=True, help="the --lake of a finished nightly_quality.py run")
+    ap.add_argument("--results", required=True, help="that run's nightly_quality.json")
+    args = ap.parse_args(argv)
+    import torch
+    from pyspark.sql import functions as F
+
+    from deltarec.config import load_config
+    from deltarec.evaluation.baselines import item_counts, personal_scores
+    from deltarec.features.examples import bucket
+    from deltarec.lake import open_lake
+    from deltarec.models.ranking import repeat_features_all
+    from deltarec.pipeline.demo import demo_days
+    from deltarec.spark import build_spark
+
+    doc = json.loads(Path(args.results).read_text())
+    data_path = ROOT.parent / "shared" / "data" / "online_retail" / "online_retail.parquet"
+    cfg = load_config(str(ROOT / "conf" / "local.yaml"), [f"demo.data_path={data_path}", *doc["overrides"],
+                                                         f"lake.root={Path(args.lake) / 'incremental'}",
+                                                         "demo.max_days=0"], environ={})
+    spark = build_spark(dataclasses.replace(cfg, spark=dataclasses.replace(
+        cfg.spark, conf={"spark.ui.showConsoleProgress": "false", **cfg.spark.conf})))
+    spark.sparkContext.setLogLevel("ERROR")
+    days, items, _ = demo_days(cfg)
+    first = dt.date.fromisoformat(doc["history"][0])
+    days = [d for d in days if d[0] >= first][: doc["history_days"] + doc["nights"] + 1]
+    data = NQ.Interactions(spark, cfg, days)
+    lake = open_lake(cfg.lake, spark)
+    runs = NQ.ledger_runs(cfg, lake)
+    first_seen = dict(zip(items["item_id"].to_pylist(), items["first_seen"].to_pylist()))
+    cat_hash = {r["item_id"]: r["h"] for r in spark.createDataFrame(items.select(["item_id"])).select(
+        "item_id", bucket(F.col("item_id"), cfg.features.item_buckets).alias("h")).collect()}
+    H = cfg.features.history_length
+    for night, run in enumerate(runs[1:], start=1):
+        when = NQ.day_bounds(days[doc["history_days"] + night][0])
+        seen = data.before(when)
+        catalog = np.array(sorted(i for i, f in first_seen.items() if f is not None and f < when), dtype=object)
+        day = NQ.make_day(data, data.before(when + dt.timedelta(days=1), since=when), catalog, 10, night)
+        cat_idx = torch.from_numpy(np.array([cat_hash[x] for x in catalog], dtype=np.int64))
+        model = NQ.load_model(run)
+        pop = item_counts(data.item[data.before(when, since=when - dt.timedelta(days=7))], catalog)
+        tie = 1e-3 * pop / max(pop.max(), 1)
+        full = NQ.model_scores(model, day.users, cat_idx.numpy(), data, seen, H)
+        users = torch.tensor([data.user_hash[x] for x in day.users])
+        with torch.no_grad():
+            no_history = model.score_all(users, cat_idx).double().numpy()
+        f = repeat_features_all(torch.from_numpy(NQ.user_histories(data, seen, day.users, H)), cat_idx,
+                                model.buckets["item"]).numpy()
+        variants = {
+            "model": full, "personal": personal_scores(data.user[seen], data.item[seen], day.users, catalog, pop),
+            "model without history": no_history, "repeat term alone": full - no_history + tie,
+            f"count in the last {H} + popularity": f[..., 0] + tie,
+            f"recency in the last {H} + popularity": f[..., 2] + tie,
+        }
+        w = ", ".join(f"{n} {v:.2f}" for n, v in zip(("log1p(count)", "present", "recency", "share"),
+                                                       model.repeat.weight.detach().numpy()[0]))
+        print(f"night {night} ({run.run_id}, scored on {when.date()}, {len(day.users)} users; repeat weights {w})")
+        for name, S in variants.items():
+            print(f"  {name:38s} NDCG@10 {NQ.score_day(S, day, 10)['ndcg10']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
