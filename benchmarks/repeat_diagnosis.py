@@ -31,6 +31,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import nightly_quality as NQ  # noqa: E402
 
 
+def relocated(run, lake: Path):
+    """``run`` with its checkpoint path under ``lake`` when the lake was moved
+    or copied (the ledger records absolute paths)."""
+    path = run.checkpoint_path
+    if not Path(path).exists() and "/incremental/" in path:
+        path = str(lake / "incremental" / path.split("/incremental/", 1)[1])
+    return dataclasses.replace(run, checkpoint_path=path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lake", required=True, help="the --lake of a finished nightly_quality.py run")
@@ -71,7 +80,7 @@ def main(argv=None) -> int:
         catalog = np.array(sorted(i for i, f in first_seen.items() if f is not None and f < when), dtype=object)
         day = NQ.make_day(data, data.before(when + dt.timedelta(days=1), since=when), catalog, 10, night)
         cat_idx = torch.from_numpy(np.array([cat_hash[x] for x in catalog], dtype=np.int64))
-        model = NQ.load_model(run)
+        model = NQ.load_model(relocated(run, Path(args.lake)))
         pop = item_counts(data.item[data.before(when, since=when - dt.timedelta(days=7))], catalog)
         tie = 1e-3 * pop / max(pop.max(), 1)
         full = NQ.model_scores(model, day.users, cat_idx.numpy(), data, seen, H)
