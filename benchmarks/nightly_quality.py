@@ -1,7 +1,7 @@
 """Nightly quality and cost: deltarec incremental vs full retrain vs the
 alternatives, side by side on the Online Retail data, one night at a time.
 
-    .venv/bin/python benchmarks/nightly_quality.py            # N=14 nights (about an hour on 2 cores)
+    .venv/bin/python benchmarks/nightly_quality.py            # N=14 nights (18 min on a quiet 2-core machine)
     .venv/bin/python benchmarks/nightly_quality.py --quick    # 3 nights on 60 days of history
     .venv/bin/python benchmarks/nightly_quality.py --nights 7 --set train.backend=local
 
