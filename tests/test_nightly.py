@@ -205,3 +205,24 @@ def test_prequential_popularity_counts_committed_positives_in_the_window(spark, 
     assert _popular(lake, cfg.lake.examples_table, [], since, until, 5) is None
     later = t0 + dt.timedelta(days=11)  # after every event
     assert _popular(lake, cfg.lake.examples_table, ["r0"], later, later + dt.timedelta(days=30), 5) is None
+
+
+def test_changed_bucket_count_never_warm_starts_from_rows_of_other_ids(spark, lake_root, real_data_path):
+    """Hashed ids: bucket = hash mod count. After features.item_buckets changes,
+    auto trains from scratch (the parent's rows belong to other ids now) and an
+    explicit incremental run is refused with what to do."""
+    cfg = make_config(lake_root, "demo.history_days=3", "demo.nights=1")
+    run_demo(spark, cfg, out=lambda *_: None)
+    lake = open_lake(cfg.lake, spark)
+    days, items, _ = demo_days(cfg)
+    append_day(lake, cfg, days[4][1], items)
+    bigger = cfg.features.item_buckets * 2
+    explicit = make_config(lake_root, "demo.history_days=3", "demo.nights=1", f"features.item_buckets={bigger}",
+                           "train.strategy=incremental")
+    with pytest.raises(ValueError, match=rf"item_buckets {cfg.features.item_buckets} -> {bigger}.*train.strategy=full"):
+        run_nightly(spark, explicit, lake=lake)
+    auto = make_config(lake_root, "demo.history_days=3", "demo.nights=1", f"features.item_buckets={bigger}")
+    res = run_nightly(spark, auto, lake=lake)
+    assert res.status == "committed" and res.strategy == "full" and res.registry_status == "champion"
+    assert "bucket counts changed" in res.gate["decision"]["reason"] and res.prequential == {}
+    assert Ledger(lake).runs()[-1].metrics["train"]["warm_start"] is None

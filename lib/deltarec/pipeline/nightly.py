@@ -112,6 +112,17 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
             log.warning("train.strategy=%s needs a parent checkpoint and there is none: training from scratch",
                         strategy)
         strategy = "incremental" if parent else "full"
+    moved = _rehashed(cfg, parent) if strategy != "full" else {}
+    if moved:
+        what = ", ".join(f"features.{k} {a} -> {b}" for k, (a, b) in moved.items())
+        if cfg.train.strategy != "auto":
+            raise ValueError(
+                f"train.strategy={cfg.train.strategy}: the parent checkpoint {parent.run_id} hashed ids into another "
+                f"number of rows ({what}), so its rows belong to other ids now. Run once with train.strategy=full "
+                "(or auto), or go back to the parent's bucket counts")
+        log.warning("parent %s hashed ids into another number of rows (%s): its rows belong to other ids now, "
+                    "so this run trains from scratch (full)", parent.run_id, what)
+        strategy = "full"
     warm = parent if strategy != "full" else None
     log.info("run %s: consuming %s versions %d..%d (%s)", run_id, L.events_table, first, last, strategy)
 
@@ -127,7 +138,9 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         ensure_text_embeddings(spark, cfg, lake, items)
 
     # ---- prequential: score what serves now on the new data, before training on it
-    pre = _prequential(spark, cfg, lake, ledger, new_examples, items, parent, run_id, first, last) if parent else {}
+    # (after a bucket change the parent cannot score ids hashed the new way: nothing to compare)
+    pre = _prequential(spark, cfg, lake, ledger, new_examples, items, parent, run_id, first, last) \
+        if parent and not moved else {}
 
     # ---- train
     attempt = uuid.uuid4().hex[:8]
@@ -165,7 +178,13 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     # ---- publish: files are complete and checksummed before the ledger row exists
     ck = result["checkpoint"]
     verify_checkpoint(ck["path"], ck["sha256"])
-    gate = _gate(cfg, lake, new_examples, items, parent, ck, run_id, first, last)
+    if moved:
+        from ..evaluation.gate import GateDecision
+
+        gate = {"decision": GateDecision(True, f"bucket counts changed ({what}): the champion cannot score ids "
+                                               "hashed the new way; champion by default").to_dict()}
+    else:
+        gate = _gate(cfg, lake, new_examples, items, parent, ck, run_id, first, last)
     crash_point("before_ledger_commit")
     metrics = {
         "rows": {"consumed": consumed, "accepted": n_accepted, "quarantined": n_quarantined,
@@ -224,6 +243,18 @@ def _usable_parent(ledger: Ledger, model: str) -> RunRecord | None:
             log.error("refusing checkpoint of run %s (%s) as warm start: %s; trying the one before",
                       run.run_id, run.status, e)
     return None
+
+
+def _rehashed(cfg: "Config", parent: RunRecord | None) -> dict[str, tuple[Any, Any]]:
+    """Bucket counts that differ between ``parent``'s config and ``cfg`` when
+    ids are hashed: bucket = hash mod count, so a changed count sends every id
+    to another row, and the parent's rows (which load_grown would copy into a
+    bigger table) belong to other ids. A dynamic vocabulary keeps ids' rows."""
+    if parent is None or cfg.model.embedding != "hashed":
+        return {}
+    before = (parent.config or {}).get("features", {})
+    return {k: (before[k], getattr(cfg.features, k)) for k in ("user_buckets", "item_buckets")
+            if k in before and before[k] != getattr(cfg.features, k)}
 
 
 def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: str,
