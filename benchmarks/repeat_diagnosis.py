@@ -8,7 +8,8 @@ checkpoint of each night.
 Per night, NDCG@10 on the same users and catalogue as the benchmark of:
 the model; ``personal``; the model without history (embeddings, biases, MLP);
 its repeat term alone; and rankings by one feature of the same history
-(count, recency) with the 7-day popularity as the tie-break. If the count
+(count, recency) with the 7-day popularity as the tie-break, and the count
+with item ids hashed into more rows (``--buckets``). If the count
 alone beats the learned repeat term over the same history, the loss, not the
 window, is what loses; if the count over the whole history (``personal``)
 beats the count over the window, the window does.
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lake", required=True, help="the --lake of a finished nightly_quality.py run")
     ap.add_argument("--results", required=True, help="that run's nightly_quality.json")
+    ap.add_argument("--buckets", default="65536,1048576",
+                    help="also rank by the count over the same window with item ids hashed into these many rows "
+                         "(comma-separated): what hash collisions cost")
     args = ap.parse_args(argv)
     import torch
     from pyspark.sql import functions as F
@@ -67,13 +71,21 @@ def main(argv=None) -> int:
     days, items, _ = demo_days(cfg)
     first = dt.date.fromisoformat(doc["history"][0])
     days = [d for d in days if d[0] >= first][: doc["history_days"] + doc["nights"] + 1]
-    data = NQ.Interactions(spark, cfg, days)
     lake = open_lake(cfg.lake, spark)
     runs = NQ.ledger_runs(cfg, lake)
+    # ids hashed as the lake's runs hashed them (the config file may have changed since)
+    feat = {k: v for k, v in (runs[-1].config or {}).get("features", {}).items()
+            if k in ("user_buckets", "item_buckets", "salt", "history_length")}
+    cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, **feat))
+    data = NQ.Interactions(spark, cfg, days)
     first_seen = dict(zip(items["item_id"].to_pylist(), items["first_seen"].to_pylist()))
     cat_hash = {r["item_id"]: r["h"] for r in spark.createDataFrame(items.select(["item_id"])).select(
         "item_id", bucket(F.col("item_id"), cfg.features.item_buckets).alias("h")).collect()}
     H = cfg.features.history_length
+    hashes = {}  # rows of every item id for each bucket count asked for
+    for b in [int(x) for x in args.buckets.split(",") if x.strip()]:
+        hashes[b] = {r["item_id"]: r["h"] for r in spark.createDataFrame(items.select(["item_id"])).select(
+            "item_id", bucket(F.col("item_id"), b).alias("h")).collect()}
     for night, run in enumerate(runs[1:], start=1):
         when = NQ.day_bounds(days[doc["history_days"] + night][0])
         seen = data.before(when)
@@ -95,11 +107,21 @@ def main(argv=None) -> int:
             f"count in the last {H} + popularity": f[..., 0] + tie,
             f"recency in the last {H} + popularity": f[..., 2] + tie,
         }
+        for b, rows in hashes.items():  # the same window, the same count, fewer shared rows
+            kept = data.item_idx
+            data.item_idx = np.array([rows.get(x, 0) for x in data.item], dtype=np.int64)
+            try:
+                hb = torch.from_numpy(NQ.user_histories(data, seen, day.users, H))
+                cb = torch.from_numpy(np.array([rows[x] for x in catalog], dtype=np.int64))
+                variants[f"count in the last {H}, {b} buckets + popularity"] = \
+                    repeat_features_all(hb, cb, b).numpy()[..., 0] + tie
+            finally:
+                data.item_idx = kept
         w = ", ".join(f"{n} {v:.2f}" for n, v in zip(("log1p(count)", "present", "recency", "share"),
                                                        model.repeat.weight.detach().numpy()[0]))
         print(f"night {night} ({run.run_id}, scored on {when.date()}, {len(day.users)} users; repeat weights {w})")
         for name, S in variants.items():
-            print(f"  {name:38s} NDCG@10 {NQ.score_day(S, day, 10)['ndcg10']:.4f}")
+            print(f"  {name:50s} NDCG@10 {NQ.score_day(S, day, 10)['ndcg10']:.4f}")
     return 0
 
 
