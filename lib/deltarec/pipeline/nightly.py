@@ -22,7 +22,7 @@ from ..lake import LakeError, open_lake
 from ..lake.ledger import CANDIDATE, CHAMPION, Ledger, RunRecord
 from ..train.checkpoint import verify_checkpoint
 from ..train.loop import TrainSpec
-from .delta_job import prepare_night
+from .delta_job import _micros, prepare_night
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -417,13 +417,12 @@ def _popular(lake, table: str, committed: list[str], since, until, k: int):
     (delta-rs: in Rust), so no history-sized Spark job runs every night."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     if not committed:
         return None
     rows = lake.lookup(table, pa.table({"run_id": pa.array(committed, pa.string())}),
                        ["item_idx", "event_time"], where="label = 1")
-    t = pc.cast(pc.cast(rows["event_time"], pa.timestamp("us", "UTC")), pa.int64()).to_numpy(zero_copy_only=False)
+    t = _micros(rows["event_time"]).to_numpy(zero_copy_only=False)
     lo, hi = (int((x if x.tzinfo else x.replace(tzinfo=dt.timezone.utc)).timestamp() * 1_000_000)
               for x in (since, until))
     items = rows["item_idx"].to_numpy(zero_copy_only=False)[(t >= lo) & (t < hi)]
