@@ -9,7 +9,7 @@ run by ``./spark-submit.sh`` and ``tests/run.sh``), or by hand::
 
 Extras: spark (pyspark, delta-rs), training (torch), horovod, text
 (transformers + an offline MiniLM), delta-spark (cluster lake engine), mlflow,
-dev (tests, plots).
+serve (FastAPI + uvicorn for `deltarec serve`), dev (tests, plots).
 """
 from setuptools import find_packages, setup
 
@@ -25,7 +25,7 @@ setup(
     package_dir={"": "lib"},
     packages=find_packages("lib"),
     package_data={"deltarec": ["py.typed"]},
-    install_requires=["pyyaml>=6", "numpy>=1.26", "tqdm>=4.66"],
+    install_requires=["pyyaml>=6", "numpy>=1.26", "tqdm>=4.66", "pydantic>=2.6,<3"],
     extras_require={
         "spark": SPARK,
         "training": TRAINING,
@@ -37,7 +37,10 @@ setup(
         # The client alone logs to a local file store or a tracking server;
         # the full `mlflow` package (UI, server) works the same where installed.
         "mlflow": ["mlflow-skinny>=2.10"],
-        "dev": ["pytest>=8", "matplotlib>=3.8", "scikit-learn>=1.4", "mlflow-skinny>=2.10"],
+        # `deltarec serve`: an ASGI app on uvicorn; httpx for its tests and load benchmark
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "dev": ["pytest>=8", "matplotlib>=3.8", "scikit-learn>=1.4", "mlflow-skinny>=2.10", "hypothesis>=6.100",
+                "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["deltarec=deltarec.cli:entry"]},
 )

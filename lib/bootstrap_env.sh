@@ -19,7 +19,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DELTAREC_VENV:-$ROOT/.venv}"
 PY="${DELTAREC_BOOTSTRAP_PYTHON:-python3}"
-EXTRAS="spark,training,text,dev"
+EXTRAS="spark,training,text,serve,dev"
 KEY="$(cat "$ROOT/setup.py" "$ROOT/lib/bootstrap_env.sh" | sha256sum | cut -c1-16)"
 STAMP="$VENV/.deltarec-env-$KEY"
 [ "${DELTAREC_SKIP_HOROVOD:-0}" = 1 ] && STAMP="$STAMP-nohvd"
