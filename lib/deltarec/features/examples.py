@@ -247,9 +247,16 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
 
 
 def spark_type(t) -> str:
+    """Spark's type name (``DataType.simpleString()``) of a lake schema's Arrow type:
+    the one mapping between the two (the lake's schemas are Arrow)."""
     import pyarrow as pa
 
     if pa.types.is_list(t):
         return f"array<{spark_type(t.value_type)}>"
-    return {pa.string(): "string", pa.int64(): "bigint", pa.float32(): "float", pa.float64(): "double",
-            pa.bool_(): "boolean"}.get(t, "timestamp")
+    if pa.types.is_timestamp(t):
+        return "timestamp" if t.tz else "timestamp_ntz"
+    names = {pa.string(): "string", pa.int64(): "bigint", pa.float32(): "float", pa.float64(): "double",
+             pa.bool_(): "boolean"}
+    if t not in names:
+        raise ValueError(f"no Spark type for Arrow type {t} in the lake's schemas: add it to spark_type")
+    return names[t]
