@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from ..lake import schemas
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import Column, DataFrame
 
     from ..config import FeaturesConfig
@@ -260,3 +261,11 @@ def spark_type(t) -> str:
     if t not in names:
         raise ValueError(f"no Spark type for Arrow type {t} in the lake's schemas: add it to spark_type")
     return names[t]
+
+
+def epoch_micros(col: "pa.ChunkedArray | pa.Array") -> "pa.ChunkedArray | pa.Array":
+    """Arrow timestamps (any unit or zone) as int64 microseconds since the epoch, UTC."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.cast(pc.cast(col, pa.timestamp("us", "UTC")), pa.int64())

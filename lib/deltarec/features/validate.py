@@ -21,7 +21,8 @@ explicit example; the contract's *retraction example*: label 0, weight
   with ``C``): a retraction of the matching purchase — same user and item, the
   most recent one at or before the cancellation that is still in force, from
   the event index of earlier runs or tonight's events; one cancellation
-  retracts one purchase. No match: ``unmatched_cancellation``.
+  retracts one purchase. No match: ``unmatched_cancellation``. The rule is
+  ``features/cancellations.py`` (applied on the driver to two small collects).
 
 "Before" is known from the event index (``EVENT_INDEX``): one row per consumed
 change, the newest row of an event id being its current state. It is also what
@@ -33,10 +34,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..lake import schemas
+from .cancellations import cancellation_matches
 from .examples import spark_type
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     from pyspark.sql import Column, DataFrame
 
     from ..config import ValidationConfig
@@ -172,10 +173,10 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     rows = rows.withColumn("_reason", F.when(
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
         F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
-    # Cached: `rows` and the two lookups every output below shares (the
-    # earlier state of changed events, the cancellations' matches), so each is
-    # computed once however many outputs are read — on a small night each
-    # Spark job is mostly fixed cost.
+    # Cached: `rows` and the lookup every output below shares (the earlier
+    # state of changed events), so each is computed once however many outputs
+    # are read — on a small night each Spark job is mostly fixed cost. (The
+    # cancellations' matches are a small local DataFrame: cancellations.py.)
     rows = rows.cache()
 
     ok = rows.where(c("_reason").isNull())
@@ -215,9 +216,9 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         F.lit("delete").alias("cause"))
     del_bad = dele.where(c("_p_source_version").isNull())
 
-    # -- cancellations: retract the most recent matching purchase still in force (match_cancellations)
+    # -- cancellations: retract the most recent matching purchase still in force (features/cancellations.py)
     canc = ok.where(is_cancel)
-    matches = _cancellation_matches(spark, canc, known)
+    matches = cancellation_matches(canc, known)
     canc = canc.join(matches.select("_cancel_id", "_cv"),
                      (c("event_id") == c("_cancel_id")) & (c("source_version") == c("_cv")), "left")
     canc_ok = canc.where(c("_cancel_id").isNotNull()).drop("_cancel_id", "_cv")
@@ -266,91 +267,6 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
                        "no purchase of this user and item in force at or before the cancellation")),
                        UNMATCHED_CANCELLATION)))
     return Validated(accepted, events, retractions, index, quarantined, rows, (rows, prev))
-
-
-def epoch_micros(col: "pa.ChunkedArray | pa.Array") -> "pa.ChunkedArray | pa.Array":
-    """Arrow timestamps (any unit or zone) as int64 microseconds since the epoch, UTC."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pc.cast(pc.cast(col, pa.timestamp("us", "UTC")), pa.int64())
-
-
-# What match_cancellations returns: the cancellation (id, version, time) and the purchase it retracts.
-MATCHES = (("_cancel_id", "string"), ("_cv", "bigint"), ("event_id", "string"), ("user_id", "string"),
-           ("item_id", "string"), ("_purchase_time", "timestamp"), ("event_time", "timestamp"))
-
-
-def match_cancellations(cancels: "pa.Table", rows: "pa.Table") -> "pa.Table":
-    """The cancellation rule, in one place (the delta job's pre-selection of
-    earlier runs' purchases and :func:`validate` both use it).
-
-    ``cancels``: event_id, user_id, item_id, event_time, source_version of the
-    cancellations. ``rows``: EVENT_INDEX rows (every row known) of the events
-    that could be retracted. An event is judged by its newest row (highest
-    source_version; at one version, a row no longer in force first), whatever
-    (user, item) that row has: a purchase corrected to another item no longer
-    holds the old pair. Each cancellation takes the latest purchase in force
-    (trained, event_type purchase) of its user and item at or before it, in
-    time and in version (ties: the newer version, then the larger event id);
-    one cancellation retracts one purchase: when several pick the same one,
-    the earliest cancellation (time, version, id) claims it and the others
-    match nothing. Returns the ``MATCHES`` columns, one row per match."""
-    import pandas as pd
-
-    empty = {name: [] for name, _ in MATCHES}
-    r = pd.DataFrame({c: rows[c].to_pylist() for c in ("event_id", "user_id", "item_id", "event_type",
-                                                        "trained", "source_version")})
-    r["t"] = epoch_micros(rows["event_time"]).to_pylist() if rows.num_rows else []
-    x = pd.DataFrame({"_cancel_id": cancels["event_id"].to_pylist(), "user_id": cancels["user_id"].to_pylist(),
-                      "item_id": cancels["item_id"].to_pylist(), "_cv": cancels["source_version"].to_pylist()})
-    x["xt"] = epoch_micros(cancels["event_time"]).to_pylist() if cancels.num_rows else []
-    r["trained"] = r["trained"].fillna(False).astype(bool)
-    newest = r.sort_values(["event_id", "source_version", "trained"], ascending=[True, False, True],
-                           kind="stable").drop_duplicates("event_id")
-    held = newest[newest["trained"] & (newest["event_type"] == "purchase")].dropna(subset=["t", "user_id", "item_id"])
-    x = x.dropna(subset=["xt", "user_id", "item_id", "_cv"])
-    if held.empty or x.empty:
-        return _matches_table(empty)
-    cand = x.merge(held[["event_id", "user_id", "item_id", "t", "source_version"]], on=["user_id", "item_id"])
-    cand = cand[(cand["t"] <= cand["xt"]) & (cand["source_version"] <= cand["_cv"])]
-    # each cancellation: its latest purchase
-    best = cand.sort_values(["_cancel_id", "t", "source_version", "event_id"], ascending=[True, False, False, False],
-                            kind="stable").drop_duplicates("_cancel_id")
-    # each purchase: the earliest cancellation that picked it
-    best = best.sort_values(["event_id", "xt", "_cv", "_cancel_id"], kind="stable").drop_duplicates("event_id")
-    best = best.sort_values("_cancel_id", kind="stable")
-    return _matches_table({"_cancel_id": best["_cancel_id"].tolist(), "_cv": best["_cv"].astype("int64").tolist(),
-                           "event_id": best["event_id"].tolist(), "user_id": best["user_id"].tolist(),
-                           "item_id": best["item_id"].tolist(), "_purchase_time": best["t"].astype("int64").tolist(),
-                           "event_time": best["xt"].astype("int64").tolist()})
-
-
-def _matches_table(cols: dict) -> "pa.Table":
-    import pyarrow as pa
-
-    types = {"string": pa.string(), "bigint": pa.int64(), "timestamp": pa.int64()}
-    t = pa.table({name: pa.array(cols[name], types[kind]) for name, kind in MATCHES})
-    for name, kind in MATCHES:
-        if kind == "timestamp":
-            t = t.set_column(t.schema.get_field_index(name), name, t[name].cast(pa.timestamp("us", "UTC")))
-    return t
-
-
-def _cancellation_matches(spark, canc: "DataFrame", known: "DataFrame") -> "DataFrame":
-    """:func:`match_cancellations` of tonight's accepted cancellations against
-    every known row of the events that ever held one of their (user, item)
-    pairs: two small collects, the rule on the driver."""
-    from pyspark.sql import functions as F
-
-    cancels = canc.select("event_id", "user_id", "item_id", "event_time", "source_version").toArrow()
-    ddl = ", ".join(f"{name} {kind}" for name, kind in MATCHES)
-    if cancels.num_rows == 0:
-        return spark.createDataFrame([], ddl)
-    pairs = spark.createDataFrame(cancels.select(["user_id", "item_id"])).distinct()
-    held = known.join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi").select("event_id").distinct()
-    rows = known.join(F.broadcast(held), "event_id", "left_semi").select(*INDEX).toArrow()
-    return spark.createDataFrame(match_cancellations(cancels, rows), ddl)
 
 
 def check_threshold(counts: dict[str, int], consumed: int, max_fraction: float) -> None:
