@@ -29,16 +29,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..lake import LakeError, open_lake
-from ..lake.ledger import Ledger
+from ..lake.ledger import Ledger, RunRecord
 from ..train.checkpoint import verify_checkpoint
-from .delta_job import prepare_night
+from .delta_job import PreparedNight, prepare_night
 from .gating import gate_candidate
 from .inputs import lineage_inputs, select_inputs
 from .prequential import score_prequential
 from .publish import after_commit, check_mlflow, publish_run, run_metrics
 from .stages import StageClock
 from .strategy import choose_strategy
-from .training import spec_record, train_candidate, train_spec
+from .training import Trained, spec_record, train_candidate, train_spec
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -72,6 +72,18 @@ class NightResult:
     mlflow: dict[str, Any] = field(default_factory=dict)  # MLflow run/version, or {"error": ...}
     metrics: dict[str, Any] = field(default_factory=dict)  # what the ledger row records
 
+    @classmethod
+    def committed(cls, record: RunRecord, night: PreparedNight, trained: Trained, *, mlflow: dict[str, Any],
+                  seconds: float) -> "NightResult":
+        m = record.metrics
+        return cls(status="committed", model=record.model, watermark=record.source_last, run_id=record.run_id,
+                   source_versions=(record.source_first, record.source_last), rows_consumed=night.consumed,
+                   rows_accepted=night.accepted, rows_quarantined=night.quarantined,
+                   quarantine_reasons=night.reasons, examples=night.examples, train_seconds=trained.seconds,
+                   seconds=seconds, prequential=m["prequential"], checkpoint=trained.checkpoint,
+                   strategy=record.strategy, registry_status=record.status, gate=m["gate"],
+                   parent=record.parent_run_id, mlflow=mlflow, metrics=m)
+
 
 def next_range(cfg: "Config", lake: "LakeEngine", ledger: Ledger) -> tuple[int, int] | None:
     """Source versions (first, last) the next run consumes; None when nothing is new."""
@@ -88,6 +100,8 @@ def next_range(cfg: "Config", lake: "LakeEngine", ledger: Ledger) -> tuple[int, 
 
 def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = None,
                 backend=None) -> NightResult:
+    """Consume the source versions after the watermark and commit one run
+    (``backend``: a training backend to use instead of ``cfg.train``'s)."""
     t_start, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     lake = lake or open_lake(cfg.lake, spark)
     ledger = Ledger(lake, cfg.lake.runs_table)
@@ -136,13 +150,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     ml = after_commit(cfg, lake, record, choice.serving)
     if spec.resume_dir:
         shutil.rmtree(spec.resume_dir, ignore_errors=True)  # in-run state is only for crashes
-    return NightResult(
-        status="committed", model=model, watermark=last, run_id=run_id, source_versions=(first, last),
-        rows_consumed=night.consumed, rows_accepted=night.accepted, rows_quarantined=night.quarantined,
-        quarantine_reasons=night.reasons, examples=night.examples, train_seconds=trained.seconds,
-        seconds=time.perf_counter() - t_start, prequential=pre, checkpoint=trained.checkpoint,
-        strategy=choice.strategy, registry_status=record.status, gate=gate,
-        parent=choice.parent.run_id if choice.parent else None, mlflow=ml, metrics=metrics)
+    return NightResult.committed(record, night, trained, mlflow=ml, seconds=time.perf_counter() - t_start)
 
 
 def run_configured(spark: "SparkSession", cfg: "Config", out: Callable[[str], Any] = print) -> list[NightResult]:
