@@ -149,11 +149,13 @@ def test_override_values_are_typed_by_the_key():
     cfg = load_config(LOCAL, [
         "features.salt=0123",  # YAML would read 83 (octal)
         "validation.id_pattern=[A-Z]+",  # YAML would read a list
+        "lake.runs_table='runs_x'", 'mlflow.experiment="/Shared/x"',  # quoted as in YAML: the quotes go
         "train.lr=1e-3",  # YAML 1.1 reads text
         "spark.conf.spark.sql.adaptive.enabled=true",  # one Spark setting, not nested sections
         "source.columns.user_id=user", "source.columns.order_id=null", "mlflow.tracking_uri=",
     ], environ={"DELTAREC__SPARK__CONF__SPARK.EXECUTOR.CORES": "4"})
     assert cfg.features.salt == "0123" and cfg.validation.id_pattern == "[A-Z]+" and cfg.train.lr == 0.001
+    assert (cfg.lake.runs_table, cfg.mlflow.experiment) == ("runs_x", "/Shared/x")
     assert cfg.spark.conf == {"spark.sql.adaptive.enabled": "true", "spark.executor.cores": "4"}
     assert cfg.source.columns.user_id == "user" and cfg.source.columns.order_id is None
     assert cfg.mlflow.tracking_uri is None

@@ -47,7 +47,7 @@ def load_config(
     """The config from a YAML file (None: the defaults), env vars and
     ``a.b=c`` overrides, validated. Override and env values are YAML
     (``model.hidden=[16]``), except for text keys, which take the text as
-    written (``features.salt=0123`` stays ``"0123"``)."""
+    written (``features.salt=0123`` stays ``"0123"``; YAML quotes are removed)."""
     raw: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path is not None:
@@ -121,9 +121,15 @@ def _parse(text: str, annotation: Any, source: str) -> Any:
     if base is str or (typing.get_origin(base) is Literal and all(isinstance(a, str) for a in typing.get_args(base))):
         if optional and text.strip() in _NULLS:
             return None
+        if text.strip()[:1] in ("'", '"'):  # quoted as in YAML: the quotes go
+            value = _yaml(text, source)
+            if isinstance(value, str):
+                return value
         return text  # a text key takes the text as written: no YAML guessing (0123, 1e3, yes, [a-z]+)
-    if text == "":
-        return None
+    return None if text == "" else _yaml(text, source)
+
+
+def _yaml(text: str, source: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
