@@ -38,7 +38,8 @@ def build_spark(cfg: "Config", *, delta_jars: str | None = None) -> "SparkSessio
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.ui.enabled": "false",
-        "spark.ui.showConsoleProgress": "true",
+        # Stage bars would interleave with our own progress and logs on the console.
+        "spark.ui.showConsoleProgress": "false",
         "spark.pyspark.python": sys.executable,
     }
     if delta_jars:
