@@ -143,7 +143,7 @@ def run_nightly_job(cfg: Config) -> int:
     from .pipeline.demo import run_configured
     from .spark import build_spark
 
-    log.info("config: %s", cfg.to_json())
+    log.debug("config: %s", cfg.to_json())  # the whole tree: one long line, for -v
     spark = build_spark(cfg)
     try:
         run_configured(spark, cfg)
