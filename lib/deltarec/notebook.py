@@ -10,7 +10,6 @@ the config with :func:`deltarec.spark.build_spark`.
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 import sys
@@ -170,9 +169,7 @@ def full_retrain_config(spark: "SparkSession", cfg: Config, suffix: str = "full"
 
     if not suffix or not _SUFFIX.match(suffix):
         raise ValueError(f"lineage suffix {suffix!r} must be letters, digits or _ (e.g. full or full_20250101)")
-    new = copy.deepcopy(cfg)
-    for name in LINEAGE_TABLES:
-        setattr(new.lake, name, f"{getattr(cfg.lake, name)}_{suffix}")
+    new = cfg.replace(lake=cfg.lake.replace(**{name: f"{getattr(cfg.lake, name)}_{suffix}" for name in LINEAGE_TABLES}))
     lake = open_lake(new.lake, spark)
     if not lake.exists(cfg.lake.events_table):
         raise LakeError(f"no source table {lake.uri(cfg.lake.events_table)} to retrain on: run the nightly "
