@@ -131,6 +131,12 @@ def test_warm_start_restores_model_and_optimizer(tmp_path):
     restored = opt.state_dict()["state"]
     for k, st in parent.optimizer_state["state"].items():
         assert torch.equal(restored[k]["exp_avg"], st["exp_avg"])
+    # the saved state's kernel flags (None in older checkpoints) do not switch off the fused kernels
+    parent.optimizer_state["param_groups"][0]["fused"] = None
+    from deltarec.train.spec import load_optimizer_state
+
+    load_optimizer_state(opt, parent.optimizer_state)
+    assert opt.param_groups[0]["fused"] is True
 
 
 def test_horovod_worker_error_names_the_failing_rank(spark, tmp_path):

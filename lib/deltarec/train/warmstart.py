@@ -16,7 +16,7 @@ from ..data.shards import read_shard
 from ..models import build_model
 from .checkpoint import load_checkpoint
 from .regularizers import FISHER_FILE, Anchor, fisher_from_bytes
-from .spec import TrainSpec, base_lr, is_dynamic, lr_at, make_optimizer
+from .spec import TrainSpec, base_lr, is_dynamic, load_optimizer_state, lr_at, make_optimizer
 
 VOCAB_FILE = "vocab.parquet"
 
@@ -48,11 +48,11 @@ def _load_optimizer(optimizer, saved: dict[str, Any], saved_names: list[str] | N
     changed (e.g. a finetune freezes modules) keep the state of the parameters
     both share."""
     if saved_names is None or saved_names == names:
-        optimizer.load_state_dict(saved)
+        load_optimizer_state(optimizer, saved)
         return
     by_name = {n: saved["state"][i] for i, n in enumerate(saved_names) if i in saved["state"]}
     group = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
-    optimizer.load_state_dict({
+    load_optimizer_state(optimizer, {
         "state": {i: by_name[n] for i, n in enumerate(names) if n in by_name},
         "param_groups": [{**group, "params": list(range(len(names)))}],
     })
