@@ -69,6 +69,15 @@ class HorovodBackend:
         self.timeout_s = timeout_s
         self.keep_warm = keep_warm
 
+    def start(self) -> None:
+        """Local processes only (no SparkSession, kept warm): start them now, so
+        they import, join their group and warm up while the caller does other
+        work (a night's Spark stages, say) instead of when the first run comes."""
+        if self.spark is None and self.keep_warm:
+            from .pool import shared_pool
+
+            shared_pool(self.name, self.num_processes, self.use_gpu).ensure_started()
+
     def run(self, spec: TrainSpec) -> dict[str, Any]:
         try:
             import horovod.torch  # noqa: F401 - fail here, with what to do, not in every worker
@@ -107,6 +116,15 @@ class TorchBackend:
         self.use_gpu = use_gpu
         self.timeout_s = timeout_s
         self.keep_warm = keep_warm
+
+    def start(self) -> None:
+        """Local processes only (no SparkSession, kept warm): start them now, so
+        they import, join their group and warm up while the caller does other
+        work (a night's Spark stages, say) instead of when the first run comes."""
+        if self.spark is None and self.keep_warm:
+            from .pool import shared_pool
+
+            shared_pool(self.name, self.num_processes, self.use_gpu).ensure_started()
 
     def run(self, spec: TrainSpec) -> dict[str, Any]:
         if self.spark is None:
@@ -148,7 +166,8 @@ def _worker_message(e: Exception) -> str:
 def make_backend(name: str, spark: "SparkSession | None", num_processes: int, use_gpu: bool = False,
                  launcher: str = "spark"):
     """``launcher``: ``spark`` runs the ranks on the executors, ``processes`` as
-    local processes kept warm between runs of this driver."""
+    local processes kept warm between runs of this driver (started here, so
+    they get ready while the caller goes on)."""
     if name == "local":
         return LocalBackend()
     if name not in ("horovod", "torch"):
@@ -157,7 +176,9 @@ def make_backend(name: str, spark: "SparkSession | None", num_processes: int, us
         raise ValueError(f"train.launcher={launcher!r}: choose spark or processes")
     cls = HorovodBackend if name == "horovod" else TorchBackend
     if launcher == "processes":
-        return cls(None, num_processes, use_gpu)
+        backend = cls(None, num_processes, use_gpu)
+        backend.start()
+        return backend
     if spark is None:
         raise TrainingFailed(f"train.backend={name} runs on Spark executors and needs a SparkSession "
                              "(or set train.launcher=processes)")

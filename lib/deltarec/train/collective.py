@@ -54,21 +54,37 @@ class TorchCollective:
         self.size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.backend = str(dist.get_backend())  # gloo | nccl
+        self._capacity = 0  # allgather's buffer size: the same on every rank
 
     def allreduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM)
         return t / self.size
 
     def allgather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        # all_gather takes equal shapes: the lengths first, then the padded tensors
-        lengths = [torch.empty(1, dtype=torch.long, device=t.device) for _ in range(self.size)]
-        self.dist.all_gather(lengths, torch.tensor([t.numel()], dtype=torch.long, device=t.device))
-        lengths = [int(n) for n in torch.cat(lengths).tolist()]
+        """all_gather takes equal shapes, so every rank sends a buffer of the
+        same capacity with its length in front; a step's payloads change little,
+        so one collective suffices unless some rank's outgrew the capacity (all
+        ranks see that in the lengths and send again at a capacity that every
+        rank derives from the same lengths)."""
+        if t.element_size() > 8:
+            raise TypeError(f"allgather: {t.dtype} elements are wider than the 8-byte length it carries")
+        k = 8 // t.element_size()  # elements per int64 length
+        n = t.numel()
+        buf = t.new_zeros(k + self._capacity)
+        buf[:k] = torch.tensor([n], dtype=torch.long, device=t.device).view(t.dtype)
+        if n <= self._capacity:
+            buf[k:k + n] = t
+        parts = [torch.empty_like(buf) for _ in range(self.size)]
+        self.dist.all_gather(parts, buf)
+        lengths = torch.stack([p[:k] for p in parts]).view(torch.long).reshape(-1).tolist()
+        if max(lengths) <= self._capacity:
+            return [p[k:k + m] for p, m in zip(parts, lengths)]
+        self._capacity = max(lengths) + max(lengths) // 4  # room for the next steps' growth
         padded = t.new_zeros(max(lengths))
-        padded[:t.numel()] = t
+        padded[:n] = t
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         self.dist.all_gather(parts, padded)
-        return [x[:n] for x, n in zip(parts, lengths)]
+        return [p[:m] for p, m in zip(parts, lengths)]
 
     def allgather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.size

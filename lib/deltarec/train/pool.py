@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable
 
 from .spec import TrainSpec
-from .workers import TrainingFailed, entry_phases, guarded
+from .workers import TrainingFailed, entry_phases, guarded, warm_up
 
 KINDS = ("torch", "horovod")
 
@@ -87,6 +87,9 @@ def _worker_main(kind: str, rank: int, env: dict[str, str], use_gpu: bool, inbox
         t = time.perf_counter()
         collective = _join(kind, use_gpu)
         phases = entry_phases(entered, time.perf_counter() - t)
+        t = time.perf_counter()
+        warm_up()  # while no spec is here yet, if the driver started the pool early
+        phases["warm_up"] = time.perf_counter() - t
     except BaseException as e:  # noqa: BLE001 - e.g. the group failing to form
         outbox.put((rank, {"error": f"worker rank {rank} ({kind}) could not join its group: "
                                     f"{type(e).__name__}: {e}", "rank": rank}))
@@ -142,12 +145,17 @@ class WorkerPool:
             p.start()
         self.runs = 0
 
-    def run(self, spec: TrainSpec) -> list[dict[str, Any]]:
-        """Every rank's result (or ``{"error", "rank"}``), in rank order. A
-        failure on any rank shuts the pool down."""
+    def ensure_started(self) -> None:
+        """Start the ranks unless they are running; returns at once (they
+        import, join their group and warm up in the background)."""
         if not self.alive:
             self.close()
             self.start()
+
+    def run(self, spec: TrainSpec) -> list[dict[str, Any]]:
+        """Every rank's result (or ``{"error", "rank"}``), in rank order. A
+        failure on any rank shuts the pool down."""
+        self.ensure_started()
         for box in self.inboxes:
             box.put(spec)
         got: dict[int, dict[str, Any]] = {}

@@ -27,12 +27,21 @@ def process_started_at() -> float | None:
     time its entry function starts, it tells process start from imports."""
     try:
         with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # start, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def warm_up() -> None:
+    """Pay what a process pays on its first run before the run: creating the
+    first optimizer imports torch._dynamo (torch wraps ``Optimizer.__init__``
+    to keep the compiler out), 1.5-4 s here."""
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
 def entry_phases(entered_at: float, group_seconds: float) -> dict[str, float]:
