@@ -110,14 +110,10 @@ def _teacher(spec: TrainSpec, model, has_parent: bool):
     return teacher
 
 
-def _read(spec: TrainSpec, rank: int, world: int, vocabs, shard) -> Batch:
-    if shard is None:
-        cols = columns_for(spec.history_length, vocabs is not None)
-        return to_shard(read_shard(list(spec.files) + list(spec.replay_files), rank, world, cols),
-                        spec.history_length, vocabs)
-    if not isinstance(shard, Batch):  # an older Shard-like object with attributes
-        return Batch(user_idx=shard.user_idx, item_idx=shard.item_idx, label=shard.label, weight=shard.weight)
-    return shard
+def _read(spec: TrainSpec, rank: int, world: int, vocabs) -> Batch:
+    cols = columns_for(spec.history_length, vocabs is not None)
+    return to_shard(read_shard(list(spec.files) + list(spec.replay_files), rank, world, cols),
+                    spec.history_length, vocabs)
 
 
 def _penalties(spec: TrainSpec, model, anchor) -> torch.Tensor | None:
@@ -127,7 +123,7 @@ def _penalties(spec: TrainSpec, model, anchor) -> torch.Tensor | None:
     return loss + ewc_penalty(model, anchor, spec.ewc) if spec.ewc > 0 else loss
 
 
-def train_worker(spec: TrainSpec, collective, shard=None, phases: dict[str, float] | None = None) -> dict[str, Any]:
+def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases: dict[str, float] | None = None) -> dict[str, Any]:
     """Train this rank. ``shard``: tensors already in memory instead of reading
     ``spec.files`` (the throughput benchmark's in-memory reference).
     ``phases``: what the backend measured before (``entered_at``: wall-clock
@@ -158,7 +154,7 @@ def train_worker(spec: TrainSpec, collective, shard=None, phases: dict[str, floa
     t_read = time.perf_counter()
     phases["build"] = t_read - t0
 
-    shard = _read(spec, rank, world, vocabs, shard)
+    shard = _read(spec, rank, world, vocabs) if shard is None else shard
     # Early stopping: the head of each shard (stored in a seeded hash order, so a
     # uniform sample) is the validation slice.
     n_val = int(len(shard) * spec.validation_fraction)

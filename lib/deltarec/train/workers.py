@@ -37,8 +37,8 @@ def process_started_at() -> float | None:
 
 def warm_up() -> None:
     """Pay what a process pays on its first run before the run: creating the
-    first optimizer imports torch._dynamo (torch wraps ``Optimizer.__init__``
-    to keep the compiler out), 1.5-4 s here."""
+    first optimizer imports torch._dynamo (torch wraps
+    ``Optimizer.add_param_group`` to keep the compiler out), 1.5-4 s here."""
     import torch
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
