@@ -200,7 +200,7 @@ def test_ratings_source_through_the_column_mapping(spark, lake_root):
     cfg, lake = setup(
         spark, lake_root, "source.columns.user_id=user", "source.columns.item_id=movie",
         "source.columns.event_time=ts", "source.columns.rating=stars", "source.columns.default_event_type=rating",
-        "features.rating_threshold=4")
+        "features.rating.threshold=4")
     ts = int((T0).timestamp())
     ratings = pa.table({"user": ["1", "1", "2", "3"], "movie": ["m1", "m2", "m1", "m3"],
                         "stars": ["5", "2", "4", "five"], "ts": pa.array([ts, ts + 60, ts + 120, ts + 180], pa.int64())})
