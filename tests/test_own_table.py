@@ -270,7 +270,8 @@ def test_every_night_prints_and_stores_its_summary(spark, lake_root):
     from deltarec.pipeline.nightly import run_configured
 
     cfg = make_config(lake_root, "demo.enabled=false", *TEST_SETTINGS, "features.holdout_fraction=0.3",
-                      "train.epochs=1", "train.full_epochs=1", conf=str(ROOT / "conf" / "examples" / "ratings.yaml"))
+                      "train.epochs=1", "train.full_epochs=1", "validation.max_quarantine_fraction=0.2",
+                      conf=str(ROOT / "conf" / "examples" / "ratings.yaml"))
     lake = open_lake(cfg.lake, spark)
     films(lake, cfg)
     films_ = ["f1", "f2", "f3", "f4"]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..lake import LakeError, open_lake
 from ..lake.ledger import Ledger, RunRecord
 from ..train.checkpoint import verify_checkpoint
+from .console import night_summary
 from .delta_job import PreparedNight, prepare_night
 from .gating import gate_candidate
 from .inputs import lineage_inputs, select_inputs
@@ -145,6 +146,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
 
     metrics = run_metrics(night, trained, choice, pre, gate, lineage_inputs(cfg, lake, spec.files),
                           spec_record(spec), clock.record())
+    metrics["summary"] = night_summary(metrics)  # what every night prints, kept with the run
     record = publish_run(cfg, lake, ledger, run_id=run_id, first=first, last=last, started=started,
                          choice=choice, trained=trained, metrics=metrics)
     ml = after_commit(cfg, lake, record, choice.serving)

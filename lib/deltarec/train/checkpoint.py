@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from pyarrow import fs as pafs
 
+from .. import jsonout
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -88,7 +90,7 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     fs.create_dir(root, recursive=True)
     blobs: dict[str, bytes] = {
         "model.safetensors": st_save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}),
-        "meta.json": json.dumps(meta, sort_keys=True, indent=1, default=str).encode(),
+        "meta.json": jsonout.dumps(meta, sort_keys=True, indent=1, default=str).encode(),
     }
     if optimizer is not None or train_state is not None:
         buf = io.BytesIO()
