@@ -32,7 +32,7 @@ def all_keys(key: str = ""):
 def test_shipped_configs_load():
     local = load_config(LOCAL, environ={})
     assert (local.spark.master, local.lake.engine, local.train.backend, local.train.num_proc) == (
-        "local[2]", "delta-rs", "horovod", 2)
+        "local[2]", "delta-rs", "auto", 2)
     assert local.demo.enabled
     cluster = load_config(ROOT / "conf" / "cluster.yaml", environ={})
     assert cluster.lake.engine == "delta-spark" and cluster.train.use_gpu and cluster.spark.master is None
