@@ -88,7 +88,7 @@ def test_overrides_env_then_set_win(tmp_path):
     ("train.epochs=1.5", "train.epochs = 1.5 (--set train.epochs=1.5): must be an integer >= 1"),
     ("lake.engine=parquet",
      "lake.engine = 'parquet' (--set lake.engine=parquet): must be one of auto, delta-rs, delta-spark"),
-    ("train.backend=mpi", "train.backend = 'mpi' (--set train.backend=mpi): must be one of horovod, torch, local"),
+    ("train.backend=mpi", "train.backend = 'mpi' (--set train.backend=mpi): must be one of auto, horovod, torch, local"),
     ("train.batch_size=1001", "train.batch_size = 1001 (--set train.batch_size=1001) is invalid: the global "
                               "batch must divide evenly across train.num_proc=2 workers"),
     ("validation.max_quarantine_fraction=2",
