@@ -402,6 +402,31 @@ class MlflowConfig(Section):
         "Registered model name. null: deltarec-<model.name>."))
 
 
+class MaintainConfig(Section):
+    """Lake upkeep (``deltarec maintain``): OPTIMIZE of the tables deltarec
+    grows by small appends and MERGEs, VACUUM of their unreferenced files,
+    removal of checkpoint attempts no run committed."""
+
+    retention_hours: int = Field(168, ge=0, description=(
+        "VACUUM keeps files removed less than this many hours ago (readers time-travelling that far still "
+        "work), and uncommitted checkpoint attempts younger than this stay (a night may be writing one). 168: "
+        "Delta's own 7 days; below that only with enforce_retention=false."))
+    enforce_retention: bool = Field(True, description=(
+        "Delta's retention check on VACUUM. false: retention_hours may be below 168 (0 in tests, or when "
+        "nothing time-travels and no night runs during maintain)."))
+    every_nights: int = Field(0, ge=0, description=(
+        "Run maintain at the end of every Nth committed night (after the commit; a failure is logged, the "
+        "night stands). 0: only when `deltarec maintain` is run."))
+
+    @model_validator(mode="after")
+    def _retention(self):
+        if self.retention_hours < 168 and self.enforce_retention:
+            raise invalid("retention_hours", self.retention_hours, "is below Delta's 7-day retention check "
+                          "(168 hours), which VACUUM would refuse; set maintain.enforce_retention=false to "
+                          "allow it on purpose")
+        return self
+
+
 class Config(Section):
     """The whole config tree."""
 
@@ -417,6 +442,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description=MlflowConfig.__doc__)
+    maintain: MaintainConfig = Field(default_factory=MaintainConfig, description=MaintainConfig.__doc__)
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 

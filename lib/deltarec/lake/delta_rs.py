@@ -149,6 +149,15 @@ class DeltaRsEngine(LakeEngine):
     def delete(self, table: str, predicate: str) -> int:
         return int(self._table(table).delete(predicate).get("num_deleted_rows", 0))
 
+    def optimize(self, table: str) -> dict[str, int]:
+        from deltalake.exceptions import CommitFailedError
+
+        try:
+            m = self._table(table).optimize.compact()
+        except CommitFailedError as e:
+            raise ConcurrentRunError(f"OPTIMIZE {table!r} lost to a concurrent commit: {e}") from e
+        return {"files_removed": int(m.get("numFilesRemoved", 0)), "files_added": int(m.get("numFilesAdded", 0))}
+
     def commit_metadata(self, table: str) -> list[tuple[int, dict[str, str]]]:
         out = []
         for h in self.history(table):

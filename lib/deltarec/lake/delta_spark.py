@@ -219,6 +219,17 @@ class DeltaSparkEngine(LakeEngine):
             raise ConcurrentRunError(f"DELETE from {table!r} lost to a concurrent commit: {e}") from e
         return int(n["num_affected_rows"]) if n else 0
 
+    def optimize(self, table: str) -> dict[str, int]:
+        # DeltaOptimizeBuilder.executeCompaction() returns (path, metrics) with
+        # OptimizeMetrics' numFilesAdded / numFilesRemoved (delta-spark 4.x).
+        try:
+            row = self._dt(table).optimize().executeCompaction().first()
+        except conflict_classes() as e:
+            raise ConcurrentRunError(f"OPTIMIZE {table!r} lost to a concurrent commit: {e}") from e
+        m = row["metrics"] if row else None
+        return {"files_removed": int(m["numFilesRemoved"]) if m else 0,
+                "files_added": int(m["numFilesAdded"]) if m else 0}
+
 
 def _filter_expr(col: str, op: str, value: Any):
     from pyspark.sql import functions as F
