@@ -259,6 +259,28 @@ class MlflowConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """The right to be forgotten (``deltarec forget``, privacy/). A request
+    erases a user from every derived table, the model and its retained
+    checkpoints; files are VACUUMed ``retention_hours`` after the erasure."""
+
+    requests_table: str = "forget_requests"  # the queue; upstream systems may append to it
+    log_table: str = "forget_log"  # the proof: salted hashes, times, rows and files removed
+    retention_hours: int = 168  # VACUUM the erased tables this long after the erasure (Delta's default: 7 days)
+    enforce_retention: bool = True  # false: Delta's retention check is off (retention_hours below 168; tests)
+    keep_checkpoints: int = -1  # -1: rewrite every retained checkpoint; N >= 0: keep the champion and the N
+    # newest other checkpoints (rewritten), delete the rest
+    unlearning: str = field(default="rows", metadata=_choices("rows", "retrain"))  # retrain: a full retrain next night
+    retrain_epochs: int = 3  # epochs over the remaining users' examples when a shared hashed row is re-trained
+    pseudonymize: bool = False  # derived tables and the model hold HMAC-SHA256(secret, user_id), not the id
+    secret_env: str = "DELTAREC_PRIVACY_SECRET"  # environment variable holding the pseudonym secret
+    secret_file: str | None = None  # or a file holding it (never the secret itself in a config)
+    deadline_days: int = 30  # `deltarec forget --status` flags requests pending longer than this
+    erase_source: bool = True  # also DELETE the user's rows from lake.events_table (false: its owner does)
+    extra_tables: list[str] = field(default_factory=list)  # more tables with a user_id column to erase from
+
+
+@dataclass
 class Config:
     env: str = "local"
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -272,6 +294,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -483,6 +506,16 @@ def _validate(obj: Any, prefix: str) -> None:
                 raise bad(name, "must be >= 0 (0: off)")
     if isinstance(obj, LakeConfig) and not obj.root:
         raise bad("root", "must name a directory or URI")
+    if isinstance(obj, PrivacyConfig):
+        if obj.retention_hours < 0 or obj.deadline_days < 1 or obj.retrain_epochs < 0:
+            raise bad("retention_hours" if obj.retention_hours < 0 else "deadline_days" if obj.deadline_days < 1
+                      else "retrain_epochs", "must be >= 0 (deadline_days >= 1)")
+        if obj.keep_checkpoints < -1:
+            raise bad("keep_checkpoints", "-1 keeps (and rewrites) every checkpoint; N >= 0 keeps the champion "
+                                          "and the N newest others")
+        if obj.retention_hours < 168 and obj.enforce_retention:
+            raise bad("retention_hours", "is below Delta's 7-day retention check (168 hours): VACUUM would refuse "
+                                         "it; set privacy.enforce_retention=false to allow it on purpose")
     if isinstance(obj, EvalConfig) and obj.k < 1:
         raise bad("k", "must be at least 1")
     if isinstance(obj, GateConfig):

@@ -86,6 +86,9 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     model_name = cfg.model.name
     ledger = Ledger(lake, L.runs_table)
     ledger.ensure()
+    from ..privacy import apply_pending, full_retrain_due
+
+    apply_pending(cfg, lake)  # forget requests first: tonight's inputs and parent no longer hold those users
     watermark, latest = ledger.watermark(model_name), lake.version(L.events_table)
     if latest is None:
         raise LakeError(
@@ -107,6 +110,10 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
 
         client(cfg, lake)
     strategy = cfg.train.strategy
+    unlearn = full_retrain_due(cfg, lake, ledger, model_name)
+    if unlearn and parent is not None:
+        log.warning("%s: this night trains from scratch (full)", unlearn)
+        strategy = "full"
     if strategy == "auto" or (strategy in ("incremental", "finetune") and parent is None):
         if strategy != "auto":
             log.warning("train.strategy=%s needs a parent checkpoint and there is none: training from scratch",
