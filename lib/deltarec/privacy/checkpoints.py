@@ -38,59 +38,69 @@ def forget_in_checkpoints(cfg: "Config", lake: "LakeEngine", batch: int, forgott
     every model in the ledger. Returns ({run_id: rewritten | deleted}, {key:
     [{run_id, action}]}) for what this call changed."""
     from ..pipeline.nightly import crash_point
+    from ..registry.core import events
     from ..train.checkpoint import load_checkpoint
     from .model import forget_rows, save
 
     ledger = Ledger(lake, cfg.lake.runs_table)
     runs = ledger.runs()
     keep = _kept(runs, cfg.privacy.keep_checkpoints)
+    tag = f"forget batch {batch}:"
     changed: list[RunRecord] = []
-    done: dict[str, str] = {}
-    per_key: dict[str, list[dict[str, str]]] = {k: [] for k in forgotten}
+    applied: list[tuple[RunRecord, dict]] = []  # (run as the ledger will hold it, what the batch did to it)
+    deleted: list[tuple[RunRecord, str]] = []  # (run, sha256 it had)
     old_dirs: list[str] = []
     for run in runs:
-        if not run.checkpoint_path:
-            continue  # deleted by the keep_checkpoints policy earlier
+        if not run.checkpoint_path:  # deleted by the keep_checkpoints policy (now, if a crash cut its event)
+            if not any(e["action"] == DELETE for e in events(lake, _for_model(cfg, run.model), run.run_id)):
+                deleted.append((run, "(recorded before a crash)"))
+            continue
         if run.run_id not in keep:
             changed.append(replace(run, checkpoint_path="", checkpoint_sha256="", checkpoint_files={}))
-            done[run.run_id] = "deleted"
+            deleted.append((changed[-1], run.checkpoint_sha256))
             old_dirs.append(run.checkpoint_path)
             continue
         ck = load_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
-        if batch in ck.meta.get("forgotten_batches", []):
+        if batch in ck.meta.get("forgotten_batches", []):  # rewritten before a crash
+            applied.append((run, ck.meta.get("forget", {}).get(str(batch), {})))
             continue
         train = run.config.get("train", {})
         r = forget_rows(ck, forgotten, lambda cols, users=None, run=run: _lineage(cfg, lake, runs, run, cols, users),
                         batch=batch, epochs=cfg.privacy.retrain_epochs, lr=float(train.get("lr", 0.003)),
                         batch_size=int(train.get("batch_size", 1024)))
-        path = f"{os.path.dirname(run.checkpoint_path.rstrip('/'))}/forget-{batch:04d}"
-        saved = save(path, r)
+        # what the batch did, by user hash (never the key), travels with the checkpoint: a rerun reports it too
+        what = {"from_sha256": run.checkpoint_sha256, "actions": {hashes[k]: a for k, a in r.actions.items()}}
+        r.meta["forget"] = {**ck.meta.get("forget", {}), str(batch): what}
+        saved = save(f"{os.path.dirname(run.checkpoint_path.rstrip('/'))}/forget-{batch:04d}", r)
         changed.append(replace(run, checkpoint_path=saved.path, checkpoint_sha256=saved.sha256,
                                checkpoint_files=saved.files))
-        done[run.run_id] = "rewritten"
+        applied.append((changed[-1], what))
         old_dirs.append(run.checkpoint_path)
         for key, action in r.actions.items():
-            per_key[key].append({"run_id": run.run_id, "action": action})
             log.info("forget batch %d, user %s…, run %s: %s", batch, hashes[key][:12], run.run_id, action)
     crash_point("forget_after_checkpoints")
     ledger.set_checkpoints(changed)
     crash_point("forget_after_ledger")
-    before = {r.run_id: r for r in runs}
-    for rec in changed:
-        old = before[rec.run_id]
-        if rec.checkpoint_path:
-            reason = (f"forget batch {batch}: users' rows reset; checkpoint sha256 {old.checkpoint_sha256} -> "
-                      f"{rec.checkpoint_sha256}")
-            _event(lake, cfg, rec, REWRITE, reason)
-        else:
-            _event(lake, cfg, rec, DELETE, f"forget batch {batch}: deleted by privacy.keep_checkpoints="
-                                           f"{cfg.privacy.keep_checkpoints} (was sha256 {old.checkpoint_sha256})")
-    if cfg.mlflow.enabled and changed:
+    # from here on every step is repeated by a rerun only where it is missing
+    for rec, what in applied:
+        _event(lake, cfg, rec, REWRITE, f"{tag} users' rows reset; checkpoint sha256 "
+                                        f"{what.get('from_sha256', '?')} -> {rec.checkpoint_sha256}")
+    for rec, was in deleted:
+        _event(lake, cfg, rec, DELETE, f"{tag} deleted by privacy.keep_checkpoints={cfg.privacy.keep_checkpoints} "
+                                       f"(was sha256 {was})")
+    if cfg.mlflow.enabled and (applied or deleted):
         from .mlflow_follow import follow
 
-        follow(cfg, lake, changed)
+        follow(cfg, lake, [rec for rec, _ in applied] + [rec for rec, _ in deleted])
     for d in old_dirs:
         _remove_dir(d)
+    done = {rec.run_id: "rewritten" for rec, _ in applied} | {rec.run_id: "deleted" for rec, _ in deleted}
+    by_hash = {h: k for k, h in hashes.items()}
+    per_key: dict[str, list[dict[str, str]]] = {k: [] for k in forgotten}
+    for rec, what in applied:
+        for h, action in what.get("actions", {}).items():
+            if h in by_hash:
+                per_key[by_hash[h]].append({"run_id": rec.run_id, "action": action})
     return done, per_key
 
 
@@ -140,7 +150,7 @@ def _event(lake: "LakeEngine", cfg: "Config", rec: RunRecord, action: str, reaso
     """One registry event per (run, action, batch): a rerun does not repeat it."""
     from ..registry.core import events, record_event
 
-    batch_tag = reason.split(":", 1)[0]
+    batch_tag = reason.split(":", 1)[0] + ":"
     if any(e["action"] == action and e["run_id"] == rec.run_id and e["reason"].startswith(batch_tag)
            for e in events(lake, _for_model(cfg, rec.model), rec.run_id)):
         return

@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -138,13 +139,23 @@ def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str
     hashes = {k: keys.log_hash(k) for k in stored}
     raw = sorted({q["user_id"] for q in b.queue})
     raw_hash = {q["user_id"]: hashes[b.key_of[q["request_id"]]] for q in b.queue}
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def took(stage: str) -> None:
+        nonlocal clock
+        seconds[stage] = round(time.perf_counter() - clock, 3)
+        clock = time.perf_counter()
+
     checkpoints, per_key = forget_in_checkpoints(cfg, lake, b.number, stored, hashes)
+    took("checkpoints")
     scrub_replay(cfg, lake, stored)
     removed: dict[str, dict[str, int]] = {}  # table -> {user hash: rows}
     files: dict[str, int] = {}
     for table, column, holds_raw in user_tables(cfg, lake):
         ids, by_hash = (raw, raw_hash) if holds_raw else (stored, hashes)
         removed[table], files[table] = _erase_table(lake, table, column, ids, by_hash, b.number)
+        took(table)
         crash_point(f"forget_after_{table}")
     marked = mark_not_reproducible(cfg, lake, b.number, "were rewritten by the erasure")
     crash_point("forget_before_log")
@@ -163,8 +174,9 @@ def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str
     rq.write_log(cfg, lake, rows)
     log.info("forget batch %d erased: %d requests; rows per table %s; checkpoints %s; not reproducible now: %s",
              b.number, len(rows), {t: sum(m.values()) for t, m in removed.items()}, checkpoints, marked)
+    took("log")
     return {"batch": b.number, "requests": len(rows), "rows_removed": {t: sum(m.values()) for t, m in removed.items()},
-            "files_rewritten": files, "checkpoints": checkpoints, "not_reproducible": marked}
+            "files_rewritten": files, "checkpoints": checkpoints, "not_reproducible": marked, "seconds": seconds}
 
 
 def _erase_table(lake: "LakeEngine", table: str, column: str, ids: list[str], by_hash: dict[str, str],

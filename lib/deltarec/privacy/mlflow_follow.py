@@ -31,6 +31,8 @@ def follow(cfg: "Config", lake: "LakeEngine", changed: list["RunRecord"]) -> dic
         for rec in changed:
             found = c.search_runs([exp.experiment_id], filter_string=f"tags.{RUN_TAG} = '{rec.run_id}'")
             for run in found:
+                if run.data.tags.get("deltarec.sha256") == (rec.checkpoint_sha256 or "deleted"):
+                    continue  # followed before a crash
                 repo = get_artifact_repository(run.info.artifact_uri)
                 try:
                     repo.delete_artifacts("checkpoint")
