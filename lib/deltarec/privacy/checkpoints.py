@@ -5,8 +5,8 @@ batches applied) is rewritten into ``<run dir>/forget-<batch>`` by
 ``privacy.model.forget_rows`` (or, by the ``privacy.keep_checkpoints``
 policy, deleted); then one MERGE records every new path and sha256 in the
 ledger (so ``status --verify``, warm starts and rollbacks accept them), a
-registry event per run says what changed and why, MLflow artifacts follow,
-and the old directories go. A crash before the MERGE leaves the ledger on
+registry event per run says what changed and why, and the old directories
+go (MLflow follows once the tables are erased: ``privacy/mlflow_follow.py``). A crash before the MERGE leaves the ledger on
 the old checkpoints and the rerun rewrites them again; after it, the rerun
 finds the batch applied and skips them (the old directories are then
 orphans, removed with the batch's VACUUM).
@@ -33,10 +33,10 @@ REWRITE, DELETE = "forget_rewrite", "checkpoint_deleted"  # registry event actio
 
 
 def forget_in_checkpoints(cfg: "Config", lake: "LakeEngine", batch: int, forgotten: list[str],
-                          hashes: dict[str, str]) -> tuple[dict[str, str], dict[str, list[dict[str, str]]]]:
+                          hashes: dict[str, str]):
     """Apply batch ``batch`` (stored keys ``forgotten``) to every checkpoint of
     every model in the ledger. Returns ({run_id: rewritten | deleted}, {key:
-    [{run_id, action}]}) for what this call changed."""
+    [{run_id, action}]}, the ledger records MLflow has to follow)."""
     from ..pipeline.nightly import crash_point
     from ..registry.core import events
     from ..train.checkpoint import load_checkpoint
@@ -88,12 +88,8 @@ def forget_in_checkpoints(cfg: "Config", lake: "LakeEngine", batch: int, forgott
     for rec, was in deleted:
         _event(lake, cfg, rec, DELETE, f"{tag} deleted by privacy.keep_checkpoints={cfg.privacy.keep_checkpoints} "
                                        f"(was sha256 {was})")
-    if cfg.mlflow.enabled and (applied or deleted):
-        from .mlflow_follow import follow
-
-        follow(cfg, lake, [rec for rec, _ in applied] + [rec for rec, _ in deleted])
     for d in old_dirs:
-        _remove_dir(d)
+        remove_dir(d)
     done = {rec.run_id: "rewritten" for rec, _ in applied} | {rec.run_id: "deleted" for rec, _ in deleted}
     by_hash = {h: k for k, h in hashes.items()}
     per_key: dict[str, list[dict[str, str]]] = {k: [] for k in forgotten}
@@ -101,7 +97,7 @@ def forget_in_checkpoints(cfg: "Config", lake: "LakeEngine", batch: int, forgott
         for h, action in what.get("actions", {}).items():
             if h in by_hash:
                 per_key[by_hash[h]].append({"run_id": rec.run_id, "action": action})
-    return done, per_key
+    return done, per_key, [rec for rec, _ in applied] + [rec for rec, _ in deleted]
 
 
 def _kept(runs: list[RunRecord], n: int) -> set[str]:
@@ -161,7 +157,7 @@ def _for_model(cfg: "Config", model: str) -> "Config":
     return cfg if cfg.model.name == model else replace(cfg, model=replace(cfg.model, name=model))
 
 
-def _remove_dir(path: str) -> None:
+def remove_dir(path: str) -> None:
     if "://" in path and not path.startswith("file://"):
         from pyarrow import fs as pafs
 

@@ -147,7 +147,7 @@ def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str
         seconds[stage] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
 
-    checkpoints, per_key = forget_in_checkpoints(cfg, lake, b.number, stored, hashes)
+    checkpoints, per_key, follow = forget_in_checkpoints(cfg, lake, b.number, stored, hashes)
     took("checkpoints")
     scrub_replay(cfg, lake, stored)
     removed: dict[str, dict[str, int]] = {}  # table -> {user hash: rows}
@@ -157,6 +157,11 @@ def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str
         removed[table], files[table] = _erase_table(lake, table, column, ids, by_hash, b.number)
         took(table)
         crash_point(f"forget_after_{table}")
+    if cfg.mlflow.enabled and follow:  # after the tables: a logged model may carry state read from them
+        from .mlflow_follow import follow as follow_in_mlflow
+
+        follow_in_mlflow(cfg, lake, follow)
+        took("mlflow")
     marked = mark_not_reproducible(cfg, lake, b.number, "were rewritten by the erasure")
     crash_point("forget_before_log")
     at = rq.now()
@@ -208,7 +213,7 @@ def vacuum_due(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
     source-table erase every model has consumed."""
     from ..lake.ledger import Ledger
     from ..pipeline.nightly import crash_point
-    from .checkpoints import _remove_dir, mark_not_reproducible, orphan_dirs
+    from .checkpoints import mark_not_reproducible, orphan_dirs, remove_dir
 
     P = cfg.privacy
     t = rq.now()
@@ -249,7 +254,7 @@ def vacuum_due(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
         vacuumed += len(lake.vacuum(qt, 0, enforce_retention=False, full=False))
         lake.expire_log(qt, 0)
     for d in orphan_dirs(cfg, lake, P.retention_hours):
-        _remove_dir(d)
+        remove_dir(d)
         vacuumed += 1
     mark_not_reproducible(cfg, lake, batches[-1], "were VACUUMed")
     crash_point("forget_after_vacuum")

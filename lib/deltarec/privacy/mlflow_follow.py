@@ -1,11 +1,22 @@
-"""MLflow artifacts follow the checkpoints a forget rewrote or deleted: the
-run's ``checkpoint`` artifacts are replaced by the rewritten files (or
-deleted), and the run and its model version carry the new sha256. MLflow is
-a mirror (the lake is the source of truth): a failure here is logged, not
-raised, and ``deltarec forget --status`` still shows the lake's proof."""
+"""MLflow follows the checkpoints a forget rewrote or deleted.
+
+For each such run, every MLflow run mirroring it that does not carry the new
+sha256 (tag ``deltarec.sha256``) is replaced: the rewritten checkpoint is
+logged again through ``registry.mlflow_sync.log_run`` (a new MLflow run and
+model version, built from the lake as it is after the erasure; the
+``champion`` alias moves with it), then the old MLflow run's artifacts and
+logged models are deleted from the artifact store, its model versions
+deleted and the run itself deleted. Runs already carrying the new sha256 are
+skipped, so a rerun after a crash repeats only what is missing. Called after
+the tables are erased: a logged model may carry state read from them.
+
+MLflow is a mirror (the lake is the source of truth): a failure is logged
+and returned, not raised.
+"""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,12 +25,11 @@ if TYPE_CHECKING:
     from ..lake.ledger import RunRecord
 
 log = logging.getLogger("deltarec.privacy")
+SHA_TAG = "deltarec.sha256"
 
 
 def follow(cfg: "Config", lake: "LakeEngine", changed: list["RunRecord"]) -> dict[str, str]:
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    from ..registry.mlflow_sync import RUN_TAG, client, registered_model
+    from ..registry.mlflow_sync import RUN_TAG, client, log_run, registered_model
 
     out: dict[str, str] = {}
     try:
@@ -27,28 +37,47 @@ def follow(cfg: "Config", lake: "LakeEngine", changed: list["RunRecord"]) -> dic
         exp = c.get_experiment_by_name(cfg.mlflow.experiment)
         if exp is None:
             return out
-        name = registered_model(cfg)
         for rec in changed:
-            found = c.search_runs([exp.experiment_id], filter_string=f"tags.{RUN_TAG} = '{rec.run_id}'")
-            for run in found:
-                if run.data.tags.get("deltarec.sha256") == (rec.checkpoint_sha256 or "deleted"):
-                    continue  # followed before a crash
-                repo = get_artifact_repository(run.info.artifact_uri)
-                try:
-                    repo.delete_artifacts("checkpoint")
-                except (FileNotFoundError, OSError):
-                    pass
-                if rec.checkpoint_path:
-                    c.log_artifacts(run.info.run_id, rec.checkpoint_path.removeprefix("file://"), "checkpoint")
-                c.set_tag(run.info.run_id, "deltarec.sha256", rec.checkpoint_sha256 or "deleted")
-                out[rec.run_id] = "rewritten" if rec.checkpoint_path else "deleted"
-            try:
-                for v in c.search_model_versions(f"name='{name}'"):
-                    if v.tags.get(RUN_TAG) == rec.run_id:
-                        c.set_model_version_tag(name, v.version, "sha256", rec.checkpoint_sha256 or "deleted")
-            except Exception as e:  # no registered model yet
-                log.debug("no model versions to retag for %s: %s", rec.run_id, e)
+            mcfg = cfg if cfg.model.name == rec.model else replace(cfg, model=replace(cfg.model, name=rec.model))
+            sha = rec.checkpoint_sha256 or "deleted"
+            runs = c.search_runs([exp.experiment_id], filter_string=f"tags.{RUN_TAG} = '{rec.run_id}'")
+            stale = [r for r in runs if r.data.tags.get(SHA_TAG) != sha]
+            if not stale:
+                continue
+            if rec.checkpoint_path and not any(r.data.tags.get(SHA_TAG) == sha for r in runs):
+                c.set_tag(log_run(mcfg, lake, rec)["run_id"], SHA_TAG, sha)
+            for r in stale:
+                _drop(c, exp.experiment_id, registered_model(mcfg), r.info.run_id, r.info.artifact_uri)
+            out[rec.run_id] = "relogged" if rec.checkpoint_path else "deleted"
     except Exception as e:
         log.error("forget: the lake is erased, but following it in MLflow failed: %s: %s", type(e).__name__, e)
         out["error"] = f"{type(e).__name__}: {e}"
     return out
+
+
+def _drop(c, experiment_id: str, name: str, run_id: str, artifact_uri: str) -> None:
+    """Delete an MLflow run's artifacts, logged models and model versions, then the run."""
+    try:
+        models = c.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    except Exception:  # an MLflow without logged models
+        models = []
+    for m in models:
+        _wipe(m.artifact_location)
+        c.delete_logged_model(m.model_id)
+    _wipe(artifact_uri)
+    try:
+        versions = [v for v in c.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    except Exception:  # no registered model
+        versions = []
+    for v in versions:
+        c.delete_model_version(name, v.version)
+    c.delete_run(run_id)
+
+
+def _wipe(uri: str) -> None:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(uri).delete_artifacts()
+    except (FileNotFoundError, OSError):
+        pass
