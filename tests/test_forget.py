@@ -109,7 +109,7 @@ def test_hashed_rows_reset_alone_and_retrained_from_the_others_only(tmp_path):
 # ---------------------------------------------------------------- end to end on a demo lake
 E2E = ("model.embedding=dynamic", "model.vocab.min_count=2", "model.vocab.oov_buckets=4",
        "privacy.pseudonymize=true", "privacy.retention_hours=0", "privacy.enforce_retention=false",
-       "mlflow.enabled=true", "demo.max_days=4", "demo.history_days=2", "demo.nights=1", "train.epochs=1",
+       "mlflow.enabled=true", "demo.max_days=5", "demo.history_days=2", "demo.nights=1", "train.epochs=1",
        "train.full_epochs=1")
 
 
@@ -433,3 +433,48 @@ def test_bad_ids_are_refused_unknown_ids_done_with_zero_rows_and_overdue_flagged
     with pytest.raises(PrivacyError, match="is empty"):
         apply_pending(make_config(tmp_path / "lake", "privacy.pseudonymize=true", f"privacy.secret_file={empty}"),
                       lake)
+
+
+# ---------------------------------------------------------------- policies (last: they delete checkpoints)
+def test_keep_checkpoints_deletes_the_others_and_unlearning_retrain_makes_the_next_night_full(spark, demo):
+    from dataclasses import replace
+
+    from deltarec.lake import open_lake
+    from deltarec.lake.ledger import CHAMPION, Ledger
+    from deltarec.pipeline.demo import append_day, demo_days
+    from deltarec.pipeline.nightly import run_nightly
+    from deltarec.privacy import apply_pending, file_requests, full_retrain_due
+    from deltarec.privacy.keys import pseudonym
+    from deltarec.registry.core import events
+    from deltarec.train.checkpoint import verify_checkpoint
+
+    cfg = replace(demo, privacy=replace(demo.privacy, keep_checkpoints=0, unlearning="retrain", erase_source=False))
+    lake = open_lake(cfg.lake, spark)
+    ledger = Ledger(lake, cfg.lake.runs_table)
+    runs = ledger.runs(cfg.model.name)
+    keep = {r.run_id for r in runs if r.status == CHAMPION} | {runs[0].run_id}
+    assert len(runs) > len(keep)
+    state = lake.read_arrow(cfg.lake.user_state_table)["user_id"].to_pylist()
+    user = next(u for u in sorted(set(lake.read_arrow(cfg.lake.events_table)["user_id"].to_pylist()) - {None})
+                if pseudonym(SECRET.encode(), u) in state)
+    file_requests(cfg, lake, [user], by="test")
+    apply_pending(cfg, lake)
+    for r in ledger.runs(cfg.model.name):
+        if r.run_id in keep:
+            verify_checkpoint(r.checkpoint_path, r.checkpoint_sha256)
+        else:
+            old = next(x for x in runs if x.run_id == r.run_id).checkpoint_path
+            assert r.checkpoint_path == "" and not os.path.exists(old)
+            assert [e["action"] for e in events(lake, cfg, r.run_id) if e["run_id"] == r.run_id].count(
+                "checkpoint_deleted") == 1
+    rc, out = _cli(cfg, "status", "--verify", "--json", settings=(*E2E, "privacy.keep_checkpoints=0"))
+    listed = {x["run_id"]: x["checkpoint"] for x in json.loads(out)["runs"]}
+    assert rc == 0 and all(listed[k].get("verified") for k in keep)
+    assert all(c.get("deleted") for k, c in listed.items() if k not in keep)
+    # exact unlearning: the next night trains from scratch over the erased examples, and only that one
+    assert full_retrain_due(cfg, lake, ledger, cfg.model.name)
+    days, catalogue, _ = demo_days(cfg)
+    append_day(lake, cfg, days[4][1], catalogue)
+    night = run_nightly(spark, cfg, lake=lake)
+    assert night.status == "committed" and night.strategy == "full"
+    assert full_retrain_due(cfg, lake, ledger, cfg.model.name) is None

@@ -75,9 +75,13 @@ def _drop(c, experiment_id: str, name: str, run_id: str, artifact_uri: str) -> N
 
 
 def _wipe(uri: str) -> None:
+    """Delete every artifact under ``uri``, entry by entry (the root itself is the store's)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    repo = get_artifact_repository(uri)
     try:
-        get_artifact_repository(uri).delete_artifacts()
+        entries = repo.list_artifacts()
     except (FileNotFoundError, OSError):
-        pass
+        return
+    for f in entries:
+        repo.delete_artifacts(f.path)
