@@ -186,14 +186,15 @@ class DeltaRsEngine(LakeEngine):
         except DeltaError as e:
             raise LakeError(f"VACUUM {table!r} with retention {retention_hours} hours failed: {e}") from e
 
-    def expire_log(self, table: str, retention_hours: int) -> None:
+    def set_log_retention(self, table: str, hours: int) -> None:
         dt = self._table(table)
         key = "delta.logRetentionDuration"
         current = dt.metadata().configuration.get(key)
-        want = f"interval {int(retention_hours)} hours"
-        if current != want and (current is None or _hours(current) > retention_hours):
-            dt.alter.set_table_properties({key: want}, raise_if_not_exists=False)
-            dt = self._table(table)
+        if current is None or _hours(current) > hours:
+            dt.alter.set_table_properties({key: f"interval {int(hours)} hours"}, raise_if_not_exists=False)
+
+    def expire_log(self, table: str, version: int | None = None) -> None:
+        dt = self._table(table, version)
         dt.create_checkpoint()
         dt.cleanup_metadata()
 

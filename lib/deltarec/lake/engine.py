@@ -157,10 +157,16 @@ class LakeEngine(abc.ABC):
         deleted. ``enforce_retention=False`` turns Delta's retention check off."""
         raise NotImplementedError(f"the {self.name} engine cannot vacuum")
 
-    def expire_log(self, table: str, retention_hours: int) -> None:
-        """Write a log checkpoint and drop log entries older than
-        ``retention_hours`` (``delta.logRetentionDuration`` is lowered to it
-        when longer): old commits' file statistics hold column values too."""
+    def set_log_retention(self, table: str, hours: int) -> None:
+        """Lower ``delta.logRetentionDuration`` to ``hours`` when it is longer
+        (one commit): old commits' file statistics hold column values too."""
+        raise NotImplementedError(f"the {self.name} engine cannot change its log retention")
+
+    def expire_log(self, table: str, version: int | None = None) -> None:
+        """Write a log checkpoint at ``version`` (default: the latest) and drop
+        the log entries before it that are older than the table's log
+        retention as of that version. Versions after it stay readable (a
+        change feed not consumed yet)."""
         raise NotImplementedError(f"the {self.name} engine cannot expire its log")
 
 

@@ -154,6 +154,8 @@ def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str
     files: dict[str, int] = {}
     for table, column, holds_raw in user_tables(cfg, lake):
         ids, by_hash = (raw, raw_hash) if holds_raw else (stored, hashes)
+        if holds_raw:  # the source's log is expired only up to what every model consumed: set its retention now
+            lake.set_log_retention(table, cfg.privacy.retention_hours)
         removed[table], files[table] = _erase_table(lake, table, column, ids, by_hash, b.number)
         took(table)
         crash_point(f"forget_after_{table}")
@@ -224,12 +226,14 @@ def vacuum_due(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
         return {}
     batches = sorted({r["batch"] for r in due_rows})
     source = cfg.lake.events_table
+    consumed = None  # the source version every model has consumed (its log may expire up to there)
     if P.erase_source and lake.exists(source):
         erased_at = {v: m.get("forget_batch") for v, m in lake.commit_metadata(source) if "forget_batch" in m}
         need = max((v for v, n in erased_at.items() if n in batches), default=-1)
         ledger = Ledger(lake, cfg.lake.runs_table)
         models = {r.model for r in ledger.runs()}
         behind = [m for m in models if ledger.watermark(m) < need]
+        consumed = min((ledger.watermark(m) for m in models), default=None)
         if behind:
             log.info("forget: VACUUM of batches %s waits until model(s) %s consume %s version %d (their erase)",
                      batches, behind, source, need)
@@ -249,10 +253,16 @@ def vacuum_due(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
     tables = [t for t, _, _ in user_tables(cfg, lake)]
     for table in tables:
         vacuumed += len(lake.vacuum(table, P.retention_hours, enforce_retention=P.enforce_retention, full=True))
-        lake.expire_log(table, P.retention_hours)
+        if table == source:  # not past what a night still has to read from its change feed
+            if consumed is not None and consumed >= 0:
+                lake.expire_log(table, consumed)
+        else:
+            lake.set_log_retention(table, P.retention_hours)
+            lake.expire_log(table)
     if lake.exists(qt):  # the queue keeps raw ids: its removed rows go now (LITE: appenders' new files are safe)
         vacuumed += len(lake.vacuum(qt, 0, enforce_retention=False, full=False))
-        lake.expire_log(qt, 0)
+        lake.set_log_retention(qt, 0)
+        lake.expire_log(qt)
     for d in orphan_dirs(cfg, lake, P.retention_hours):
         remove_dir(d)
         vacuumed += 1
