@@ -334,9 +334,7 @@ def test_crash_in_the_forget_pass_is_finished_by_the_rerun(demo, point):
     from deltarec.registry.core import events
     from deltarec.train.checkpoint import load_checkpoint
 
-    from dataclasses import replace
-
-    cfg = replace(demo, privacy=replace(demo.privacy, erase_source=False))  # VACUUM now, no night needed
+    cfg = demo.model_copy(update={"privacy": demo.privacy.model_copy(update={"erase_source": False})})  # VACUUM now
     lake = open_lake(cfg.lake, None)
     state = lake.read_arrow(cfg.lake.user_state_table)["user_id"].to_pylist()
     raw = sorted(set(lake.read_arrow(cfg.lake.events_table)["user_id"].to_pylist()) - {None})
@@ -437,8 +435,6 @@ def test_bad_ids_are_refused_unknown_ids_done_with_zero_rows_and_overdue_flagged
 
 # ---------------------------------------------------------------- policies (last: they delete checkpoints)
 def test_keep_checkpoints_deletes_the_others_and_unlearning_retrain_makes_the_next_night_full(spark, demo):
-    from dataclasses import replace
-
     from deltarec.lake import open_lake
     from deltarec.lake.ledger import CHAMPION, Ledger
     from deltarec.pipeline.demo import append_day, demo_days
@@ -448,7 +444,8 @@ def test_keep_checkpoints_deletes_the_others_and_unlearning_retrain_makes_the_ne
     from deltarec.registry.core import events
     from deltarec.train.checkpoint import verify_checkpoint
 
-    cfg = replace(demo, privacy=replace(demo.privacy, keep_checkpoints=0, unlearning="retrain", erase_source=False))
+    cfg = demo.model_copy(update={"privacy": demo.privacy.model_copy(update={
+        "keep_checkpoints": 0, "unlearning": "retrain", "erase_source": False})})
     lake = open_lake(cfg.lake, spark)
     ledger = Ledger(lake, cfg.lake.runs_table)
     runs = ledger.runs(cfg.model.name)

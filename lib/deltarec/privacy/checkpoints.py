@@ -52,7 +52,7 @@ def forget_in_checkpoints(cfg: "Config", lake: "LakeEngine", batch: int, forgott
     old_dirs: list[str] = []
     for run in runs:
         if not run.checkpoint_path:  # deleted by the keep_checkpoints policy (now, if a crash cut its event)
-            if not any(e["action"] == DELETE for e in events(lake, _for_model(cfg, run.model), run.run_id)):
+            if not any(e["action"] == DELETE for e in events(lake, for_model(cfg, run.model), run.run_id)):
                 deleted.append((run, "(recorded before a crash)"))
             continue
         if run.run_id not in keep:
@@ -148,13 +148,15 @@ def _event(lake: "LakeEngine", cfg: "Config", rec: RunRecord, action: str, reaso
 
     batch_tag = reason.split(":", 1)[0] + ":"
     if any(e["action"] == action and e["run_id"] == rec.run_id and e["reason"].startswith(batch_tag)
-           for e in events(lake, _for_model(cfg, rec.model), rec.run_id)):
+           for e in events(lake, for_model(cfg, rec.model), rec.run_id)):
         return
-    record_event(lake, _for_model(cfg, rec.model), action, rec.run_id, None, "forget", reason)
+    record_event(lake, for_model(cfg, rec.model), action, rec.run_id, None, "forget", reason)
 
 
-def _for_model(cfg: "Config", model: str) -> "Config":
-    return cfg if cfg.model.name == model else replace(cfg, model=replace(cfg.model, name=model))
+def for_model(cfg: "Config", model: str) -> "Config":
+    """``cfg`` for another model of the same lake (the registry is per model)."""
+    return cfg if cfg.model.name == model else cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"name": model})})
 
 
 def remove_dir(path: str) -> None:
@@ -210,7 +212,7 @@ def mark_not_reproducible(cfg: "Config", lake: "LakeEngine", batch: int, why: st
         gone = [f for f in files if f not in current] + [f for f in replay if not os.path.exists(f)]
         if not gone:
             continue
-        c = _for_model(cfg, run.model)
+        c = for_model(cfg, run.model)
         if any(e["action"] == "not_reproducible" for e in events(lake, c, run.run_id) if e["run_id"] == run.run_id):
             continue
         record_event(lake, c, "not_reproducible", run.run_id, None, "forget",

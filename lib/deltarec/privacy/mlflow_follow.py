@@ -16,7 +16,6 @@ and returned, not raised.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,6 +29,7 @@ SHA_TAG = "deltarec.sha256"
 
 def follow(cfg: "Config", lake: "LakeEngine", changed: list["RunRecord"]) -> dict[str, str]:
     from ..registry.mlflow_sync import RUN_TAG, client, log_run, registered_model
+    from .checkpoints import for_model
 
     out: dict[str, str] = {}
     try:
@@ -38,7 +38,7 @@ def follow(cfg: "Config", lake: "LakeEngine", changed: list["RunRecord"]) -> dic
         if exp is None:
             return out
         for rec in changed:
-            mcfg = cfg if cfg.model.name == rec.model else replace(cfg, model=replace(cfg.model, name=rec.model))
+            mcfg = for_model(cfg, rec.model)
             sha = rec.checkpoint_sha256 or "deleted"
             runs = c.search_runs([exp.experiment_id], filter_string=f"tags.{RUN_TAG} = '{rec.run_id}'")
             stale = [r for r in runs if r.data.tags.get(SHA_TAG) != sha]
