@@ -214,7 +214,7 @@ class Ledger:
         one MERGE (one Delta commit) for all of them."""
         if not records:
             return
-        result = self.lake.merge(self.table, self._to_rows(records), on=["model", "source_first"], update=True)
+        result = self.lake.merge(self.table, self.to_rows(records), on=["model", "source_first"], update=True)
         if result["inserted"] or result["updated"] != len(records):
             raise ConcurrentRunError(f"recording {len(records)} rewritten checkpoints: MERGE inserted "
                                      f"{result['inserted']} and updated {result['updated']} rows; the ledger "
