@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -373,6 +372,56 @@ def test_crash_in_the_forget_pass_is_finished_by_the_rerun(demo, point):
         assert key not in vocabs_from_bytes(ck.extras["vocab.parquet"])["user"].ids.to_pylist()
     on_disk = {os.path.normpath(str(p.parent)) for p in Path(cfg.lake.root, "checkpoints").rglob("manifest.json")}
     assert on_disk == used  # no half-written or superseded copy of a checkpoint is left behind
+
+
+def test_a_night_racing_the_forget_is_swept_before_the_vacuum(demo):
+    """A night that read its changes before the batch opened commits after the
+    erasure: its rows of the user and its checkpoint (warm-started from the
+    champion before the rewrite) are erased by the next pass, and the log says so."""
+    import shutil
+    from dataclasses import replace
+
+    from deltarec.lake import open_lake, schemas
+    from deltarec.lake.ledger import Ledger
+    from deltarec.models.vocab import vocabs_from_bytes
+    from deltarec.privacy import apply_pending, file_requests, status
+    from deltarec.privacy.keys import pseudonym
+    from deltarec.train.checkpoint import load_checkpoint, sha256_bytes, verify_checkpoint
+
+    cfg = demo.model_copy(update={"privacy": demo.privacy.model_copy(update={
+        "erase_source": False, "retention_hours": 1000, "enforce_retention": True})})  # erased, not VACUUMed yet
+    lake = open_lake(cfg.lake, None)
+    ledger = Ledger(lake, cfg.lake.runs_table)
+    state = lake.read_arrow(cfg.lake.user_state_table)["user_id"].to_pylist()
+    raw = sorted(set(lake.read_arrow(cfg.lake.events_table)["user_id"].to_pylist()) - {None})
+    user = [u for u in raw if pseudonym(SECRET.encode(), u) in state][-1]
+    key = pseudonym(SECRET.encode(), user)
+    champ = ledger.champion(cfg.model.name)
+    assert key in vocabs_from_bytes(load_checkpoint(champ.checkpoint_path).extras["vocab.parquet"])["user"].ids.to_pylist()
+    raced = str(Path(champ.checkpoint_path).parent / "raced")  # what a racing night trained from the old champion
+    shutil.copytree(champ.checkpoint_path, raced)
+    rows = lake.lookup(cfg.lake.examples_table, pa.table({"user_id": [key]}))
+    want = _derived_rows(lake, cfg, key)
+
+    file_requests(cfg, lake, [user], by="test")
+    apply_pending(cfg, lake)
+    assert _derived_rows(lake, cfg, key) == {}
+    # the racing night commits now: its examples of the user and its checkpoint
+    lake.write(cfg.lake.examples_table, rows, mode="append", partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
+    files = verify_checkpoint(raced)
+    now = ledger.champion(cfg.model.name)
+    ledger.set_checkpoints([replace(now, checkpoint_path=raced, checkpoint_files=files,
+                                    checkpoint_sha256=sha256_bytes(Path(raced, "manifest.json").read_bytes()))])
+
+    out = apply_pending(cfg, lake)
+    assert out["swept"] and _derived_rows(lake, cfg, key) == {}
+    champ = ledger.champion(cfg.model.name)
+    ck = load_checkpoint(champ.checkpoint_path, champ.checkpoint_sha256)
+    assert key not in vocabs_from_bytes(ck.extras["vocab.parquet"])["user"].ids.to_pylist()
+    assert not Path(raced).exists()
+    mine = [d for d in status(cfg, lake)["done"] if d["batch"] == max(d["batch"] for d in status(cfg, lake)["done"])]
+    assert len(mine) == 1 and mine[0]["status"] == "erased" and "racing night" in mine[0]["detail"]
+    assert mine[0]["rows_removed"][cfg.lake.examples_table] == want[cfg.lake.examples_table] + rows.num_rows
 
 
 # ---------------------------------------------------------------- bad input

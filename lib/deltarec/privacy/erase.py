@@ -15,7 +15,9 @@
 4. **Erased** (one MERGE into ``forget_log``): times, rows per table,
    checkpoints, model actions; runs whose training files were rewritten are
    marked not reproducible in the registry.
-5. **VACUUM**, ``privacy.retention_hours`` after step 4 (and once every
+Between 4 and 5 every pass **sweeps** the erased batches (``privacy/sweep.py``):
+   a night that raced the erase gets its rows and checkpoint erased too.
+5. **VACUUM** (``privacy/vacuum.py``), ``privacy.retention_hours`` after step 4 (and once every
    model has consumed the source table's erase): the batch's queue rows are
    deleted, every table above VACUUMed (change-data files too) and its log
    expired, orphan checkpoint directories removed; ``forget_log`` says
@@ -28,7 +30,6 @@ forget_after_vacuum.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import time
@@ -75,11 +76,15 @@ def user_tables(cfg: "Config", lake: "LakeEngine") -> list[tuple[str, str, bool]
 def apply_pending(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
     """Finish or open a batch and erase it, then VACUUM the batches that are
     due. Returns what was done (no raw ids)."""
+    from .sweep import sweep
+    from .vacuum import vacuum_due
+
     keys = KeyMap(cfg, lake)
     out: dict[str, Any] = {}
     batch = open_batch(cfg, lake, keys)
     if batch is not None:
         out["erased"] = erase(cfg, lake, keys, batch)
+    out["swept"] = sweep(cfg, lake, keys)
     out["vacuumed"] = vacuum_due(cfg, lake)
     return out
 
@@ -156,7 +161,7 @@ def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str
         ids, by_hash = (raw, raw_hash) if holds_raw else (stored, hashes)
         if holds_raw:  # the source's log is expired only up to what every model consumed: set its retention now
             lake.set_log_retention(table, cfg.privacy.retention_hours)
-        removed[table], files[table] = _erase_table(lake, table, column, ids, by_hash, b.number)
+        removed[table], files[table] = erase_table(lake, table, column, ids, by_hash, b.number)
         took(table)
         crash_point(f"forget_after_{table}")
     if cfg.mlflow.enabled and follow:  # after the tables: a logged model may carry state read from them
@@ -186,10 +191,11 @@ def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str
             "files_rewritten": files, "checkpoints": checkpoints, "not_reproducible": marked, "seconds": seconds}
 
 
-def _erase_table(lake: "LakeEngine", table: str, column: str, ids: list[str], by_hash: dict[str, str],
-                 batch: int) -> tuple[dict[str, int], int]:
-    """One commit: the rows of ``ids`` leave ``table``. Returns ({user hash: rows}, files rewritten)."""
-    if (lake.app_version(table, APP_ID) or 0) >= batch:  # committed before a crash: its counts are in the commit
+def erase_table(lake: "LakeEngine", table: str, column: str, ids: list[str], by_hash: dict[str, str],
+                batch: int, app_id: str = APP_ID) -> tuple[dict[str, int], int]:
+    """One commit: the rows of ``ids`` leave ``table``. Returns ({user hash: rows}, files rewritten).
+    With ``app_id=APP_ID`` a table that already has the batch's commit is skipped (its counts read back)."""
+    if app_id == APP_ID and (lake.app_version(table, APP_ID) or 0) >= batch:  # committed before a crash
         for _, meta in reversed(lake.commit_metadata(table)):
             if meta.get("forget_batch") == batch:
                 return {h: int(n) for h, n in meta.get("rows_by_user", {}).items()}, int(meta.get("files", -1))
@@ -202,75 +208,9 @@ def _erase_table(lake: "LakeEngine", table: str, column: str, ids: list[str], by
         counts[h] = counts.get(h, 0) + int(v["counts"])
     if not counts:
         return {}, 0
-    res = lake.delete_keys(table, keys, txn=(APP_ID, batch),
+    res = lake.delete_keys(table, keys, txn=(app_id, batch),
                            commit_metadata={"forget_batch": batch, "rows_by_user": counts})
     if res["rows"] != sum(counts.values()):
         log.warning("forget batch %d: %s had %d rows of the users when counted and %d when deleted (a concurrent "
                     "write); the log records the counts", batch, table, sum(counts.values()), res["rows"])
     return counts, res["files_removed"]
-
-
-def vacuum_due(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
-    """VACUUM the batches erased at least ``privacy.retention_hours`` ago whose
-    source-table erase every model has consumed."""
-    from ..lake.ledger import Ledger
-    from ..pipeline.nightly import crash_point
-    from .checkpoints import mark_not_reproducible, orphan_dirs, remove_dir
-
-    P = cfg.privacy
-    t = rq.now()
-    logged = rq.log_rows(cfg, lake)
-    due_rows = [r for r in logged if r["status"] in (rq.ERASED, rq.REFUSED) and r["vacuumed_at"] is None
-                and r["erased_at"] is not None and r["erased_at"] + dt.timedelta(hours=P.retention_hours) <= t]
-    if not due_rows:
-        return {}
-    batches = sorted({r["batch"] for r in due_rows})
-    source = cfg.lake.events_table
-    consumed = None  # the source version every model has consumed (its log may expire up to there)
-    if P.erase_source and lake.exists(source):
-        erased_at = {v: m.get("forget_batch") for v, m in lake.commit_metadata(source) if "forget_batch" in m}
-        need = max((v for v, n in erased_at.items() if n in batches), default=-1)
-        ledger = Ledger(lake, cfg.lake.runs_table)
-        models = {r.model for r in ledger.runs()}
-        behind = [m for m in models if ledger.watermark(m) < need]
-        consumed = min((ledger.watermark(m) for m in models), default=None)
-        if behind:
-            log.info("forget: VACUUM of batches %s waits until model(s) %s consume %s version %d (their erase)",
-                     batches, behind, source, need)
-            return {"waiting_for": behind}
-    keys = KeyMap(cfg, lake)
-    queue = [q for q in rq.queue(cfg, lake, keys) if q["request_id"] in {r["request_id"] for r in due_rows}]
-    qt = P.requests_table
-    if queue:
-        dated = pa.Table.from_pylist([{"user_id": q["user_id"], "requested_at": q["requested_at"]} for q in queue
-                                      if q.get("user_id") is not None],
-                                     schema=pa.schema([rq.FORGET_REQUESTS.field("user_id"),
-                                                       rq.FORGET_REQUESTS.field("requested_at")]))
-        if dated.num_rows:
-            lake.delete_keys(qt, dated, txn=(QUEUE_APP_ID, batches[-1]))
-    crash_point("forget_after_queue_delete")
-    vacuumed = 0
-    tables = [t for t, _, _ in user_tables(cfg, lake)]
-    for table in tables:
-        vacuumed += len(lake.vacuum(table, P.retention_hours, enforce_retention=P.enforce_retention, full=True))
-        if table == source:  # not past what a night still has to read from its change feed
-            if consumed is not None and consumed >= 0:
-                lake.expire_log(table, consumed)
-        else:
-            lake.set_log_retention(table, P.retention_hours)
-            lake.expire_log(table)
-    if lake.exists(qt):  # the queue keeps raw ids: its removed rows go now (LITE: appenders' new files are safe)
-        vacuumed += len(lake.vacuum(qt, 0, enforce_retention=False, full=False))
-        lake.set_log_retention(qt, 0)
-        lake.expire_log(qt)
-    for d in orphan_dirs(cfg, lake, P.retention_hours):
-        remove_dir(d)
-        vacuumed += 1
-    mark_not_reproducible(cfg, lake, batches[-1], "were VACUUMed")
-    crash_point("forget_after_vacuum")
-    rows = [{**r, "status": rq.VACUUMED if r["status"] == rq.ERASED else r["status"], "vacuumed_at": rq.now(),
-             "files_vacuumed": vacuumed} for r in due_rows]
-    rq.write_log(cfg, lake, rows)
-    log.info("forget: batches %s VACUUMed: %d files deleted from %s and the checkpoint area", batches, vacuumed,
-             ", ".join(tables + [qt]))
-    return {"batches": batches, "files_vacuumed": vacuumed, "tables": tables + [qt]}
