@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-log = logging.getLogger("deltarec.privacy")
+from ..models.vocab import VOCAB_FILE
+from ..train.regularizers import FISHER_FILE
 
-VOCAB_FILE = "vocab.parquet"  # train/loop.py's name for the vocabularies file
-FISHER_FILE = "fisher.safetensors"  # train/regularizers.py's name for the EWC Fisher
+log = logging.getLogger("deltarec.privacy")
 
 
 @dataclass
