@@ -36,16 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 
-def _load(run):
-    from deltarec.models import build_model
-    from deltarec.train.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
-    m = build_model(ck.meta["model"], **ck.meta["model_params"])
-    m.load_state_dict(ck.model_state)
-    return m.eval()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lake", required=True, help="a full demo lake (it is changed; a copy is kept)")
@@ -63,6 +53,7 @@ def main() -> None:
     from deltarec.lake import open_lake
     from deltarec.lake.ledger import Ledger
     from deltarec.privacy import apply_pending, file_requests
+    from deltarec.train.checkpoint import load_model
 
     lake_dir = os.path.abspath(a.lake)
     backup = lake_dir.rstrip("/") + ".before-forget"
@@ -89,7 +80,7 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     n = max(1, int(round(a.fraction * len(users))))
     forgotten = sorted(rng.choice(users, n, replace=False).tolist())
-    before = _load(champ)
+    before = load_model(champ)
     sizes = {t: lake.lookup(t, pa.table({"user_id": forgotten}), ["user_id"]).num_rows
              for t in (ex, cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.events_table)}
     files = {t: len(lake.data_files(t)) for t in sizes}
@@ -104,7 +95,7 @@ def main() -> None:
                                                          "privacy.erase_source=false"])
     vac = apply_pending(derived, lake)["vacuumed"]
     vacuum_s = time.perf_counter() - t1
-    after = _load(ledger.champion(cfg.model.name))
+    after = load_model(ledger.champion(cfg.model.name))
 
     gone = pc.is_in(rows["user_id"], pa.array(forgotten, pa.string())).to_numpy(zero_copy_only=False)
     cols = [c for c in ("user_idx", "item_idx", "label", "history_idx", "event_time", "event_id") if c in rows.column_names]

@@ -326,7 +326,7 @@ def test_crash_in_the_forget_pass_is_finished_by_the_rerun(demo, point):
     from deltarec.lake import open_lake
     from deltarec.lake.ledger import Ledger
     from deltarec.models.vocab import vocabs_from_bytes
-    from deltarec.pipeline.nightly import CRASH_ENV
+    from deltarec.faults import CRASH_ENV
     from deltarec.privacy import apply_pending, status
     from deltarec.privacy.keys import pseudonym
     from deltarec.privacy.requests import log_rows

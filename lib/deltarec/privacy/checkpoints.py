@@ -37,7 +37,7 @@ def forget_in_checkpoints(cfg: "Config", lake: "LakeEngine", batch: int, forgott
     """Apply batch ``batch`` (stored keys ``forgotten``) to every checkpoint of
     every model in the ledger. Returns ({run_id: rewritten | deleted}, {key:
     [{run_id, action}]}, the ledger records MLflow has to follow)."""
-    from ..pipeline.nightly import crash_point
+    from ..faults import crash_point
     from ..registry.core import events
     from ..train.checkpoint import load_checkpoint
     from .model import forget_rows, save

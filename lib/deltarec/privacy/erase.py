@@ -90,7 +90,7 @@ def apply_pending(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
 
 
 def open_batch(cfg: "Config", lake: "LakeEngine", keys: KeyMap) -> Batch | None:
-    from ..pipeline.nightly import crash_point
+    from ..faults import crash_point
 
     logged = rq.log_rows(cfg, lake)
     queue = {r["request_id"]: r for r in rq.queue(cfg, lake, keys)}
@@ -137,7 +137,7 @@ def open_batch(cfg: "Config", lake: "LakeEngine", keys: KeyMap) -> Batch | None:
 
 
 def erase(cfg: "Config", lake: "LakeEngine", keys: KeyMap, b: Batch) -> dict[str, Any]:
-    from ..pipeline.nightly import crash_point
+    from ..faults import crash_point
     from .checkpoints import forget_in_checkpoints, mark_not_reproducible, scrub_replay
 
     stored = sorted(set(b.key_of.values()))

@@ -27,7 +27,7 @@ def vacuum_due(cfg: "Config", lake: "LakeEngine") -> dict[str, Any]:
     """VACUUM the batches erased at least ``privacy.retention_hours`` ago whose
     source-table erase every model has consumed."""
     from ..lake.ledger import Ledger
-    from ..pipeline.nightly import crash_point
+    from ..faults import crash_point
     from .checkpoints import mark_not_reproducible, orphan_dirs, remove_dir
 
     P = cfg.privacy
