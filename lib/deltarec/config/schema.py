@@ -290,9 +290,19 @@ class ForgettingConfig(Section):
 class TrainConfig(Section):
     """Distributed training of one night's model."""
 
-    backend: Literal["horovod", "torch", "local"] = Field("horovod", description=(
+    backend: Literal["auto", "horovod", "torch", "local"] = Field("auto", description=(
+        "auto: local below auto_min_examples examples to train tonight, the distributed backend above; "
         "horovod: Horovod over Gloo (NCCL on GPU); torch: torch.distributed; both on the executors or as "
-        "local processes, see launcher; local: one process, no collective."))
+        "local processes, see launcher; local: one process in the driver, no collective."))
+    distributed: Literal["horovod", "torch"] = Field("horovod", description=(
+        "The backend auto picks for a night of at least auto_min_examples examples."))
+    auto_min_examples: int = Field(2_000_000, ge=0, description=(
+        "backend=auto: the night's examples (tonight's, replay and, on a full retrain, all history) from "
+        "which the distributed backend pays for its launch and exchange. Measured with "
+        "benchmarks/train_throughput.py on the 2-core machine (2026-11-30): 2 workers ran at 0.36-0.66x "
+        "one worker at 60k examples, and at 0.05x one whole night with the launch, so no size measured "
+        "there pays; 2M is above every night of the demo. On a machine with a core (or GPU) per worker "
+        "measure it there and lower it. 0: always distributed."))
     launcher: Literal["spark", "processes"] = Field("spark", description=(
         "horovod and torch: spark runs the ranks on the executors (horovod.spark.run, TorchDistributor), "
         "processes as local processes on this machine, without Spark, started once and kept warm for the "
