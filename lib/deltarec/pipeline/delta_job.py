@@ -96,11 +96,11 @@ def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine"
     raw = lake.read_changes(table, first, last)
     before = lake.scan(table, where="1 = 0", version=first - 1).schema if first > 0 else None
     m = cfg.source.columns
-    if m is None:
-        check_drift(table, raw.schema, before)
-        return raw
-    check_drift(table, raw.schema, before, read=mapped_columns(m, cfg.source.key))
-    return map_source(raw, m, key=cfg.source.key, event_types=cfg.source.event_types)
+    check_drift(table, raw.schema, before, **({} if m is None else {"read": mapped_columns(m, cfg.source.key)}))
+    from ..privacy import ingest  # forgotten users' changes stay out; pseudonyms in
+
+    mapped = raw if m is None else map_source(raw, m, key=cfg.source.key, event_types=cfg.source.event_types)
+    return ingest(spark, cfg, lake, mapped)
 
 
 def _check_change_fraction(cfg: "Config", lake: "LakeEngine", first: int, keys, rewrites: "DataFrame") -> int:
