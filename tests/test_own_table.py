@@ -271,6 +271,7 @@ def test_every_night_prints_and_stores_its_summary(spark, lake_root):
 
     cfg = make_config(lake_root, "demo.enabled=false", *TEST_SETTINGS, "features.holdout_fraction=0.3",
                       "train.epochs=1", "train.full_epochs=1", "validation.max_quarantine_fraction=0.2",
+                      "eval.k=3", "gate.metrics=[ndcg@3, auc]",  # a catalogue of 4 films
                       conf=str(ROOT / "conf" / "examples" / "ratings.yaml"))
     lake = open_lake(cfg.lake, spark)
     films(lake, cfg)
