@@ -4,6 +4,7 @@ silently dropped row. The example test runs a whole delta job over them; the
 property test (hypothesis) fuzzes every column of the change feed through the
 validation stage: consumed = accepted + quarantined, no exception."""
 import datetime as dt
+import unicodedata
 
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -60,6 +61,22 @@ def test_hostile_timestamps_and_numbers_are_quarantined_with_the_column_and_valu
     assert J.prepare_night(spark, cfg, lake, 1, 1, "r1").accepted == 1
 
 
+def test_ids_that_look_alike_are_one_id_or_quarantined_naming_the_column(spark, lake_root):
+    cfg = make_config(lake_root, "demo.enabled=false", "features.negatives=0", "validation.max_quarantine_fraction=1")
+    lake = open_lake(cfg.lake, spark)
+    write(cfg, lake, [ev("a", user_id="12347", item_id="\u00e9"), ev("b", user_id=" 12347\u00a0", item_id="e\u0301"),
+                      ev("c", user_id="\u202e74321"), ev("d", item_id="1\u200b2"), ev("   "), ev("\u3000")])
+    night = J.prepare_night(spark, cfg, lake, 0, 0, "r0")
+    assert night.accepted == 2
+    assert [r["user_id"] for r in lake.read_arrow(cfg.lake.user_state_table).to_pylist()] == ["12347"]
+    assert [r["item_id"] for r in lake.read_arrow(cfg.lake.item_stats_table).to_pylist()] == ["\u00e9"]
+    rows = lake.read_arrow(cfg.lake.quarantine_table).to_pylist()
+    q = {r["event_id"]: (r["reason"], r["detail"]) for r in rows}
+    assert q["c"][0] == q["d"][0] == V.MALFORMED_ID
+    assert q["c"][1].startswith("user_id") and q["d"][1].startswith("item_id")
+    assert sorted(r["reason"] for r in rows if r["event_id"] not in ("c", "d")) == [V.NULL_EVENT_ID] * 2
+
+
 def ids():
     weird = st.sampled_from(["", "   ", " 12347", "12347 ", "a\x00b", "a\tb", "a\nb", "\x7f", "\u202e12347",
                              "1\u200b2", "e\u0301", "é", "x" * 5000, "'; DROP TABLE x; --", "\ufeff", "🙂"])
@@ -109,5 +126,9 @@ def test_validation_accounts_for_every_hostile_row(spark, tmp_path_factory, batc
     assert quarantined["reason"].null_count == 0
     for r in accepted.to_pylist():  # what is accepted is trainable: finite, in range, in time
         assert r["event_time"] is not None and dt.datetime(1970, 1, 1, tzinfo=UTC) <= r["event_time"]
+        for k in ("event_id", "user_id", "item_id"):  # the id policy: trimmed, NFC, nothing invisible
+            ends = (r[k][:1], r[k][-1:])
+            assert r[k] == unicodedata.normalize("NFC", r[k]) and "\u202e" not in r[k], (k, r)
+            assert not any(e and unicodedata.category(e).startswith("Z") for e in ends), (k, r)
         for k in ("price", "rating"):
             assert r[k] is None or abs(r[k]) != float("inf") and r[k] == r[k], (k, r)

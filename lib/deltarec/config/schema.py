@@ -164,6 +164,9 @@ class ValidationConfig(Section):
     max_price: float = Field(1e9, gt=0, description="Prices above this are quarantined as out_of_range.")
     max_quantity: int = Field(1_000_000_000, ge=1, description=(
         "Quantities above this are quarantined as out_of_range (2^63-1 is a source's overflow, not an order)."))
+    ids: Literal["normalized", "as_is"] = Field("normalized", description=(
+        "normalized: ids are trimmed of Unicode spaces and brought to NFC, and ids with bidi-override or "
+        "zero-width characters are quarantined as malformed_id (features/ids.py). as_is: byte for byte."))
     id_pattern: str = Field("", description=(
         "Full-match regular expression ids must satisfy. \"\": any id (without control characters)."))
 
