@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..faults import crash_point
 from ..features.changes import check_drift, map_source, mapped_columns
 from ..features.examples import build_examples, trained_types
 from ..features.state import next_item_stats, next_user_state
@@ -275,6 +276,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
         guard()
         lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
     stage.mark("write_state")
+    crash_point("after_state_write")
     lake.create(tables.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
     # A big night (a first run over years of history) is written in slices, so
     # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
