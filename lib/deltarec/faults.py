@@ -8,7 +8,8 @@ Points: ``after_state_write`` (pipeline/delta_job.py: quarantine, index and
 state written, examples not), ``before_ledger_commit`` (pipeline/publish.py:
 the checkpoint is written and verified, the ledger row is not),
 ``after_ledger_commit`` (the ledger row is written, its audit event and the
-cleanup of earlier attempts are not). Reads: the environment. Writes: nothing.
+cleanup of earlier attempts are not), and privacy/'s ``forget_*`` points.
+Reads: the environment. Writes: nothing.
 """
 from __future__ import annotations
 
