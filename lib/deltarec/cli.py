@@ -58,6 +58,15 @@ def parser() -> argparse.ArgumentParser:
                       help="describe a key or section, e.g. train.accumulation_steps or train")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     _registry_parser(sub)
+    p = sub.add_parser("maintain", help="OPTIMIZE / VACUUM deltarec's tables, drop uncommitted checkpoints",
+                       description="Lake upkeep: compact the tables deltarec grows by small appends and MERGEs, "
+                                   "VACUUM them (and the examples table) with maintain.retention_hours, and remove "
+                                   "checkpoint attempts no run committed. The source and items tables are never "
+                                   "touched. Safe beside a running night: a compaction loses to its MERGE.")
+    _common(p)
+    p.add_argument("--no-optimize", dest="optimize", action="store_false", help="skip OPTIMIZE")
+    p.add_argument("--no-vacuum", dest="vacuum", action="store_false", help="skip VACUUM")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("report", help="PNG + HTML of metrics over nights (champion, candidates, baselines)",
                        description="Write metrics_over_nights.png and index.html from the lake's metrics table.")
     _common(p)
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
-        "registry": cmd_registry, "report": cmd_report, "forget": cmd_forget,
+        "registry": cmd_registry, "report": cmd_report, "forget": cmd_forget, "maintain": cmd_maintain,
     }
     return commands[args.command](args, cfg)
 
@@ -169,6 +178,7 @@ def cmd_plan(args, cfg: Config) -> int:
 
 def cmd_status(args, cfg: Config) -> int:
     from .lake.ledger import Ledger
+    from .maintain import owned_tables, table_sizes
     from .pipeline.console import status_header, status_line
     from .train.checkpoint import CheckpointError, verify_checkpoint
 
@@ -197,7 +207,7 @@ def cmd_status(args, cfg: Config) -> int:
                           "source_table": cfg.lake.events_table, "source_latest_version": latest_source,
                           "lake": lake.root, "engine": lake.name,
                           "current_checkpoint": current.to_json_dict()["checkpoint"] if current else None,
-                          "runs": entries}, indent=1))
+                          "tables": table_sizes(lake, owned_tables(cfg)), "runs": entries}, indent=1))
     else:
         print(f"lake {lake.root} ({lake.name}); model {cfg.model.name!r}")
         print(f"watermark: {watermark}   {cfg.lake.events_table} latest version: {latest_source}"
@@ -209,6 +219,8 @@ def cmd_status(args, cfg: Config) -> int:
             print(f"current checkpoint: {current.checkpoint_path}\n  sha256 {current.checkpoint_sha256}")
         else:
             print("no checkpoint yet: run `deltarec nightly`")
+        print("tables: " + ", ".join(f"{t} {s['files']} files {s['bytes'] / 1e6:.1f} MB"
+                                     for t, s in table_sizes(lake, owned_tables(cfg)).items()))
     bad = [d for d in entries if d["checkpoint"].get("verified") is False]
     orphans = _verify_orphans(cfg, ledger) if args.verify else {}
     return 1 if bad or orphans else 0
@@ -263,6 +275,14 @@ def cmd_registry(args, cfg: Config) -> int:
     else:
         print(registry.describe(action, out, cfg.model.name))
     return 0 if action != "reproduce" or out["passed"] else 1
+
+
+def cmd_maintain(args, cfg: Config) -> int:
+    from .maintain import describe, maintain
+
+    out = maintain(cfg, _lake(cfg), optimize=args.optimize, vacuum=args.vacuum)
+    print(json.dumps(out, indent=1) if args.json else describe(out))
+    return 0
 
 
 def cmd_report(args, cfg: Config) -> int:

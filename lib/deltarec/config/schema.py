@@ -424,6 +424,36 @@ class MlflowConfig(Section):
         "Registered model name. null: deltarec-<model.name>."))
 
 
+def check_retention(section: Section, name: str) -> None:
+    """VACUUM below Delta's 7 days only when asked for on purpose."""
+    if section.retention_hours < 168 and section.enforce_retention:
+        raise invalid("retention_hours", section.retention_hours, "is below Delta's 7-day retention check "
+                      f"(168 hours), which VACUUM would refuse; set {name}.enforce_retention=false to allow it "
+                      "on purpose")
+
+
+class MaintainConfig(Section):
+    """Lake upkeep (``deltarec maintain``): OPTIMIZE of the tables deltarec
+    grows by small appends and MERGEs, VACUUM of their unreferenced files,
+    removal of checkpoint attempts no run committed."""
+
+    retention_hours: int = Field(168, ge=0, description=(
+        "VACUUM keeps files removed less than this many hours ago (readers time-travelling that far still "
+        "work), and uncommitted checkpoint attempts younger than this stay (a night may be writing one). 168: "
+        "Delta's own 7 days; below that only with enforce_retention=false."))
+    enforce_retention: bool = Field(True, description=(
+        "Delta's retention check on VACUUM. false: retention_hours may be below 168 (0 in tests, or when "
+        "nothing time-travels and no night runs during maintain)."))
+    every_nights: int = Field(0, ge=0, description=(
+        "Run maintain at the end of every Nth committed night (after the commit; a failure is logged, the "
+        "night stands). 0: only when `deltarec maintain` is run."))
+
+    @model_validator(mode="after")
+    def _retention(self):
+        check_retention(self, "maintain")
+        return self
+
+
 class PrivacyConfig(Section):
     """The right to be forgotten (``deltarec forget``, privacy/): a request
     erases a user from every derived table, the model and its retained
@@ -463,10 +493,7 @@ class PrivacyConfig(Section):
 
     @model_validator(mode="after")
     def _retention(self):
-        if self.retention_hours < 168 and self.enforce_retention:
-            raise invalid("retention_hours", self.retention_hours, "is below Delta's 7-day retention check "
-                          "(168 hours), which VACUUM would refuse; set privacy.enforce_retention=false to allow it "
-                          "on purpose")
+        check_retention(self, "privacy")
         return self
 
 
@@ -486,6 +513,7 @@ class Config(Section):
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description=MlflowConfig.__doc__)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description=PrivacyConfig.__doc__)
+    maintain: MaintainConfig = Field(default_factory=MaintainConfig, description=MaintainConfig.__doc__)
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
