@@ -259,6 +259,35 @@ class MlflowConfig:
 
 
 @dataclass
+class RecommendConfig:
+    """The recommendations table (pipeline/recommend.py): each user's top ``k``
+    from the champion, rewritten after every nightly commit and every registry
+    promote / rollback. Days count back from the newest event in the lake (the
+    data's clock, so replayed history works), not from the wall clock."""
+
+    enabled: bool = True  # refresh after each nightly commit and each promote / rollback
+    table: str = "recommendations"
+    k: int = 10  # items stored per user
+    max_k: int = 100  # largest k a caller may ask for (serve, recommend --k)
+    active_days: int = 0  # 0: every user with state; else only users seen in the last N days
+    catalog_days: int = 90  # items seen in the last N days may be recommended; 0: every item ever seen
+    exclude: str = "none"  # none | purchased (the stored history) | last-N (its newest N items)
+    popularity_days: int = 7  # window of the popularity list (users with no history, unknown users)
+    partitions: int = 0  # Spark tasks that score; 0: the session's default parallelism
+    block_pairs: int = 262144  # user x item scores per block inside a task (bounds its memory)
+
+
+@dataclass
+class ServeConfig:
+    """`deltarec serve`: HTTP on the recommendations table and the champion."""
+
+    host: str = "127.0.0.1"  # loopback by default: expose deliberately
+    port: int = 8000
+    poll_seconds: float = 5.0  # how often the ledger is read for a new champion / table version
+    max_items: int = 500  # most item ids one POST /score may send
+
+
+@dataclass
 class Config:
     env: str = "local"
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -272,6 +301,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -485,6 +516,24 @@ def _validate(obj: Any, prefix: str) -> None:
         raise bad("root", "must name a directory or URI")
     if isinstance(obj, EvalConfig) and obj.k < 1:
         raise bad("k", "must be at least 1")
+    if isinstance(obj, RecommendConfig):
+        import re
+
+        if obj.k < 1 or obj.max_k < obj.k:
+            raise bad("k" if obj.k < 1 else "max_k", f"need 1 <= recommend.k <= recommend.max_k (k={obj.k}, "
+                                                        f"max_k={obj.max_k})")
+        for name in ("active_days", "catalog_days", "popularity_days", "partitions"):
+            if getattr(obj, name) < 0:
+                raise bad(name, "must be >= 0 (0: no limit / the default)")
+        if obj.block_pairs < 1:
+            raise bad("block_pairs", "must be at least 1")
+        if not re.fullmatch(r"none|purchased|last-[1-9][0-9]*", obj.exclude):
+            raise bad("exclude", "must be none, purchased or last-N with N >= 1 (e.g. last-5)")
+    if isinstance(obj, ServeConfig):
+        if not 1 <= obj.port <= 65535:
+            raise bad("port", "must be in 1..65535")
+        if obj.poll_seconds <= 0 or obj.max_items < 1:
+            raise bad("poll_seconds" if obj.poll_seconds <= 0 else "max_items", "must be > 0")
     if isinstance(obj, GateConfig):
         if not obj.metrics:
             raise bad("metrics", "name at least one metric, or set gate.enabled=false")
