@@ -212,6 +212,9 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     log.info("run %s committed as %s: watermark %d → %d; %s", run_id, record.status, watermark, last,
              gate["decision"]["reason"])
     ml = _after_commit(cfg, lake, record, serving)
+    from .recommend import refresh_quietly  # the champion's top-k for tomorrow; a failure never undoes the commit
+
+    refresh_quietly(spark, cfg, lake, reason=f"nightly {run_id}", by="nightly")
     if spec.resume_dir:
         import shutil
 
