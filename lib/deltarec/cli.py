@@ -53,6 +53,23 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--get", metavar="KEY", help="print one dotted key, e.g. spark.master")
     _registry_parser(sub)
+    p = sub.add_parser("recommend", help="refresh the recommendations table, or show one user's top-k",
+                       description="Without --user: score every user with the champion on the Spark executors "
+                                   "and commit the recommendations table (one Delta commit). With --user: that "
+                                   "user's top-k from the current table (popularity when the table does not "
+                                   "know them), without Spark.")
+    _common(p)
+    p.add_argument("--user", metavar="ID", help="a raw user id (e.g. an Online Retail CustomerID)")
+    p.add_argument("--k", type=int, default=None, help="how many items (default recommend.k; at most recommend.max_k)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("serve", help="HTTP service: recommendations, live scoring, health; follows the champion",
+                       description="FastAPI + uvicorn on serve.host:serve.port (127.0.0.1 by default): "
+                                   "GET /recommendations/{user_id}?k=, POST /score, GET /health. Polls the "
+                                   "ledger every serve.poll_seconds and swaps in a new champion with its "
+                                   "recommendations once both are loaded.")
+    _common(p)
+    p.add_argument("--host", default=None, help="bind address (default serve.host)")
+    p.add_argument("--port", type=int, default=None, help="port (default serve.port)")
     p = sub.add_parser("report", help="PNG + HTML of metrics over nights (champion, candidates, baselines)",
                        description="Write metrics_over_nights.png and index.html from the lake's metrics table.")
     _common(p)
@@ -111,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
-        "registry": cmd_registry, "report": cmd_report,
+        "registry": cmd_registry, "report": cmd_report, "recommend": cmd_recommend, "serve": cmd_serve,
     }
     return commands[args.command](args, cfg)
 
@@ -296,8 +313,11 @@ def _registry_text(action: str, out, cfg: Config) -> str:
                          f"by {e['by']}: {e['reason']}")
         return "\n".join(lines)
     if action in ("promote", "rollback"):
+        recs = out.get("recommendations") or {}
         return (f"{action}: champion of {cfg.model.name!r} is now {out['champion']} (was "
-                f"{out['previous_champion']}); by {out['by']}: {out['reason']}")
+                f"{out['previous_champion']}); by {out['by']}: {out['reason']}\n"
+                + (f"recommendations rewritten: {cfg.recommend.table} version {recs['version']}" if "version" in recs
+                   else f"recommendations NOT rewritten: {recs.get('error') or recs.get('skipped')}"))
     lines = [f"reproduce {out['id']}: {'PASSED' if out['passed'] else 'FAILED'} (tolerance {out['tolerance']:g}; "
              f"identical weights: {out['identical_weights']}; {out['files']} files of "
              f"{out['examples_table']}@v{out['examples_version']})"]
@@ -313,6 +333,60 @@ def cmd_report(args, cfg: Config) -> int:
     out = write_report(_lake(cfg), cfg, args.out)
     print(json.dumps(out, indent=1) if args.json else f"wrote {out['png']} and {out['html']}")
     return 0
+
+
+def cmd_recommend(args, cfg: Config) -> int:
+    if args.user is None:
+        from .pipeline.recommend import refresh_recommendations
+        from .registry.core import current_user
+        from .spark import build_spark
+
+        try:
+            out = refresh_recommendations(build_spark(cfg), cfg, reason="deltarec recommend", by=current_user())
+        except Exception as e:
+            log.debug("recommend failed", exc_info=True)
+            print(f"deltarec recommend: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(out, indent=1) if args.json else
+              f"{cfg.recommend.table} version {out.get('version')}: top {cfg.recommend.k} for {out.get('users')} "
+              f"users from champion {out['run_id']} in {out['seconds']:.1f}s" if "version" in out else
+              f"not written: {out.get('skipped')}")
+        return 0 if "version" in out else 1
+    from .serving.holder import ModelHolder
+    from .serving.ids import user_key
+
+    k = cfg.recommend.k if args.k is None else args.k
+    if not 1 <= k <= cfg.recommend.max_k:
+        print(f"deltarec recommend: --k {k} is out of range: 1..{cfg.recommend.max_k} (recommend.max_k)",
+              file=sys.stderr)
+        return 2
+    holder = ModelHolder(cfg)
+    holder.poll_once()
+    snap = holder.current
+    if snap is None:
+        print(f"deltarec recommend: nothing to answer from: {holder.error or holder.pending}", file=sys.stderr)
+        return 1
+    res = snap.recommend(user_key(args.user), k)
+    items = [{"rank": r, "item_id": i, "score": s} for r, (i, s) in enumerate(res["items"], 1)]
+    if args.json:
+        print(json.dumps({"user_id": args.user, "k": k, "run_id": snap.run_id, "table_version": snap.table_version,
+                          "fallback": res["fallback"], "from": res["from"], "items": items}, indent=1))
+    else:
+        how = " (popularity: the table has no history for this user)" if res["fallback"] else ""
+        print(f"user {args.user}: top {k} from champion {snap.run_id}, {cfg.recommend.table} version "
+              f"{snap.table_version}{how}")
+        for e in items:
+            print(f"  {e['rank']:>3}. {e['item_id']:<14} {e['score']:.4f}")
+    return 0
+
+
+def cmd_serve(args, cfg: Config) -> int:
+    from dataclasses import replace
+
+    from .serving.app import run_server
+
+    cfg.serve = replace(cfg.serve, host=args.host or cfg.serve.host, port=args.port or cfg.serve.port)
+    return run_server(cfg)
 
 
 def _spark_lake(cfg: Config):

@@ -132,6 +132,9 @@ def promote(ledger: Ledger, lake: "LakeEngine", cfg: "Config", run_id: str, *, b
         from .mlflow_sync import set_champion_alias
 
         out["mlflow"] = set_champion_alias(cfg, lake, new)
+    from ..pipeline.recommend import refresh_quietly  # the table follows the champion; errors logged, not raised
+
+    out["recommendations"] = refresh_quietly(None, cfg, lake, reason=f"{action} {run_id}", by=by)
     return out
 
 
