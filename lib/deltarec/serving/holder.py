@@ -44,7 +44,6 @@ class ModelHolder:
         self.swaps = 0
         self._seen: tuple | None = None  # (runs version, table version) last examined
         self._failed_at: dict[tuple, float] = {}  # (run id, sha256, table version) → when its load failed
-        self._checked: set[tuple] = set()  # champions whose checkpoint verified while they wait for a table
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -102,17 +101,14 @@ class ModelHolder:
 
     def _check_checkpoint(self, champ, serving: str) -> None:
         """A champion waiting for its table whose checkpoint does not verify
-        will never be served: say so now rather than only 'waiting'."""
+        will never be served: say so now rather than only 'waiting'. Checked
+        again at every change of the ledger or the table (files can rot)."""
         from ..train.checkpoint import CheckpointError, verify_checkpoint
 
-        key = (champ.run_id, champ.checkpoint_sha256)
-        if key in self._checked:
-            return
         try:
             verify_checkpoint(champ.checkpoint_path, champ.checkpoint_sha256)
-            self._checked.add(key)
         except CheckpointError as e:
-            self._failed_at[key] = time.monotonic()
+            self._failed_at[(champ.run_id, champ.checkpoint_sha256)] = time.monotonic()
             self.error = f"champion {champ.run_id} cannot be served: {e}; {serving}"
             log.error("%s", self.error)
 
