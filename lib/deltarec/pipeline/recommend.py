@@ -407,15 +407,15 @@ def recorded_versions(lake: "LakeEngine", cfg: "Config") -> dict[str, list[int]]
     return out
 
 
-def tomorrow_text(lake: "LakeEngine", cfg: "Config", customers: int = 3, k: int = 5) -> str:
-    """Tomorrow's top ``k`` for the ``customers`` users with most history, and
-    how to serve them: what the demo prints last."""
+def tomorrow_rows(lake: "LakeEngine", cfg: "Config", customers: int = 3, k: int = 5) -> list[dict[str, Any]]:
+    """Tomorrow's top ``k`` for the ``customers`` users with most events, one
+    row per (customer, rank), from the newest refresh; [] when there is none."""
     import pyarrow.compute as pc
 
     R = cfg.recommend
     found = latest_refresh(lake, R.table)
     if found is None:
-        return "no recommendations table yet: run `deltarec recommend`"
+        return []
     version, meta = found
     recs = lake.read_arrow(R.table, version)
     state = lake.read_arrow(cfg.lake.user_state_table, meta.get("user_state_version"))
@@ -424,13 +424,27 @@ def tomorrow_text(lake: "LakeEngine", cfg: "Config", customers: int = 3, k: int 
     if lake.exists(cfg.lake.items_table):
         items = lake.read_arrow(cfg.lake.items_table)
         texts = dict(zip(items["item_id"].to_pylist(), items["text"].to_pylist()))
-    lines = [f"tomorrow's top {k} (champion {meta['run_id']}, {R.table} table version {version}):"]
+    rows = []
     for user in busiest[:customers]:
         mine = recs.filter(pc.and_(pc.equal(recs["user_id"], user), pc.less_equal(recs["rank"], k))).sort_by("rank")
-        picks = ", ".join(" ".join(filter(None, (i, (texts.get(i) or "").strip()[:28], f"({s:.2f})")))
-                          for i, s in zip(mine["item_id"].to_pylist(), mine["score"].to_pylist()))
+        for r in mine.to_pylist():
+            rows.append({"customer": user, "rank": r["rank"], "item_id": r["item_id"],
+                         "description": (texts.get(r["item_id"]) or "").strip(), "score": round(r["score"], 4),
+                         "source": r["source"], "run_id": r["run_id"], "table_version": version})
+    return rows
+
+
+def tomorrow_text(lake: "LakeEngine", cfg: "Config", customers: int = 3, k: int = 5) -> str:
+    """:func:`tomorrow_rows` as text, and how to serve them: what the demo prints last."""
+    rows = tomorrow_rows(lake, cfg, customers, k)
+    if not rows:
+        return f"no {cfg.recommend.table} table yet: run `deltarec recommend`"
+    lines = [f"tomorrow's top {k} (champion {rows[0]['run_id']}, {cfg.recommend.table} table version "
+             f"{rows[0]['table_version']}):"]
+    for user in dict.fromkeys(r["customer"] for r in rows):
+        picks = "; ".join(f"{r['item_id']} {r['description'][:30]}".strip() for r in rows if r["customer"] == user)
         lines.append(f"  customer {user}: {picks}")
     S = cfg.serve
-    lines.append(f"serve them: .venv/bin/deltarec serve   then  curl "
-                 f"http://{S.host}:{S.port}/recommendations/{busiest[0] if busiest else 'USER'}?k={k}")
+    lines.append(f"serve them over HTTP: .venv/bin/deltarec serve   then   curl "
+                 f"http://{S.host}:{S.port}/recommendations/{rows[0]['customer']}?k={k}")
     return "\n".join(lines)
