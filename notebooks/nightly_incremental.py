@@ -105,7 +105,7 @@ display(nb.image(plot_png))
 
 # COMMAND ----------
 
-from deltarec.pipeline.recommend import tomorrow_rows
+from deltarec.serving.table import tomorrow_rows
 
 tomorrow = tomorrow_rows(nb.get_lake(cfg, spark), cfg, customers=3, k=5)
 if tomorrow:

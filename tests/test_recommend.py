@@ -21,7 +21,8 @@ from conftest import ROOT, make_config
 from deltarec.lake import open_lake
 from deltarec.lake.ledger import Ledger
 from deltarec.pipeline.demo import run_demo
-from deltarec.pipeline.recommend import latest_refresh, recorded_versions, refresh_recommendations
+from deltarec.pipeline.recommend import refresh_recommendations
+from deltarec.serving.table import latest_refresh, recorded_versions
 
 BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=2")
 SAMPLE = 12  # users compared against the independent scoring
@@ -148,7 +149,7 @@ def test_popularity_list_and_users_without_history(spark, demo):
     examples); a user with no history is scored from that list, flagged."""
     import datetime as dt
 
-    from deltarec.pipeline.recommend import score_batch
+    from deltarec.serving.batch import score_batch
     from deltarec.serving.catalog import catalog_from_item_stats
     from deltarec.serving.model import load_model
 

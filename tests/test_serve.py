@@ -18,7 +18,7 @@ from conftest import ROOT, make_config
 from deltarec.lake import open_lake
 from deltarec.lake.ledger import Ledger
 from deltarec.pipeline.demo import append_day, demo_days, run_demo
-from deltarec.pipeline.recommend import latest_refresh
+from deltarec.serving.table import latest_refresh
 from test_recommend import same_ranking, table_rows
 
 BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=2")

@@ -88,7 +88,7 @@ def run_demo(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResul
         out(table_row(str(day), res, cfg.eval.k))
     out(summary(results, lake, cfg, time.perf_counter() - t0))
     try:
-        from .recommend import tomorrow_text
+        from ..serving.table import tomorrow_text
 
         out(tomorrow_text(lake, cfg))
     except Exception as e:  # the nights committed; only the printout failed

@@ -27,12 +27,15 @@ import logging
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..lake import LakeError, open_lake
 from ..lake.ledger import Ledger, RunRecord
+from ..serving.batch import score_task
+from ..serving.table import EVENT_ACTION, RECOMMENDATIONS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -42,21 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("deltarec.recommend")
 
-RECOMMENDATIONS = pa.schema([
-    pa.field("user_id", pa.string()),  # the key user_state holds; null: the list for users not in the table
-    pa.field("rank", pa.int32()),  # 1 = best
-    pa.field("item_id", pa.string()),
-    pa.field("score", pa.float32()),  # the model's logit; for popularity rows the count in the window
-    pa.field("source", pa.string()),  # model | popularity
-    pa.field("run_id", pa.string()),  # the champion that produced the row set
-    pa.field("generated_at", pa.timestamp("us", tz="UTC")),
-])
 RECS_DDL = ("user_id string, rank int, item_id string, score float, source string, run_id string, "
             "generated_at timestamp")
-PART_DDL = "path string, size long, rows long, users long, modified long"
-EVENT_ACTION = "recommendations"
-_EVENT_VERSION = re.compile(r"version (\d+)")
-_MODELS: dict[tuple[str, str], Any] = {}  # per Python worker: (checkpoint path, sha256) → model
+PART_DDL = "path string, size long, rows long, users long, modified long"  # what a task's part reports
 
 
 def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEngine | None" = None, *,
@@ -85,10 +76,13 @@ def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEng
     stats_version = lake.version(L.item_stats_table)
     if stats_version is None:
         raise LakeError(f"no {L.item_stats_table} table in {lake.root}: the delta job writes it; run `deltarec nightly`")
-    catalog, _ = catalog_from_item_stats(lake.read_arrow(L.item_stats_table, stats_version), R.catalog_days, ib)
-    popular = popularity(lake, cfg, ledger, {i for items in catalog.items for i in items})
+    stats = lake.read_arrow(L.item_stats_table, stats_version)
+    catalog, _ = catalog_from_item_stats(stats, R.catalog_days, ib)
+    popular = popularity(lake, cfg, ledger, {i for items in catalog.items for i in items},
+                         pc.max(stats["last_seen"]).as_py() if stats.num_rows else None)
     state_version = lake.version(L.user_state_table)
     users = users_frame(spark, lake, cfg, state_version, ub, ib, salt)
+    t_driver = time.perf_counter()
     generated = dt.datetime.now(dt.timezone.utc)
     threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
     spec = {"checkpoint": champ.checkpoint_path, "sha256": champ.checkpoint_sha256, "run_id": champ.run_id,
@@ -103,21 +97,27 @@ def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEng
             "catalog_items": len(catalog), "reason": reason, "generated_at": generated.isoformat()}
     if lake.name == "delta-spark":  # Spark's Delta writer: tasks write, the driver commits
         out = users.mapInArrow(score_task(spec, "rows"), RECS_DDL)
-        stats = _commit_with_spark(lake, R.table, out, meta, ledger, champ)
+        t_tasks = time.perf_counter()
+        written = _commit_with_spark(lake, R.table, out, meta, ledger, champ)
     else:  # delta-rs: tasks write Parquet parts, the driver commits them as one transaction
-        parts = users.mapInArrow(score_task(spec, "parts"), PART_DDL).collect()
-        stats = _commit_parts(lake, R.table, [p.asDict() for p in parts], meta, ledger, champ)
-    if stats.get("skipped"):
-        log.warning("recommendations not written: %s", stats["skipped"])
-        return {**stats, "run_id": champ.run_id, "seconds": round(time.perf_counter() - t0, 3)}
-    version = stats["version"]
+        parts = [p.asDict() for p in users.mapInArrow(score_task(spec, "parts"), PART_DDL).collect()]
+        t_tasks = time.perf_counter()
+        written = _commit_parts(lake, R.table, parts, meta, ledger, champ)
+    if written.get("skipped"):
+        log.warning("recommendations not written: %s", written["skipped"])
+        return {**written, "run_id": champ.run_id, "seconds": round(time.perf_counter() - t0, 3)}
+    version = written["version"]
     record_event(lake, cfg, EVENT_ACTION, champ.run_id, None, by,
-                 f"{R.table} version {version}: {stats['users']} users, top {R.k} ({reason})")
-    result = {"table": R.table, "version": version, "run_id": champ.run_id, "users": stats["users"],
-              "rows": stats["rows"], "parts": stats["parts"], "catalog_items": len(catalog),
-              "seconds": round(time.perf_counter() - t0, 3)}
-    log.info("recommendations: %s version %d from champion %s: %d users, %d rows, %d parts in %.1fs",
-             R.table, version, champ.run_id, result["users"], result["rows"], result["parts"], result["seconds"])
+                 f"{R.table} version {version}: {written['users']} users, top {R.k} ({reason})")
+    t_end = time.perf_counter()
+    result = {"table": R.table, "version": version, "run_id": champ.run_id, "users": written["users"],
+              "rows": written["rows"], "parts": written["parts"], "catalog_items": len(catalog),
+              "seconds": round(t_end - t0, 3),
+              "phases": {"driver": round(t_driver - t0, 3), "tasks": round(t_tasks - t_driver, 3),
+                         "commit": round(t_end - t_tasks, 3)}}
+    log.info("recommendations: %s version %d from champion %s: %d users, %d rows, %d parts in %.1fs (%s)",
+             R.table, version, champ.run_id, result["users"], result["rows"], result["parts"], result["seconds"],
+             ", ".join(f"{k} {v:.1f}s" for k, v in result["phases"].items()))
     return result
 
 
@@ -146,19 +146,39 @@ def hashing(cfg: "Config", run: RunRecord) -> tuple[int, int, str]:
             int(f.get("item_buckets", cfg.features.item_buckets)), str(f.get("salt", cfg.features.salt) or ""))
 
 
-def popularity(lake: "LakeEngine", cfg: "Config", ledger: Ledger, allowed: set[str]) -> list[tuple[str, float]]:
+def popularity(lake: "LakeEngine", cfg: "Config", ledger: Ledger, allowed: set[str],
+               newest: dt.datetime | None = None) -> list[tuple[str, float]]:
     """The popularity list: catalogue items with most positive events of
-    committed runs in the last ``recommend.popularity_days`` days."""
+    committed runs in the last ``recommend.popularity_days`` days before
+    ``newest`` (the data's clock; the scan skips older files by their stats)."""
     from ..serving.catalog import popular_items
 
-    L = cfg.lake
+    L, days = cfg.lake, cfg.recommend.popularity_days
     committed = [r.run_id for r in ledger.runs(cfg.model.name)]
     if not committed or not lake.exists(L.examples_table):
         return []
-    rows = lake.lookup(L.examples_table, pa.table({"run_id": pa.array(committed, pa.string())}),
-                       ["item_id", "event_time"], where="label = 1 AND kind = 'event'")
-    return popular_items(rows, allowed, cfg.recommend.popularity_days, cfg.recommend.max_k)
+    keys = pa.table({"run_id": pa.array(committed, pa.string())})
+    where = "label = 1 AND kind = 'event'"
+    rows = None
+    if newest is not None and days:
+        cut = (newest - dt.timedelta(days=days + 1)).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        rows = lake.lookup(L.examples_table, keys, ["item_id", "event_time"], where=f"{where} AND event_time >= '{cut}'")
+    if rows is None or rows.num_rows == 0:  # no recent positives: all time
+        rows = lake.lookup(L.examples_table, keys, ["item_id", "event_time"], where=where)
+    return popular_items(rows, allowed, days, cfg.recommend.max_k)
 
+
+def executor_cores(spark: "SparkSession") -> int:
+    """Cores that run tasks: N of local[N], else the executors' cores as Spark reports them."""
+    import os
+
+    sc = spark.sparkContext
+    m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", sc.master)
+    if m:
+        return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1) or 1)
+    infos = sc._jsc.sc().statusStore().executorList(True)
+    cores = sum(infos.apply(i).totalCores() for i in range(infos.size()) if infos.apply(i).id() != "driver")
+    return cores or sc.defaultParallelism
 
 def users_frame(spark: "SparkSession", lake: "LakeEngine", cfg: "Config", version: int | None,
                 user_buckets: int, item_buckets: int, salt: str) -> "DataFrame":
@@ -193,116 +213,11 @@ def users_frame(spark: "SparkSession", lake: "LakeEngine", cfg: "Config", versio
 
 
 def _parallelism(spark: "SparkSession", cfg: "Config") -> int:
+    """One scoring task per executor core: each loads the model once and scores a large share."""
     try:
-        return max(1, spark.sparkContext.defaultParallelism)
+        return max(1, executor_cores(spark))
     except Exception:  # Spark Connect has no sparkContext
         return max(1, cfg.spark.shuffle_partitions)
-
-
-# ------------------------------------------------------------ executor side
-def _champion_model(path: str, sha256: str):
-    """The champion, loaded (and verified) once per Python worker."""
-    key = (path, sha256)
-    if key not in _MODELS:
-        from ..serving.model import load_model
-
-        _MODELS.clear()
-        _MODELS[key] = load_model(path, sha256)[0]
-    return _MODELS[key]
-
-
-def score_batch(model, catalog, batch: pa.RecordBatch | pa.Table, spec: dict[str, Any]) -> pa.Table:
-    """RECOMMENDATIONS rows of the users in ``batch`` (see :func:`users_frame`)."""
-    from ..serving.scorer import excluded, top_items
-
-    ids = batch.column("user_id").to_pylist()
-    hist_ids = batch.column("history_ids").to_pylist()
-    hist_idx = batch.column("history_idx").to_pylist()
-    uidx = batch.column("user_idx").to_pylist()
-    scored = [i for i, u in enumerate(ids) if u is not None and hist_ids[i]]
-    top = top_items(model, catalog, [uidx[i] for i in scored], [hist_idx[i] for i in scored], spec["k"],
-                    [excluded(hist_ids[i], spec["exclude"]) for i in scored], spec["block_pairs"])
-    by_row = dict(zip(scored, top))
-    cols: dict[str, list] = {n: [] for n in ("user_id", "rank", "item_id", "score", "source")}
-    for i, u in enumerate(ids):
-        picked, source = (by_row[i], "model") if i in by_row else (
-            spec["popular"][:spec["max_k"] if u is None else spec["k"]], "popularity")
-        for rank, (item, score) in enumerate(picked, 1):
-            cols["user_id"].append(u)
-            cols["rank"].append(rank)
-            cols["item_id"].append(item)
-            cols["score"].append(score)
-            cols["source"].append(source)
-    n = len(cols["rank"])
-    cols["run_id"] = [spec["run_id"]] * n
-    cols["generated_at"] = [spec["generated_at"]] * n
-    return pa.Table.from_pydict(cols, schema=RECOMMENDATIONS)
-
-
-def score_task(spec: dict[str, Any], mode: str):
-    """The ``mapInArrow`` function: ``rows`` yields the scored rows (Spark
-    writes them), ``parts`` writes one Parquet file into the table directory
-    and yields its path, size and counts for the driver's commit."""
-
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import os
-
-        import pyarrow.parquet as pq
-        import torch
-
-        from ..serving.scorer import Catalog
-
-        torch.set_num_threads(spec["threads"])
-        model, catalog = None, Catalog.from_dict(spec["catalog"])
-        writer, sink, name, rows, users = None, None, None, 0, 0
-        try:
-            for b in batches:
-                if b.num_rows == 0:
-                    continue
-                if model is None:
-                    model = _champion_model(spec["checkpoint"], spec["sha256"])
-                t = score_batch(model, catalog, b, spec)
-                users += b.num_rows
-                if mode == "rows":
-                    if t.num_rows:
-                        yield from t.to_batches()
-                    continue
-                if writer is None:
-                    name = f"part-{spec['refresh']}-{uuid.uuid4().hex[:12]}.parquet"
-                    sink = _open_output(f"{spec['table_uri']}/{name}")
-                    writer = pq.ParquetWriter(sink, RECOMMENDATIONS)
-                writer.write_table(t)
-                rows += t.num_rows
-        finally:
-            if writer is not None:
-                writer.close()
-                sink.close()
-        if writer is not None:
-            path = f"{spec['table_uri']}/{name}"
-            size = os.path.getsize(path) if "://" not in path else _size(path)
-            yield pa.RecordBatch.from_pydict({"path": [name], "size": [size], "rows": [rows], "users": [users],
-                                              "modified": [int(time.time() * 1000)]})
-    return run
-
-
-def _open_output(path: str):
-    import os
-
-    if "://" not in path or path.startswith("file://"):
-        path = path.removeprefix("file://")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return open(path, "wb")
-    from pyarrow import fs as pafs
-
-    fs, p = pafs.FileSystem.from_uri(path)
-    return fs.open_output_stream(p)
-
-
-def _size(path: str) -> int:
-    from pyarrow import fs as pafs
-
-    fs, p = pafs.FileSystem.from_uri(path)
-    return fs.get_file_info(p).size
 
 
 # ------------------------------------------------------------ commit (driver)
@@ -364,87 +279,3 @@ def _commit_with_spark(lake: "LakeEngine", table: str, scored: "DataFrame", meta
     finally:
         scored.unpersist()
     return {"version": lake.version(table), "users": users, "rows": rows, "parts": scored.rdd.getNumPartitions()}
-
-
-# ------------------------------------------------------------ reading
-def refresh_metadata(info: dict[str, Any]) -> dict[str, Any] | None:
-    """The refresh metadata of one commit (delta-rs custom metadata or
-    delta-spark userMetadata), or None for a commit that is not a refresh."""
-    from ..lake.delta_rs import METADATA_KEY
-
-    for key in (METADATA_KEY, "userMetadata"):
-        raw = info.get(key)
-        if raw:
-            try:
-                meta = json.loads(raw) if isinstance(raw, str) else raw
-            except ValueError:
-                continue
-            if isinstance(meta, dict) and "run_id" in meta and "checkpoint_sha256" in meta:
-                return meta
-    return None
-
-
-def latest_refresh(lake: "LakeEngine", table: str) -> tuple[int, dict[str, Any]] | None:
-    """(version, metadata) of the newest refresh commit of ``table``, or None."""
-    if not lake.exists(table):
-        return None
-    for info in sorted(lake.history(table), key=lambda h: -int(h.get("version", -1))):
-        meta = refresh_metadata(info)
-        if meta is not None:
-            return int(info["version"]), meta
-    return None
-
-
-def recorded_versions(lake: "LakeEngine", cfg: "Config") -> dict[str, list[int]]:
-    """Champion run id → the recommendations table versions its registry events record."""
-    from ..registry.core import events
-
-    out: dict[str, list[int]] = {}
-    for e in events(lake, cfg):
-        m = _EVENT_VERSION.search(e["reason"] or "") if e["action"] == EVENT_ACTION else None
-        if m:
-            out.setdefault(e["run_id"], []).append(int(m.group(1)))
-    return out
-
-
-def tomorrow_rows(lake: "LakeEngine", cfg: "Config", customers: int = 3, k: int = 5) -> list[dict[str, Any]]:
-    """Tomorrow's top ``k`` for the ``customers`` users with most events, one
-    row per (customer, rank), from the newest refresh; [] when there is none."""
-    import pyarrow.compute as pc
-
-    R = cfg.recommend
-    found = latest_refresh(lake, R.table)
-    if found is None:
-        return []
-    version, meta = found
-    recs = lake.read_arrow(R.table, version)
-    state = lake.read_arrow(cfg.lake.user_state_table, meta.get("user_state_version"))
-    busiest = state.sort_by([("events", "descending"), ("user_id", "ascending")])["user_id"].to_pylist()
-    texts = {}
-    if lake.exists(cfg.lake.items_table):
-        items = lake.read_arrow(cfg.lake.items_table)
-        texts = dict(zip(items["item_id"].to_pylist(), items["text"].to_pylist()))
-    rows = []
-    for user in busiest[:customers]:
-        mine = recs.filter(pc.and_(pc.equal(recs["user_id"], user), pc.less_equal(recs["rank"], k))).sort_by("rank")
-        for r in mine.to_pylist():
-            rows.append({"customer": user, "rank": r["rank"], "item_id": r["item_id"],
-                         "description": (texts.get(r["item_id"]) or "").strip(), "score": round(r["score"], 4),
-                         "source": r["source"], "run_id": r["run_id"], "table_version": version})
-    return rows
-
-
-def tomorrow_text(lake: "LakeEngine", cfg: "Config", customers: int = 3, k: int = 5) -> str:
-    """:func:`tomorrow_rows` as text, and how to serve them: what the demo prints last."""
-    rows = tomorrow_rows(lake, cfg, customers, k)
-    if not rows:
-        return f"no {cfg.recommend.table} table yet: run `deltarec recommend`"
-    lines = [f"tomorrow's top {k} (champion {rows[0]['run_id']}, {cfg.recommend.table} table version "
-             f"{rows[0]['table_version']}):"]
-    for user in dict.fromkeys(r["customer"] for r in rows):
-        picks = "; ".join(f"{r['item_id']} {r['description'][:30]}".strip() for r in rows if r["customer"] == user)
-        lines.append(f"  customer {user}: {picks}")
-    S = cfg.serve
-    lines.append(f"serve them over HTTP: .venv/bin/deltarec serve   then   curl "
-                 f"http://{S.host}:{S.port}/recommendations/{rows[0]['customer']}?k={k}")
-    return "\n".join(lines)

@@ -5,6 +5,8 @@ and the MLflow model share.
 - ``scorer``: top-k over a catalogue (torch only; also inside the MLflow model);
 - ``catalog``: catalogue, popularity and histories from the lake's tables (Arrow);
 - ``model``: the champion's network from its verified checkpoint;
+- ``batch``: the Spark-task side of a table refresh (score a batch, write a part);
+- ``table``: the recommendations table's schema, refresh metadata and bindings;
 - ``snapshot``: everything one champion serves, loaded completely before use;
 - ``holder``: follows the ledger and swaps snapshots in one step;
 - ``app``: the FastAPI application (``deltarec serve``);

@@ -51,7 +51,7 @@ class ModelHolder:
     def poll_once(self) -> bool:
         """Examine the ledger and the table once; True when a new snapshot was swapped in."""
         from ..lake.ledger import Ledger
-        from ..pipeline.recommend import latest_refresh
+        from .table import latest_refresh
 
         L, table = self.cfg.lake, self.cfg.recommend.table
         self.last_poll_at = dt.datetime.now(dt.timezone.utc)

@@ -110,9 +110,13 @@ def build_bundle(lake: "LakeEngine", cfg: "Config", run: "RunRecord") -> dict[st
         raise ValueError(f"run {run.run_id} has an item-text tower, which the MLflow model does not carry yet "
                          "(its encoder and text snapshot live in the lake)")
     ub, ib, salt = hashing(cfg, run)
-    catalog, every = catalog_from_item_stats(lake.read_arrow(L.item_stats_table), R.catalog_days, ib)
+    import pyarrow.compute as pc
+
+    stats = lake.read_arrow(L.item_stats_table)
+    catalog, every = catalog_from_item_stats(stats, R.catalog_days, ib)
     hist = user_histories(lake.read_arrow(L.user_state_table)) if lake.exists(L.user_state_table) else {}
-    popular = popularity(lake, cfg, Ledger(lake, L.runs_table), {i for items in catalog.items for i in items})
+    popular = popularity(lake, cfg, Ledger(lake, L.runs_table), {i for items in catalog.items for i in items},
+                         pc.max(stats["last_seen"]).as_py() if stats.num_rows else None)
     return {"format": BUNDLE_FORMAT, "run_id": run.run_id, "checkpoint_sha256": run.checkpoint_sha256,
             "model": ck.meta["model"], "model_params": params, "state_dict": ck.model_state,
             "catalog": catalog.to_dict(), "items": {"ids": list(every), "buckets": list(every.values())},
