@@ -24,7 +24,7 @@ from deltarec.pipeline.demo import run_demo
 from deltarec.pipeline.recommend import refresh_recommendations
 from deltarec.serving.table import latest_refresh, recorded_versions
 
-BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=2")
+BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=2", "recommend.enabled=true")
 SAMPLE = 12  # users compared against the independent scoring
 
 

@@ -21,7 +21,7 @@ from deltarec.pipeline.demo import append_day, demo_days, run_demo
 from deltarec.serving.table import latest_refresh
 from test_recommend import same_ranking, table_rows
 
-BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=2")
+BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=2", "recommend.enabled=true")
 
 
 def free_port() -> int:

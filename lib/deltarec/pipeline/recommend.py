@@ -122,11 +122,15 @@ def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEng
 
 
 def refresh_quietly(spark: "SparkSession | None", cfg: "Config", lake: "LakeEngine | None" = None, *,
-                    reason: str, by: str = "deltarec") -> dict[str, Any]:
+                    reason: str, by: str = "deltarec", only_if_exists: bool = False) -> dict[str, Any]:
     """:func:`refresh_recommendations` after a commit that already happened (a
-    night, a promote): a failure is logged loudly and returned, never raised."""
+    night, a promote): a failure is logged loudly and returned, never raised.
+    ``only_if_exists``: skip when the lake has no table yet (a registry change
+    on a lake whose nights never wrote one starts no Spark job)."""
     if not cfg.recommend.enabled:
         return {"skipped": "recommend.enabled=false"}
+    if only_if_exists and lake is not None and not lake.exists(cfg.recommend.table):
+        return {"skipped": f"no {cfg.recommend.table} table yet (`deltarec recommend` writes one)"}
     try:
         if spark is None:
             from ..spark import build_spark

@@ -134,7 +134,8 @@ def promote(ledger: Ledger, lake: "LakeEngine", cfg: "Config", run_id: str, *, b
         out["mlflow"] = set_champion_alias(cfg, lake, new)
     from ..pipeline.recommend import refresh_quietly  # the table follows the champion; errors logged, not raised
 
-    out["recommendations"] = refresh_quietly(None, cfg, lake, reason=f"{action} {run_id}", by=by)
+    out["recommendations"] = refresh_quietly(None, cfg, lake, reason=f"{action} {run_id}", by=by,
+                                             only_if_exists=True)
     return out
 
 
