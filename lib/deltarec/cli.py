@@ -366,7 +366,7 @@ def cmd_recommend(args, cfg: Config) -> int:
     if snap is None:
         print(f"deltarec recommend: nothing to answer from: {holder.error or holder.pending}", file=sys.stderr)
         return 1
-    res = snap.recommend(user_key(args.user), k)
+    res = snap.recommend(user_key(args.user, cfg), k)
     items = [{"rank": r, "item_id": i, "score": s} for r, (i, s) in enumerate(res["items"], 1)]
     if args.json:
         print(json.dumps({"user_id": args.user, "k": k, "run_id": snap.run_id, "table_version": snap.table_version,

@@ -274,7 +274,7 @@ class RecommendConfig:
     exclude: str = "none"  # none | purchased (the stored history) | last-N (its newest N items)
     popularity_days: int = 7  # window of the popularity list (users with no history, unknown users)
     partitions: int = 0  # Spark tasks that score; 0: the session's default parallelism
-    block_pairs: int = 262144  # user x item scores per block inside a task (bounds its memory)
+    block_pairs: int = 16384  # user x bucket scores per block in a task: small blocks stay in cache (measured fastest)
 
 
 @dataclass

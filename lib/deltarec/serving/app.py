@@ -115,7 +115,7 @@ def create_app(cfg: "Config", holder: ModelHolder | None = None, *, poll: bool =
         k = check_k(k, snap)
         if isinstance(k, JSONResponse):
             return k
-        key = user_key(user_id)
+        key = user_key(user_id, cfg)
         res = snap.from_table(key, k)
         if res is None:  # deeper than the table: scored live (torch), off the event loop
             from starlette.concurrency import run_in_threadpool
@@ -161,7 +161,7 @@ def create_app(cfg: "Config", holder: ModelHolder | None = None, *, poll: bool =
             more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
             return _error(422, f"items[{i}]: unknown item id {item!r}{more} (champion {snap.run_id} has never "
                                "seen it)", f"items[{i}]")
-        res = await run_in_threadpool(snap.score, user_key(req.user_id), req.items, k)
+        res = await run_in_threadpool(snap.score, user_key(req.user_id, cfg), req.items, k)
         return answer(req.user_id, k, snap, res)
 
     return app

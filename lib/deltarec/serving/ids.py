@@ -12,6 +12,10 @@
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 SPARK_SEED = 42
 _M = (1 << 64) - 1
@@ -19,8 +23,11 @@ P1, P2, P3, P4, P5 = (0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
                       0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5)
 
 
-def user_key(raw_user_id: str) -> str:
-    """The key the recommendations / user_state tables hold for ``raw_user_id``."""
+def user_key(raw_user_id: str, cfg: "Config | None" = None) -> str:
+    """The key the recommendations / user_state tables hold for ``raw_user_id``
+    (identity today; a pseudonymising mapping reads its secret from ``cfg``).
+    The server, ``deltarec recommend --user`` and the MLflow model all call
+    this, and hash the key (not the raw id) into the model's user row."""
     return raw_user_id
 
 

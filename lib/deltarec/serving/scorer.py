@@ -92,7 +92,7 @@ def history_length(model: torch.nn.Module) -> int:
 def top_items(model: torch.nn.Module, catalog: Catalog, user_idx: Sequence[int],
               histories: Sequence[Sequence[int]] | None, k: int,
               exclude: Sequence[frozenset[str]] | None = None,
-              block_pairs: int = 1 << 18) -> list[list[tuple[str, float]]]:
+              block_pairs: int = 1 << 14) -> list[list[tuple[str, float]]]:
     """For each user: up to ``k`` (item id, score), best first.
 
     ``histories``: each user's hashed item indices, oldest first (None: as
