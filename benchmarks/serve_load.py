@@ -88,6 +88,21 @@ async def load(base: str, paths: list[tuple[str, str, dict | None]], concurrency
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` so far (Linux /proc): the server's
+    cost per request, which the machine's load does not inflate as it does latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(server, base: str, paths, concurrency: int, until=None) -> dict:
+    c0 = cpu_seconds(server.pid)
+    rows = asyncio.run(load(base, paths, concurrency, until))
+    out = summary(rows)
+    out["server_cpu_ms_per_request"] = round((cpu_seconds(server.pid) - c0) * 1000 / max(len(rows), 1), 3)
+    return out, rows
+
+
 def summary(rows: list[dict]) -> dict:
     ms = np.array([r["ms"] for r in rows]) if rows else np.zeros(1)
     wall = rows[0]["wall"] if rows else 1.0
@@ -154,8 +169,8 @@ def main(argv=None) -> int:
                 return 1
             time.sleep(0.5)
         asyncio.run(load(base, gets[:200], args.concurrency))  # warm-up
-        result["steady"] = summary(asyncio.run(load(base, gets, args.concurrency)))
-        result["score"] = summary(asyncio.run(load(base, posts, args.concurrency)))
+        result["steady"] = measured(server, base, gets, args.concurrency)[0]
+        result["score"] = measured(server, base, posts, args.concurrency)[0]
 
         # across a promotion: load runs until the server has served the new champion for 2 s
         promote = subprocess.Popen([sys.executable, "-m", "deltarec.cli", "registry", "promote", other.run_id,
@@ -169,9 +184,8 @@ def main(argv=None) -> int:
             return (swapped_at[0] is not None and time.time() - swapped_at[0] > 2) or \
                 (promote.poll() is not None and promote.returncode != 0)
 
-        rows = asyncio.run(load(base, gets, args.concurrency, until=done))
+        result["swap"], rows = measured(server, base, gets, args.concurrency, until=done)
         promote_out = promote.communicate()[0]
-        result["swap"] = summary(rows)
         result["swap"]["promote_rc"] = promote.returncode
         # every answer is one table version's rows, from the run that wrote it
         from deltarec.serving.table import refresh_metadata
@@ -207,7 +221,8 @@ def main(argv=None) -> int:
     for phase in ("steady", "score", "swap"):
         s = result[phase]
         print(f"{phase:<7} {s['requests']:>6} requests  {s['requests_per_s']:>7.1f} req/s  p50 {s['p50_ms']:>6.2f} ms  "
-              f"p99 {s['p99_ms']:>7.2f} ms  max {s['max_ms']:>7.1f} ms  errors {s['errors']}  runs {s['runs_answering']}")
+              f"p99 {s['p99_ms']:>7.2f} ms  max {s['max_ms']:>7.1f} ms  errors {s['errors']}  "
+              f"server CPU {s['server_cpu_ms_per_request']:.2f} ms/request  runs {s['runs_answering']}")
     print(f"swap: half-loaded or mixed answers {result['swap']['half_loaded_or_mixed']}; rolled back: "
           f"{result['rolled_back']}; load average before {result['loadavg_before'][0]:.1f}, after "
           f"{result['loadavg_after'][0]:.1f}")

@@ -47,7 +47,8 @@ log = logging.getLogger("deltarec.recommend")
 
 RECS_DDL = ("user_id string, rank int, item_id string, score float, source string, run_id string, "
             "generated_at timestamp")
-PART_DDL = "path string, size long, rows long, users long, modified long"  # what a task's part reports
+# what a task's part reports (load_s / score_s: the task's seconds loading the champion / scoring)
+PART_DDL = "path string, size long, rows long, users long, modified long, load_s double, score_s double"
 
 
 def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEngine | None" = None, *,
@@ -115,6 +116,9 @@ def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEng
               "seconds": round(t_end - t0, 3),
               "phases": {"driver": round(t_driver - t0, 3), "tasks": round(t_tasks - t_driver, 3),
                          "commit": round(t_end - t_tasks, 3)}}
+    if lake.name != "delta-spark":  # inside the tasks phase: the slowest task's model load and scoring
+        result["phases"]["task_load_max"] = round(max((p["load_s"] for p in parts), default=0.0), 3)
+        result["phases"]["task_score_max"] = round(max((p["score_s"] for p in parts), default=0.0), 3)
     log.info("recommendations: %s version %d from champion %s: %d users, %d rows, %d parts in %.1fs (%s)",
              R.table, version, champ.run_id, result["users"], result["rows"], result["parts"], result["seconds"],
              ", ".join(f"{k} {v:.1f}s" for k, v in result["phases"].items()))

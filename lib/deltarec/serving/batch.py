@@ -71,13 +71,18 @@ def score_task(spec: dict[str, Any], mode: str):
         torch.set_num_threads(spec["threads"])
         model, catalog = None, Catalog.from_dict(spec["catalog"])
         writer, sink, name, rows, users = None, None, None, 0, 0
+        load_s = score_s = 0.0
         try:
             for b in batches:
                 if b.num_rows == 0:
                     continue
+                t0 = time.perf_counter()
                 if model is None:
                     model = _champion_model(spec["checkpoint"], spec["sha256"])
+                    load_s = time.perf_counter() - t0
+                    t0 = time.perf_counter()
                 t = score_batch(model, catalog, b, spec)
+                score_s += time.perf_counter() - t0
                 users += b.num_rows
                 if mode == "rows":
                     if t.num_rows:
@@ -97,7 +102,8 @@ def score_task(spec: dict[str, Any], mode: str):
             path = f"{spec['table_uri']}/{name}"
             size = os.path.getsize(path) if "://" not in path else _size(path)
             yield pa.RecordBatch.from_pydict({"path": [name], "size": [size], "rows": [rows], "users": [users],
-                                              "modified": [int(time.time() * 1000)]})
+                                              "modified": [int(time.time() * 1000)], "load_s": [load_s],
+                                              "score_s": [score_s]})
     return run
 
 
