@@ -95,8 +95,7 @@ def strategy_config(cfg, root: Path, strategy: str):
     """``cfg`` with its own lake root and strategy. A lake per lineage: the delta
     job keeps state tables (event index, user state, item stats) beside the
     ledger, so two lineages in one lake would share them."""
-    lake = dataclasses.replace(cfg.lake, root=str(root))
-    return dataclasses.replace(cfg, lake=lake, train=dataclasses.replace(cfg.train, strategy=strategy))
+    return cfg.replace(lake=cfg.lake.replace(root=str(root)), train=cfg.train.replace(strategy=strategy))
 
 
 def positive_types(cfg) -> list[str]:
@@ -344,8 +343,8 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     import torch
 
     torch.set_num_threads(1)  # as each training worker does; more threads only fight Spark for 2 cores
-    spark = build_spark(dataclasses.replace(cfg, spark=dataclasses.replace(
-        cfg.spark, conf={"spark.ui.showConsoleProgress": "false", **cfg.spark.conf})))
+    spark = build_spark(cfg.replace(spark=cfg.spark.replace(
+        conf={"spark.ui.showConsoleProgress": "false", **cfg.spark.conf})))
     spark.sparkContext.setLogLevel("ERROR")
     jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
 

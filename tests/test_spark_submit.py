@@ -35,6 +35,10 @@ def test_spark_submit_runs_the_nightly_job(tmp_path):
     assert re.match(r"\+ \S*/spark-submit --master local\[2\] --py-files \S*/build/deltarec\.zip ", line), line
     assert "jobs/nightly.py --conf " in line and f"--set lake.root={lake_root}" in line
     assert "--set spark.master=local[2]" in line
+    # a clean console: no stage bars, no warning (log4j's " WARN "), the config only with -v
+    assert "[Stage " not in done.stderr
+    assert [ln for ln in done.stderr.splitlines() if " WARN " in ln] == []
+    assert "config: {" not in done.stderr
 
     cfg = make_config(lake_root)
     lake = open_lake(cfg.lake)

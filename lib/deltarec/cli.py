@@ -13,15 +13,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, ConfigError, load_config
+from .config import DEFAULT_CONF, Config, ConfigError, find_config_file, load_config
 
-DEFAULT_CONF = "conf/local.yaml"
 log = logging.getLogger("deltarec")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conf", metavar="FILE", default=os.environ.get("DELTAREC_CONF"),
-                   help=f"YAML config (default: $DELTAREC_CONF, else {DEFAULT_CONF} if present)")
+                   help=f"YAML config (default: $DELTAREC_CONF, else ./{DEFAULT_CONF}; neither: an error)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config value, e.g. --set train.backend=local (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -49,9 +48,16 @@ def parser() -> argparse.ArgumentParser:
                                    "the next run would consume and its change-feed rows per change type.")
     _common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = sub.add_parser("config", help="print the resolved config (or one value with --get)")
+    p = sub.add_parser("config", help="print the resolved config, one value (--get) or what a key means (--explain)",
+                       description="Print the resolved config as YAML. --get KEY: one value (a section, list or "
+                                   "mapping as YAML). --explain KEY: its description, what it allows, its default "
+                                   "and current value (a section: each of its keys; no KEY: the sections).")
     _common(p)
-    p.add_argument("--get", metavar="KEY", help="print one dotted key, e.g. spark.master")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--get", metavar="KEY", help="print one dotted key, e.g. spark.master or source.columns")
+    what.add_argument("--explain", metavar="KEY", nargs="?", const="",
+                      help="describe a key or section, e.g. train.accumulation_steps or train")
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     _registry_parser(sub)
     p = sub.add_parser("recommend", help="refresh the recommendations table, or show one user's top-k",
                        description="Without --user: score every user with the champion on the Spark executors "
@@ -103,10 +109,7 @@ def _registry_parser(sub) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    path = args.conf
-    if path is None and Path(DEFAULT_CONF).is_file():
-        path = DEFAULT_CONF
-    return load_config(path, args.overrides)
+    return load_config(find_config_file(args.conf), args.overrides)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -135,17 +138,16 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------ commands
 def cmd_config(args, cfg: Config) -> int:
-    if args.get:
-        try:
-            value = cfg.get(args.get)
-        except ConfigError as e:
-            print(f"deltarec: {e}", file=sys.stderr)
-            return 2
-        print("" if value is None else (json.dumps(value) if isinstance(value, (dict, list)) else value))
-    else:
-        import yaml
+    from .config import explain_text, value_text
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    try:
+        if args.explain is not None:
+            print(explain_text(args.explain, cfg))
+        else:
+            print(value_text(cfg.get(args.get) if args.get else cfg, as_json=args.json))
+    except ConfigError as e:
+        print(f"deltarec: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -158,7 +160,7 @@ def run_nightly_job(cfg: Config) -> int:
     from .pipeline.demo import run_configured
     from .spark import build_spark
 
-    log.info("config: %s", cfg.to_json())
+    log.debug("config: %s", cfg.to_json())  # the whole tree: one long line, for -v
     spark = build_spark(cfg)
     try:
         run_configured(spark, cfg)
@@ -381,11 +383,16 @@ def cmd_recommend(args, cfg: Config) -> int:
 
 
 def cmd_serve(args, cfg: Config) -> int:
-    from dataclasses import replace
-
     from .serving.app import run_server
 
-    cfg.serve = replace(cfg.serve, host=args.host or cfg.serve.host, port=args.port or cfg.serve.port)
+    try:  # validated like any other value (a port outside 1..65535 is a config error)
+        if args.host:
+            cfg.serve.host = args.host
+        if args.port is not None:
+            cfg.serve.port = args.port
+    except ConfigError as e:
+        print(f"deltarec serve: {e}", file=sys.stderr)
+        return 2
     return run_server(cfg)
 
 

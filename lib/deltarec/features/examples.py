@@ -52,13 +52,16 @@ def with_indices(df: "DataFrame", cfg: "FeaturesConfig") -> "DataFrame":
 
 def catalog(items: "DataFrame", cfg: "FeaturesConfig") -> "DataFrame":
     """Items with a dense position 0..n-1 (ordered by id, so stable) and a bucket."""
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    pos = F.row_number().over(Window.orderBy("item_id")) - 1
-    return items.select("item_id").distinct().withColumn("pos", pos).withColumn(
-        "item_idx", bucket(F.col("item_id"), cfg.item_buckets)
-    )
+    # The catalogue is broadcast to every task that draws negatives, so numbering
+    # it in one sorted array costs no more than that; a window without a partition
+    # would do the same but warn on every run. Structs keep a null id (first, as
+    # the sort of a window would put it).
+    ids = items.select("item_id").distinct().agg(F.sort_array(F.collect_list(F.struct("item_id"))).alias("_ids"))
+    return ids.select(F.posexplode("_ids").alias("pos", "_id")).select(
+        F.col("_id.item_id").alias("item_id"), "pos",
+        bucket(F.col("_id.item_id"), cfg.item_buckets).alias("item_idx"))
 
 
 def label(cfg: "FeaturesConfig") -> "Column":

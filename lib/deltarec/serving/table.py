@@ -32,9 +32,9 @@ _EVENT_VERSION = re.compile(r"version (\d+)")
 def refresh_metadata(info: dict[str, Any]) -> dict[str, Any] | None:
     """The refresh metadata of one commit (delta-rs custom metadata or
     delta-spark userMetadata), or None for a commit that is not a refresh."""
-    from ..lake.delta_rs import METADATA_KEY
+    from ..lake.delta_rs import LEGACY_METADATA_KEY, METADATA_KEY
 
-    for key in (METADATA_KEY, "userMetadata"):
+    for key in (METADATA_KEY, LEGACY_METADATA_KEY):  # Delta's userMetadata (both engines), older delta-rs lakes
         raw = info.get(key)
         if raw:
             try:
