@@ -433,7 +433,7 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", min_length=1, description=(
         "Bind address. 127.0.0.1 (loopback) by default: exposing it is a deliberate choice."))
-    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the server listens on (--port overrides it).")
     poll_seconds: float = Field(5.0, gt=0, description=(
         "How often the ledger and the table are read for a new champion or table version."))
     max_items: int = Field(500, ge=1, description="Most item ids one POST /score may send.")
