@@ -90,8 +90,21 @@ def parallel_ceiling(args, cores: int) -> dict:
             "users_per_s_per_core": round(users / seconds / cores, 1)}
 
 
+def executor_cores(spark) -> int:
+    """Cores that run tasks: N of local[N], else the executors' cores as the
+    driver's status store reports them (through py4j: a benchmark may)."""
+    import re
+
+    sc = spark.sparkContext
+    m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", sc.master)
+    if m:
+        return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1) or 1)
+    infos = sc._jsc.sc().statusStore().executorList(True)
+    return sum(infos.apply(i).totalCores() for i in range(infos.size()) if infos.apply(i).id() != "driver")
+
+
 def refresh(spark, cfg, lake, label: str) -> dict:
-    from deltarec.pipeline.recommend import executor_cores, refresh_recommendations
+    from deltarec.pipeline.recommend import refresh_recommendations
 
     cores = executor_cores(spark)
     t = time.perf_counter()
@@ -166,7 +179,8 @@ def main(argv=None) -> int:
         lake = open_lake(cfg.lake, spark)
         champ = Ledger(lake, cfg.lake.runs_table).champion(cfg.model.name)
         if champ is None:
-            print(f"no champion in {lake.root}: run the demo first (./spark-submit.sh jobs/nightly.py)", file=sys.stderr)
+            print(f"no champion in {lake.root}: run the demo first (./spark-submit.sh jobs/nightly.py)",
+                  file=sys.stderr)
             return 1
         base = in_process(cfg, lake, champ)
         runs = [refresh(spark, cfg, lake, "cold")] + [refresh(spark, cfg, lake, f"warm{i + 1}")

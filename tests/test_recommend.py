@@ -77,8 +77,9 @@ def independent_topk(spark, cfg, lake, champion, users: list[str], k: int, days:
     items = sorted(stats.filter(pc.greater_equal(stats["last_seen"], pa.scalar(cut, stats["last_seen"].type)))
                    ["item_id"].to_pylist())
     state = {r["user_id"]: r["history_ids"] for r in lake.read_arrow(cfg.lake.user_state_table).to_pylist()}
-    hashed = spark.createDataFrame([(i,) for i in sorted(set(items) | {h for u in users for h in state[u]})],
-                                   "item_id string").select("item_id", bucket(F.col("item_id"), f["item_buckets"]).alias("b"))
+    ids_needed = sorted(set(items) | {h for u in users for h in state[u]})
+    hashed = spark.createDataFrame([(i,) for i in ids_needed], "item_id string").select(
+        "item_id", bucket(F.col("item_id"), f["item_buckets"]).alias("b"))
     item_b = {r.item_id: r.b for r in hashed.collect()}
     user_b = {r.u: r.b for r in spark.createDataFrame([(u,) for u in users], "u string").select(
         "u", bucket(F.col("u"), f["user_buckets"], f["salt"]).alias("b")).collect()}
@@ -286,7 +287,8 @@ def test_pyfunc_model_from_raw_ids_without_the_lake_and_alias_follows_promote_an
         out = m.predict(pd.DataFrame({{"user_id": {users + ['no-such-customer']!r}}}))
         print(json.dumps({{"rows": out.to_dict("records"),
                           "deltarec": __import__("deltarec").__file__,
-                          "lake_code": sorted(n for n in sys.modules if n.startswith(("deltarec.lake", "deltarec.pipeline")))}}))
+                          "lake_code": sorted(n for n in sys.modules
+                                              if n.startswith(("deltarec.lake", "deltarec.pipeline")))}}))
     """)
     away = str(demo["root"]) + ".away"
     os.rename(demo["root"], away)  # the model must not need the lake

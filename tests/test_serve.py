@@ -106,7 +106,8 @@ def test_health_lookups_popularity_and_live_scoring(served):
                  rows[user][0], rows[user][1])
     live = c.post("/score", json={"user_id": user, "items": [], "k": 10}).json()  # nothing new: the table's list
     assert live["from"] == "model" and live["run_id"] == champ.run_id
-    same_ranking([e["item_id"] for e in live["items"]], [e["score"] for e in live["items"]], rows[user][0], rows[user][1])
+    same_ranking([e["item_id"] for e in live["items"]], [e["score"] for e in live["items"]],
+                 rows[user][0], rows[user][1])
     item = rows[None][0][0]
     basket = c.post("/score", json={"user_id": user, "items": [item] * 3, "k": 10}).json()
     assert basket["fallback"] is None and len(basket["items"]) == 10

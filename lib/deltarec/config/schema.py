@@ -400,7 +400,8 @@ class RecommendConfig(Section):
 
     enabled: bool = Field(True, description=(
         "true: refresh the table after each nightly commit, and after promote / rollback where one exists."))
-    table: str = Field("recommendations", min_length=1, description="Delta table of the recommendations (under lake.root).")
+    table: str = Field("recommendations", min_length=1, description=(
+        "Delta table of the recommendations (under lake.root)."))
     k: int = Field(10, ge=1, description="Items stored per user.")
     max_k: int = Field(100, ge=1, description=(
         "Largest k a caller may ask for (serve, recommend --k); beyond k the model scores live. Also the depth of "

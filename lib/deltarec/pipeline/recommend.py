@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -76,7 +75,8 @@ def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEng
     ub, ib, salt = hashing(cfg, champ)
     stats_version = lake.version(L.item_stats_table)
     if stats_version is None:
-        raise LakeError(f"no {L.item_stats_table} table in {lake.root}: the delta job writes it; run `deltarec nightly`")
+        raise LakeError(f"no {L.item_stats_table} table in {lake.root}: the delta job writes it; "
+                        "run `deltarec nightly`")
     stats = lake.read_arrow(L.item_stats_table, stats_version)
     catalog, _ = catalog_from_item_stats(stats, R.catalog_days, ib)
     popular = popularity(lake, cfg, ledger, {i for items in catalog.items for i in items},
@@ -170,23 +170,12 @@ def popularity(lake: "LakeEngine", cfg: "Config", ledger: Ledger, allowed: set[s
     rows = None
     if newest is not None and days:
         cut = (newest - dt.timedelta(days=days + 1)).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        rows = lake.lookup(L.examples_table, keys, ["item_id", "event_time"], where=f"{where} AND event_time >= '{cut}'")
+        rows = lake.lookup(L.examples_table, keys, ["item_id", "event_time"],
+                           where=f"{where} AND event_time >= '{cut}'")
     if rows is None or rows.num_rows == 0:  # no recent positives: all time
         rows = lake.lookup(L.examples_table, keys, ["item_id", "event_time"], where=where)
     return popular_items(rows, allowed, days, cfg.recommend.max_k)
 
-
-def executor_cores(spark: "SparkSession") -> int:
-    """Cores that run tasks: N of local[N], else the executors' cores as Spark reports them."""
-    import os
-
-    sc = spark.sparkContext
-    m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", sc.master)
-    if m:
-        return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1) or 1)
-    infos = sc._jsc.sc().statusStore().executorList(True)
-    cores = sum(infos.apply(i).totalCores() for i in range(infos.size()) if infos.apply(i).id() != "driver")
-    return cores or sc.defaultParallelism
 
 def users_frame(spark: "SparkSession", lake: "LakeEngine", cfg: "Config", version: int | None,
                 user_buckets: int, item_buckets: int, salt: str) -> "DataFrame":
@@ -221,9 +210,10 @@ def users_frame(spark: "SparkSession", lake: "LakeEngine", cfg: "Config", versio
 
 
 def _parallelism(spark: "SparkSession", cfg: "Config") -> int:
-    """One scoring task per executor core: each loads the model once and scores a large share."""
+    """Spark's default parallelism (spark.shuffle_partitions sets it: 2-3 tasks per core);
+    a reused Python worker keeps the champion it loaded for the next task."""
     try:
-        return max(1, executor_cores(spark))
+        return max(1, spark.sparkContext.defaultParallelism)
     except Exception:  # Spark Connect has no sparkContext
         return max(1, cfg.spark.shuffle_partitions)
 
