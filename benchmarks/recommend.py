@@ -48,7 +48,7 @@ def in_process(cfg, lake, champ, part: int = 0, parts: int = 1, barrier: str | N
     from deltarec.pipeline.recommend import hashing
     from deltarec.serving.catalog import catalog_from_item_stats
     from deltarec.serving.ids import bucket
-    from deltarec.serving.model import load_model
+    from deltarec.train.checkpoint import load_model
     from deltarec.serving.scorer import excluded, parse_exclude, top_items
 
     torch.set_num_threads(1)
@@ -60,7 +60,7 @@ def in_process(cfg, lake, champ, part: int = 0, parts: int = 1, barrier: str | N
     hist = [[every.get(i, bucket(i, ib)) for i in r["history_ids"]] for r in users]
     rule = parse_exclude(cfg.recommend.exclude)
     ban = [excluded(r["history_ids"], rule) for r in users]
-    model, _ = load_model(champ.checkpoint_path, champ.checkpoint_sha256)
+    model = load_model(champ)
     top_items(model, catalog, uidx[:64], hist[:64], cfg.recommend.k, ban[:64])  # warm-up (allocator, lazy init)
     if barrier:
         Path(f"{barrier}.{part}").touch()

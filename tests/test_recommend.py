@@ -152,7 +152,7 @@ def test_popularity_list_and_users_without_history(spark, demo):
 
     from deltarec.serving.batch import score_batch
     from deltarec.serving.catalog import catalog_from_item_stats
-    from deltarec.serving.model import load_model
+    from deltarec.train.checkpoint import load_model
 
     cfg, lake = demo["cfg"], demo["lake"]
     R = cfg.recommend
@@ -179,7 +179,7 @@ def test_popularity_list_and_users_without_history(spark, demo):
             "popular": list(zip(items, scores)), "generated_at": dt.datetime.now(dt.timezone.utc)}
     batch = pa.table({"user_id": ["no-history", "17850"], "user_idx": [1, 2],
                       "history_ids": [[], ["85123A"]], "history_idx": [[], [5]]})
-    out = score_batch(load_model(champ.checkpoint_path, champ.checkpoint_sha256)[0], catalog, batch, spec)
+    out = score_batch(load_model(champ), catalog, batch, spec)
     mine = out.filter(pc.equal(out["user_id"], "no-history"))
     assert mine["item_id"].to_pylist() == items[:R.k] and set(mine["source"].to_pylist()) == {"popularity"}
     assert set(out.filter(pc.equal(out["user_id"], "17850"))["source"].to_pylist()) == {"model"}

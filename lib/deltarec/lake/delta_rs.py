@@ -99,6 +99,9 @@ class DeltaRsEngine(LakeEngine):
         filters = [(k, "=", v) for k, v in (partition or {}).items()] or None
         return self._table(table).file_uris(file_pruning_predicate=filters)
 
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        return self._table(table, version).file_uris()
+
     def history(self, table: str) -> list[dict[str, Any]]:
         return self._table(table).history()
 

@@ -120,6 +120,9 @@ class DeltaSparkEngine(LakeEngine):
             df = df.where(df[k] == v)
         return sorted(df.inputFiles())
 
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        return sorted(self.read(table, version).inputFiles())
+
     def history(self, table: str) -> list[dict[str, Any]]:
         return [r.asDict(recursive=True) for r in self._dt(table).history().collect()]
 

@@ -4,7 +4,6 @@ and the MLflow model share.
 - ``ids``: raw ids → table keys and hashed buckets (Spark's hashing, no JVM);
 - ``scorer``: top-k over a catalogue (torch only; also inside the MLflow model);
 - ``catalog``: catalogue, popularity and histories from the lake's tables (Arrow);
-- ``model``: the champion's network from its verified checkpoint;
 - ``batch``: the Spark-task side of a table refresh (score a batch, write a part);
 - ``table``: the recommendations table's schema, refresh metadata and bindings;
 - ``snapshot``: everything one champion serves, loaded completely before use;

@@ -20,10 +20,10 @@ def _champion_model(path: str, sha256: str):
     """The champion, loaded (and verified) once per Python worker."""
     key = (path, sha256)
     if key not in _MODELS:
-        from .model import load_model
+        from ..train.checkpoint import load_model
 
         _MODELS.clear()
-        _MODELS[key] = load_model(path, sha256)[0]
+        _MODELS[key] = load_model(path, sha256)
     return _MODELS[key]
 
 

@@ -121,13 +121,13 @@ def load_snapshot(lake: "LakeEngine", cfg: "Config", champion: "RunRecord", vers
     """Load champion + table ``version`` (whose refresh ``meta`` names that
     champion) completely; raises on any problem, leaving nothing half-built."""
     from .catalog import catalog_from_item_stats, user_histories
-    from .model import load_model
+    from ..train.checkpoint import load_model
 
     t0 = time.perf_counter()
     if meta.get("run_id") != champion.run_id or meta.get("checkpoint_sha256") != champion.checkpoint_sha256:
         raise ValueError(f"{cfg.recommend.table} version {version} was written by {meta.get('run_id')} "
                          f"(sha256 {meta.get('checkpoint_sha256')}), not champion {champion.run_id}")
-    model, _ = load_model(champion.checkpoint_path, champion.checkpoint_sha256)
+    model = load_model(champion)
     recs = lake.read_arrow(cfg.recommend.table, version)
     wrong = pc.unique(recs.filter(pc.not_equal(recs["run_id"], champion.run_id))["run_id"]).to_pylist()
     if wrong:
