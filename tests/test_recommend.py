@@ -7,6 +7,7 @@ the same from raw ids; promote and rollback rewrite the table and move the
 MLflow alias."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,9 +33,11 @@ SAMPLE = 12  # users compared against the independent scoring
 def demo(spark, tmp_path_factory, real_data_path):
     root = tmp_path_factory.mktemp("recommend") / "lake"
     cfg = make_config(root, *BASE)
-    results = run_demo(spark, cfg, out=lambda *_: None)
+    printed = []
+    results = run_demo(spark, cfg, out=printed.append)
     lake = open_lake(cfg.lake, spark)
-    return dict(cfg=cfg, lake=lake, root=root, results=results, ledger=Ledger(lake, cfg.lake.runs_table))
+    return dict(cfg=cfg, lake=lake, root=root, results=results, ledger=Ledger(lake, cfg.lake.runs_table),
+                printed=printed)
 
 
 def table_rows(lake, table, version=None) -> dict:
@@ -129,6 +132,24 @@ def test_after_two_demo_nights_one_row_set_per_user_from_the_champion_bound_in_t
     assert 0 in recorded[first]
     then = table_rows(lake, cfg.recommend.table, version=recorded[first][0])  # time travel: what we served after run 1
     assert {r for _, _, _, ids in then.values() for r in ids} == {first}
+
+
+def test_the_demo_ends_with_tomorrows_top5_for_three_customers_and_how_to_serve_them(demo):
+    cfg, lake = demo["cfg"], demo["lake"]
+    lines = demo["printed"][-1].splitlines()
+    m = re.search(r"champion (\S+), (\S+) table version (\d+)", lines[0])
+    assert m and m.group(2) == cfg.recommend.table, lines[0]
+    version = int(m.group(3))
+    assert recorded_versions(lake, cfg)[m.group(1)][-1] == version  # the table the night's champion wrote
+    rows = table_rows(lake, cfg.recommend.table, version)
+    state = lake.read_arrow(cfg.lake.user_state_table)
+    busiest = state.sort_by([("events", "descending"), ("user_id", "ascending")])["user_id"].to_pylist()[:3]
+    shown = [line for line in lines if line.startswith("  customer ")]
+    assert [line.split()[1].rstrip(":") for line in shown] == busiest
+    for user, line in zip(busiest, shown):
+        want = "".join(rf"[:;] {re.escape(item)}\b.*" for item in rows[user][0][:5])  # that version's top 5
+        assert re.search(want, line), (line, rows[user][0][:5])
+    assert "deltarec serve" in lines[-1] and f"/recommendations/{busiest[0]}?k=5" in lines[-1]
 
 
 def test_table_topk_equals_the_champion_scored_independently(spark, demo):

@@ -1,7 +1,9 @@
 """`deltarec …` subcommands. jobs/*.py call the same functions.
 
 Every subcommand takes ``--conf FILE`` (default: conf/local.yaml when it
-exists) and repeated ``--set section.key=value`` overrides.
+exists) and repeated ``--set section.key=value`` overrides. Over 300 lines:
+each subcommand's arguments, help and printed output live here; the work is
+in the modules they call.
 """
 from __future__ import annotations
 
@@ -289,31 +291,26 @@ def cmd_recommend(args, cfg: Config) -> int:
               f"users from champion {out['run_id']} in {out['seconds']:.1f}s" if "version" in out else
               f"not written: {out.get('skipped')}")
         return 0 if "version" in out else 1
-    from .serving.holder import ModelHolder
-    from .serving.ids import user_key
+    from .serving.holder import answer_user
 
     k = cfg.recommend.k if args.k is None else args.k
     if not 1 <= k <= cfg.recommend.max_k:
         print(f"deltarec recommend: --k {k} is out of range: 1..{cfg.recommend.max_k} (recommend.max_k)",
               file=sys.stderr)
         return 2
-    holder = ModelHolder(cfg)
-    holder.poll_once()
-    snap = holder.current
-    if snap is None:
-        print(f"deltarec recommend: nothing to answer from: {holder.error or holder.pending}", file=sys.stderr)
+    try:
+        out = answer_user(cfg, args.user, k)
+    except LookupError as e:
+        print(f"deltarec recommend: {e}", file=sys.stderr)
         return 1
-    res = snap.recommend(user_key(args.user, cfg), k)
-    items = [{"rank": r, "item_id": i, "score": s} for r, (i, s) in enumerate(res["items"], 1)]
     if args.json:
-        print(json.dumps({"user_id": args.user, "k": k, "run_id": snap.run_id, "table_version": snap.table_version,
-                          "fallback": res["fallback"], "from": res["from"], "items": items}, indent=1))
-    else:
-        how = " (popularity: the table has no history for this user)" if res["fallback"] else ""
-        print(f"user {args.user}: top {k} from champion {snap.run_id}, {cfg.recommend.table} version "
-              f"{snap.table_version}{how}")
-        for e in items:
-            print(f"  {e['rank']:>3}. {e['item_id']:<14} {e['score']:.4f}")
+        print(json.dumps(out, indent=1))
+        return 0
+    how = " (popularity: the table has no history for this user)" if out["fallback"] else ""
+    print(f"user {args.user}: top {k} from champion {out['run_id']}, {cfg.recommend.table} version "
+          f"{out['table_version']}{how}")
+    for e in out["items"]:
+        print(f"  {e['rank']:>3}. {e['item_id']:<14} {e['score']:.4f}")
     return 0
 
 

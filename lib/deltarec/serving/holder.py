@@ -146,3 +146,20 @@ class ModelHolder:
             "last_poll_at": self.last_poll_at.isoformat() if self.last_poll_at else None, "swaps": self.swaps,
         }
         return out
+
+
+def answer_user(cfg: "Config", user_id: str, k: int) -> dict[str, Any]:
+    """One user's top ``k`` from the current champion's table, without Spark
+    (``deltarec recommend --user``); raises ``LookupError`` when there is no
+    champion snapshot to answer from."""
+    from .ids import user_key
+
+    holder = ModelHolder(cfg)
+    holder.poll_once()
+    snap = holder.current
+    if snap is None:
+        raise LookupError(f"nothing to answer from: {holder.error or holder.pending}")
+    res = snap.recommend(user_key(user_id, cfg), k)
+    return {"user_id": user_id, "k": k, "run_id": snap.run_id, "table_version": snap.table_version,
+            "fallback": res["fallback"], "from": res["from"],
+            "items": [{"rank": r, "item_id": i, "score": s} for r, (i, s) in enumerate(res["items"], 1)]}
