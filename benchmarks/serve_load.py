@@ -192,7 +192,7 @@ def main(argv=None) -> int:
 
         meta = {int(h["version"]): refresh_metadata(h) for h in lake.history(cfg.recommend.table)}
         tables: dict = {}
-        half = 0
+        half, odd = 0, []
         for r in rows:
             if r["status"] != 200:
                 continue
@@ -206,7 +206,11 @@ def main(argv=None) -> int:
             want = tables[v].get(r["user"], tables[v].get(None, []))[:10]
             if r["items"] != want or (meta.get(v) or {}).get("run_id") != r["run_id"]:
                 half += 1
+                if len(odd) < 10:  # kept, so a failure can be read, not guessed
+                    odd.append({**{k: r.get(k) for k in ("path", "user", "run_id", "version", "items", "at")},
+                                "table_items": want, "table_run_id": (meta.get(v) or {}).get("run_id")})
         result["swap"]["half_loaded_or_mixed"] = half
+        result["swap"]["mismatches"] = odd
         result["swap"]["answers_by_run"] = {run: sum(1 for r in rows if r.get("run_id") == run)
                                             for run in result["swap"]["runs_answering"]}
         print(promote_out.strip().splitlines()[-2:] if promote_out else "")
