@@ -347,3 +347,22 @@ def test_pyfunc_model_from_raw_ids_without_the_lake_and_alias_follows_promote_an
     for u, (items, scores, src, _) in again.items():  # the same model on the same state: the same lists
         assert src == rows[u][2]
         same_ranking(items, scores, rows[u][0], rows[u][1])
+
+
+def test_with_pseudonyms_a_request_id_maps_to_the_key_the_tables_hold(tmp_path, monkeypatch):
+    """privacy.pseudonymize: user_state and the recommendations table hold
+    pseudonyms, so the server and `recommend --user` must look up the same
+    key privacy computes for the lake; without a secret, a clear error."""
+    from deltarec.privacy import PrivacyError, stored_keys
+    from deltarec.serving.ids import user_key
+
+    cfg = make_config(tmp_path / "lake", "privacy.pseudonymize=true")
+    monkeypatch.setenv(cfg.privacy.secret_env, "test-secret")
+    lake = open_lake(cfg.lake, None)
+    raw = ["12347", "17850", "new-customer"]
+    assert [user_key(u, cfg) for u in raw] == stored_keys(cfg, lake, raw)
+    assert user_key("12347", cfg) != "12347"
+    assert user_key("12347", make_config(tmp_path / "lake")) == "12347"  # pseudonyms off: the id itself
+    monkeypatch.delenv(cfg.privacy.secret_env)
+    with pytest.raises(PrivacyError, match=cfg.privacy.secret_env):
+        user_key("12347", cfg)

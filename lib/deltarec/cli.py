@@ -77,11 +77,23 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host", default=None, help="bind address (default serve.host)")
     p.add_argument("--port", type=int, default=None, help="port (default serve.port)")
+    p = sub.add_parser("maintain", help="OPTIMIZE / VACUUM deltarec's tables, drop uncommitted checkpoints",
+                       description="Lake upkeep: compact the tables deltarec grows by small appends and MERGEs, "
+                                   "VACUUM them (and the examples table) with maintain.retention_hours, and remove "
+                                   "checkpoint attempts no run committed. The source and items tables are never "
+                                   "touched. Safe beside a running night: a compaction loses to its MERGE.")
+    _common(p)
+    p.add_argument("--no-optimize", dest="optimize", action="store_false", help="skip OPTIMIZE")
+    p.add_argument("--no-vacuum", dest="vacuum", action="store_false", help="skip VACUUM")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("report", help="PNG + HTML of metrics over nights (champion, candidates, baselines)",
                        description="Write metrics_over_nights.png and index.html from the lake's metrics table.")
     _common(p)
     p.add_argument("--out", metavar="DIR", default="report", help="output directory (default: ./report)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    from .privacy.cli import add_parser as add_forget_parser
+
+    add_forget_parser(sub, _common)
     return ap
 
 
@@ -133,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
         "registry": cmd_registry, "report": cmd_report, "recommend": cmd_recommend, "serve": cmd_serve,
+        "forget": cmd_forget, "maintain": cmd_maintain,
     }
     return commands[args.command](args, cfg)
 
@@ -185,6 +198,7 @@ def cmd_plan(args, cfg: Config) -> int:
 
 def cmd_status(args, cfg: Config) -> int:
     from .lake.ledger import Ledger
+    from .maintain import owned_tables, table_sizes
     from .pipeline.console import status_header, status_line
     from .train.checkpoint import CheckpointError, verify_checkpoint
 
@@ -197,7 +211,9 @@ def cmd_status(args, cfg: Config) -> int:
     entries = []
     for r in runs:
         d = r.to_json_dict()
-        if args.verify:
+        if args.verify and not r.checkpoint_path:  # deleted by privacy.keep_checkpoints (a registry event says so)
+            d["checkpoint"]["deleted"] = True
+        elif args.verify:
             try:
                 verify_checkpoint(r.checkpoint_path, r.checkpoint_sha256)
                 d["checkpoint"]["verified"] = True
@@ -211,7 +227,7 @@ def cmd_status(args, cfg: Config) -> int:
                           "source_table": cfg.lake.events_table, "source_latest_version": latest_source,
                           "lake": lake.root, "engine": lake.name,
                           "current_checkpoint": current.to_json_dict()["checkpoint"] if current else None,
-                          "runs": entries}, indent=1))
+                          "tables": table_sizes(lake, owned_tables(cfg)), "runs": entries}, indent=1))
     else:
         print(f"lake {lake.root} ({lake.name}); model {cfg.model.name!r}")
         print(f"watermark: {watermark}   {cfg.lake.events_table} latest version: {latest_source}"
@@ -223,6 +239,8 @@ def cmd_status(args, cfg: Config) -> int:
             print(f"current checkpoint: {current.checkpoint_path}\n  sha256 {current.checkpoint_sha256}")
         else:
             print("no checkpoint yet: run `deltarec nightly`")
+        print("tables: " + ", ".join(f"{t} {s['files']} files {s['bytes'] / 1e6:.1f} MB"
+                                     for t, s in table_sizes(lake, owned_tables(cfg)).items()))
     bad = [d for d in entries if d["checkpoint"].get("verified") is False]
     return 1 if bad else 0
 
@@ -264,6 +282,14 @@ def cmd_registry(args, cfg: Config) -> int:
     else:
         print(registry.describe(action, out, cfg.model.name))
     return 0 if action != "reproduce" or out["passed"] else 1
+
+
+def cmd_maintain(args, cfg: Config) -> int:
+    from .maintain import describe, maintain
+
+    out = maintain(cfg, _lake(cfg), optimize=args.optimize, vacuum=args.vacuum)
+    print(json.dumps(out, indent=1) if args.json else describe(out))
+    return 0
 
 
 def cmd_report(args, cfg: Config) -> int:
@@ -326,6 +352,12 @@ def cmd_serve(args, cfg: Config) -> int:
         print(f"deltarec serve: {e}", file=sys.stderr)
         return 2
     return run_server(cfg)
+
+
+def cmd_forget(args, cfg: Config) -> int:
+    from .privacy.cli import run
+
+    return run(args, cfg, lambda spark: _lake(cfg, spark=spark))
 
 
 def _spark_lake(cfg: Config):

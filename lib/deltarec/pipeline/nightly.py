@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..lake import LakeError, open_lake
 from ..lake.ledger import Ledger, RunRecord
+from ..maintain import maybe_maintain
+from ..privacy import apply_pending
 from ..train.checkpoint import verify_checkpoint
 from .delta_job import PreparedNight, prepare_night
 from .gating import gate_candidate
@@ -107,6 +109,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     lake = lake or open_lake(cfg.lake, spark)
     ledger = Ledger(lake, cfg.lake.runs_table)
     ledger.ensure()
+    apply_pending(cfg, lake)  # forget requests first: tonight's inputs and parent no longer hold those users
     model = cfg.model.name
     span = next_range(cfg, lake, ledger)
     if span is None:
@@ -150,6 +153,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
                          choice=choice, trained=trained, metrics=metrics)
     ml = after_commit(cfg, lake, record, choice.serving)
     refresh_quietly(spark, cfg, lake, reason=f"nightly {run_id}", by="nightly")  # tomorrow's top-k
+    maybe_maintain(cfg, lake, ledger)  # maintain.every_nights: OPTIMIZE / VACUUM after the commit
     if spec.resume_dir:
         shutil.rmtree(spec.resume_dir, ignore_errors=True)  # in-run state is only for crashes
     return NightResult.committed(record, night, trained, mlflow=ml, seconds=time.perf_counter() - t_start)

@@ -1,8 +1,9 @@
 """Raw ids → what the lake stores and what the model indexes, without Spark.
 
-- :func:`user_key`: a raw user id → the key the derived tables hold. Identity
-  today; the one place a pseudonymising mapping (privacy) plugs in, used by
-  the server, the CLI and the MLflow model alike.
+- :func:`user_key`: a raw user id → the key the derived tables hold (the id,
+  or its pseudonym with ``privacy.pseudonymize``), for the server and the CLI.
+  The MLflow model carries no secret: with pseudonyms its callers pass the
+  pseudonym as ``user_id``.
 - :func:`bucket`: the same ``pmod(xxhash64(salt + id), buckets)`` that
   ``features.examples.bucket`` computes in Spark (Spark's xxhash64 is XXH64
   with seed 42 over the UTF-8 bytes), so a server or an MLflow model can hash
@@ -24,11 +25,16 @@ P1, P2, P3, P4, P5 = (0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
 
 
 def user_key(raw_user_id: str, cfg: "Config | None" = None) -> str:
-    """The key the recommendations / user_state tables hold for ``raw_user_id``
-    (identity today; a pseudonymising mapping reads its secret from ``cfg``).
-    The server, ``deltarec recommend --user`` and the MLflow model all call
-    this, and hash the key (not the raw id) into the model's user row."""
-    return raw_user_id
+    """The key the recommendations / user_state tables hold for ``raw_user_id``:
+    the id itself, or with ``privacy.pseudonymize`` its pseudonym (the secret
+    from the environment or a file, never the config; privacy/keys.py). The
+    server and ``deltarec recommend --user`` call this, and hash the key (not
+    the raw id) into the model's user row."""
+    if cfg is None or not cfg.privacy.pseudonymize:
+        return raw_user_id
+    from ..privacy.keys import pseudonym, require_secret
+
+    return pseudonym(require_secret(cfg), raw_user_id)
 
 
 def _rotl(x: int, r: int) -> int:
