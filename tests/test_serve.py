@@ -244,3 +244,26 @@ def test_a_corrupt_champion_is_never_served_and_said_so(spark, served):
         ledger.set_champion(cfg.model.name, good.run_id, by="test", reason="back to the good one")
     wait_for(lambda: health(s)["status"] == "ok", 60, "the server to recover")
     assert health(s)["run_id"] == good.run_id and s["proc"].poll() is None
+
+
+def test_a_user_erased_from_the_table_is_gone_from_the_answers(served):
+    """`deltarec forget` erases a user from the recommendations table with the
+    lake's delete_keys (one commit, no refresh): the server swaps to that
+    version and answers the user as a stranger, from the table and from
+    POST /score (their stored history is dropped too)."""
+    import pyarrow as pa
+
+    s, c = served, served["client"]
+    cfg, lake = s["cfg"], s["lake"]
+    user = busiest(s)
+    assert c.get(f"/recommendations/{user}").json()["fallback"] is None
+    assert c.post("/score", json={"user_id": user, "items": []}).json()["from"] == "model"  # their history
+    assert lake.delete_keys(cfg.recommend.table, pa.table({"user_id": [user]}))["rows"] == cfg.recommend.k
+    erased = lake.version(cfg.recommend.table)
+    wait_for(lambda: health(s)["table_version"] == erased, 60, "the server to serve the erased version")
+    popular = table_rows(lake, cfg.recommend.table, erased)[None][0]
+    r = c.get(f"/recommendations/{user}", params={"k": 5}).json()
+    assert r["fallback"] == "popularity" and [e["item_id"] for e in r["items"]] == popular[:5]
+    r = c.post("/score", json={"user_id": user, "items": [], "k": 5}).json()
+    assert r["fallback"] == "popularity" and [e["item_id"] for e in r["items"]] == popular[:5]
+    assert health(s)["status"] == "ok" and s["proc"].poll() is None

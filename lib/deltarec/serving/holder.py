@@ -51,7 +51,7 @@ class ModelHolder:
     def poll_once(self) -> bool:
         """Examine the ledger and the table once; True when a new snapshot was swapped in."""
         from ..lake.ledger import Ledger
-        from .table import latest_refresh
+        from .table import current_rows
 
         L, table = self.cfg.lake, self.cfg.recommend.table
         self.last_poll_at = dt.datetime.now(dt.timezone.utc)
@@ -65,7 +65,7 @@ class ModelHolder:
             self.pending = f"no champion of model {self.cfg.model.name!r} in {self.lake.uri(L.runs_table)} yet"
             return False
         cur = self.current
-        found = latest_refresh(self.lake, table)
+        found = current_rows(self.lake, table)  # (newest version, its refresh's metadata, refresh version)
         if found and cur and (cur.run_id, cur.checkpoint_sha256, cur.table_version) == (
                 champ.run_id, champ.checkpoint_sha256, found[0]):
             self.pending = self.error = None  # whatever failed before is no longer the champion
@@ -80,7 +80,7 @@ class ModelHolder:
             return False
         key = (champ.run_id, champ.checkpoint_sha256, found[0])
         try:
-            snap = load_snapshot(self.lake, self.cfg, champ, found[0], found[1])
+            snap = load_snapshot(self.lake, self.cfg, champ, found[0], found[1], refreshed=found[2])
         except Exception as e:
             self._failed_at[key] = time.monotonic()
             self.error = (f"failed to load champion {champ.run_id} with {table} version {found[0]}: "

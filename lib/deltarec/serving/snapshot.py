@@ -117,9 +117,11 @@ class Snapshot:
 
 
 def load_snapshot(lake: "LakeEngine", cfg: "Config", champion: "RunRecord", version: int,
-                  meta: dict[str, Any]) -> Snapshot:
-    """Load champion + table ``version`` (whose refresh ``meta`` names that
-    champion) completely; raises on any problem, leaving nothing half-built."""
+                  meta: dict[str, Any], refreshed: int | None = None) -> Snapshot:
+    """Load champion + table ``version`` (whose refresh ``meta``, committed as
+    version ``refreshed``, names that champion) completely; raises on any
+    problem, leaving nothing half-built. Users erased from the table since the
+    refresh lose their stored history too (the refresh's user_state still has it)."""
     from .catalog import catalog_from_item_stats, user_histories
     from ..train.checkpoint import load_model
 
@@ -138,6 +140,10 @@ def load_snapshot(lake: "LakeEngine", cfg: "Config", champion: "RunRecord", vers
     histories: dict[str, list[str]] = {}
     if meta.get("user_state_version") is not None:
         histories = user_histories(lake.read_arrow(cfg.lake.user_state_table, meta["user_state_version"]))
+    if refreshed is not None and refreshed != version:
+        before = set(lake.read_arrow(cfg.recommend.table, refreshed)["user_id"].to_pylist())
+        for user in before - set(recs["user_id"].to_pylist()):
+            histories.pop(user, None)
     index = RecsIndex(recs)
     return Snapshot(champion.run_id, champion.checkpoint_sha256, version, meta, dt.datetime.now(dt.timezone.utc),
                     round(time.perf_counter() - t0, 3), model, catalog, item_bucket, histories, index)

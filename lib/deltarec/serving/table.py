@@ -48,12 +48,23 @@ def refresh_metadata(info: dict[str, Any]) -> dict[str, Any] | None:
 
 def latest_refresh(lake: "LakeEngine", table: str) -> tuple[int, dict[str, Any]] | None:
     """(version, metadata) of the newest refresh commit of ``table``, or None."""
+    found = current_rows(lake, table)
+    return None if found is None else (found[2], found[1])
+
+
+def current_rows(lake: "LakeEngine", table: str) -> tuple[int, dict[str, Any], int] | None:
+    """(newest version, metadata of the newest refresh, that refresh's version),
+    or None before any refresh. Commits after a refresh only remove or compact
+    its rows (``deltarec forget`` erasing a user, ``deltarec maintain``), so
+    readers serve the newest version: an erased user is gone from the answers
+    as soon as the erasure commits, not at the next refresh."""
     if not lake.exists(table):
         return None
-    for info in sorted(lake.history(table), key=lambda h: -int(h.get("version", -1))):
+    history = sorted(lake.history(table), key=lambda h: -int(h.get("version", -1)))
+    for info in history:
         meta = refresh_metadata(info)
         if meta is not None:
-            return int(info["version"]), meta
+            return int(history[0]["version"]), meta, int(info["version"])
     return None
 
 
@@ -73,10 +84,10 @@ def tomorrow_rows(lake: "LakeEngine", cfg: "Config", customers: int = 3, k: int 
     """Tomorrow's top ``k`` for the ``customers`` users with most events, one
     row per (customer, rank), from the newest refresh; [] when there is none."""
     R = cfg.recommend
-    found = latest_refresh(lake, R.table)
+    found = current_rows(lake, R.table)
     if found is None:
         return []
-    version, meta = found
+    version, meta, _ = found
     recs = lake.read_arrow(R.table, version)
     state = lake.read_arrow(cfg.lake.user_state_table, meta.get("user_state_version"))
     busiest = state.sort_by([("events", "descending"), ("user_id", "ascending")])["user_id"].to_pylist()
