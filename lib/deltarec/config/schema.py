@@ -14,6 +14,7 @@ a ``Literal`` and a description; a cross-key rule goes in the section's
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -196,8 +197,29 @@ class ValidationConfig(Section):
     allowed_event_types: list[str] = Field(["purchase", "click", "rating"], description=(
         "Event types accepted (cancellations are recognised separately); others are quarantined."))
     max_id_length: int = Field(128, ge=1, description="Characters: longer event, user or item ids are malformed.")
+    min_event_time: str = Field("1970-01-01", description=(
+        "Events before this UTC date are quarantined as bad_timestamp (0001-01-01 or 1900 are valid "
+        "Delta timestamps a broken source writes)."))
+    max_event_time: str = Field("2200-01-01", description=(
+        "Events at or after this UTC date are quarantined as bad_timestamp (e.g. 9999-12-31), whatever "
+        "validation.future_tolerance_minutes says."))
+    max_price: float = Field(1e9, gt=0, description="Prices above this are quarantined as out_of_range.")
+    max_quantity: int = Field(1_000_000_000, ge=1, description=(
+        "Quantities above this are quarantined as out_of_range (2^63-1 is a source's overflow, not an order)."))
+    ids: Literal["normalized", "as_is"] = Field("normalized", description=(
+        "normalized: ids are trimmed of Unicode spaces and brought to NFC, and ids with bidi-override or "
+        "zero-width characters are quarantined as malformed_id (features/ids.py). as_is: byte for byte."))
     id_pattern: str = Field("", description=(
         "Full-match regular expression ids must satisfy. \"\": any id (without control characters)."))
+
+    @field_validator("min_event_time", "max_event_time")
+    @classmethod
+    def _iso_date(cls, v: str) -> str:
+        try:
+            dt.date.fromisoformat(str(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an ISO date (YYYY-MM-DD)") from None
+        return str(v)
 
     @field_validator("id_pattern")
     @classmethod
@@ -479,6 +501,54 @@ class MlflowConfig(Section):
         "Registered model name. null: deltarec-<model.name>."))
 
 
+class RecommendConfig(Section):
+    """The recommendations table (pipeline/recommend.py): each user's top k from
+    the champion, rewritten after every nightly commit and every registry
+    promote / rollback. Days count back from the newest event in the lake (the
+    data's clock, so replayed history works), not from the wall clock."""
+
+    enabled: bool = Field(True, description=(
+        "true: refresh the table after each nightly commit, and after promote / rollback where one exists."))
+    table: str = Field("recommendations", min_length=1, description=(
+        "Delta table of the recommendations (under lake.root)."))
+    k: int = Field(10, ge=1, description="Items stored per user.")
+    max_k: int = Field(100, ge=1, description=(
+        "Largest k a caller may ask for (serve, recommend --k); beyond k the model scores live. Also the depth of "
+        "the popularity list stored for users the table does not know."))
+    active_days: int = Field(0, ge=0, description=(
+        "0: every user with state. N: only users seen in the last N days."))
+    catalog_days: int = Field(90, ge=0, description=(
+        "Items seen in the last N days may be recommended (a retailer's current range); 0: every item ever seen."))
+    exclude: str = Field("none", description=(
+        "Items kept from a user: none (repeat purchases are the signal in retail), purchased (the stored history) "
+        "or last-N (its newest N items)."))
+    popularity_days: int = Field(7, ge=0, description=(
+        "Window of the popularity list given to users without history and to unknown users."))
+    partitions: int = Field(0, ge=0, description="Spark tasks that score; 0: one per executor core.")
+    block_pairs: int = Field(16384, ge=1, description=(
+        "User x bucket scores per block inside a task. Small blocks stay in cache: 1,000 Online Retail users "
+        "scored in 4 s with 16384, 6.6-8 s with 262144 (benchmarks/README.md)."))
+
+    @model_validator(mode="after")
+    def _depth(self):
+        if not re.fullmatch(r"none|purchased|last-[1-9][0-9]*", self.exclude):
+            raise invalid("exclude", self.exclude, "must be none, purchased or last-N with N >= 1 (e.g. last-5)")
+        if self.max_k < self.k:
+            raise invalid("max_k", self.max_k, f"must be >= recommend.k ({self.k})")
+        return self
+
+
+class ServeConfig(Section):
+    """``deltarec serve``: HTTP on the recommendations table and the champion."""
+
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "Bind address. 127.0.0.1 (loopback) by default: exposing it is a deliberate choice."))
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the server listens on (--port overrides it).")
+    poll_seconds: float = Field(5.0, gt=0, description=(
+        "How often the ledger and the table are read for a new champion or table version."))
+    max_items: int = Field(500, ge=1, description="Most item ids one POST /score may send.")
+
+
 def check_retention(section: Section, name: str) -> None:
     """VACUUM below Delta's 7 days only when asked for on purpose."""
     if section.retention_hours < 168 and section.enforce_retention:
@@ -567,6 +637,8 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description=MlflowConfig.__doc__)
+    recommend: RecommendConfig = Field(default_factory=RecommendConfig, description=RecommendConfig.__doc__)
+    serve: ServeConfig = Field(default_factory=ServeConfig, description=ServeConfig.__doc__)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description=PrivacyConfig.__doc__)
     maintain: MaintainConfig = Field(default_factory=MaintainConfig, description=MaintainConfig.__doc__)
 

@@ -138,7 +138,7 @@ class DeltaRsEngine(LakeEngine):
         return self._table(table).version()
 
     def merge(self, table: str, data: Data, on: list[str], *, update: bool,
-              commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
+              commit_metadata: dict[str, str] | None = None, update_if: str | None = None) -> dict[str, int]:
         from deltalake import CommitProperties
         from deltalake.exceptions import CommitFailedError
 
@@ -149,7 +149,7 @@ class DeltaRsEngine(LakeEngine):
         merger = self._table(table).merge(arrow, predicate, source_alias="s", target_alias="t",
                                           commit_properties=props)
         if update:
-            merger = merger.when_matched_update_all()
+            merger = merger.when_matched_update_all(predicate=update_if)
         try:
             metrics = merger.when_not_matched_insert_all().execute()
         except CommitFailedError as e:

@@ -167,13 +167,13 @@ class DeltaSparkEngine(LakeEngine):
         return int(self.version(table))
 
     def merge(self, table: str, data: Data, on: list[str], *, update: bool,
-              commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
+              commit_metadata: dict[str, str] | None = None, update_if: str | None = None) -> dict[str, int]:
         import json
 
         cond = " AND ".join(f"t.`{c}` = s.`{c}`" for c in on)
         builder = self._dt(table).alias("t").merge(self._to_df(data).alias("s"), cond)
         if update:
-            builder = builder.whenMatchedUpdateAll()
+            builder = builder.whenMatchedUpdateAll(condition=update_if)
         if commit_metadata:  # recorded as the commit's userMetadata; session-wide, so reset right after
             self.spark.conf.set(USER_METADATA, json.dumps(commit_metadata))
         try:

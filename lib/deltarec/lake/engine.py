@@ -103,9 +103,11 @@ class LakeEngine(abc.ABC):
 
     @abc.abstractmethod
     def merge(self, table: str, data: Data, on: list[str], *, update: bool,
-              commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
+              commit_metadata: dict[str, str] | None = None, update_if: str | None = None) -> dict[str, int]:
         """MERGE ``data`` into ``table`` on equal ``on`` keys: insert new keys and,
-        if ``update``, overwrite matched rows. Returns {"inserted": n, "updated": n}.
+        if ``update``, overwrite matched rows (only those where the SQL predicate
+        ``update_if`` over ``t.`` target and ``s.`` source columns holds).
+        Returns {"inserted": n, "updated": n}.
         Concurrent inserts of the same key make one side fail (Delta conflict check).
         ``commit_metadata`` is recorded in the commit (see ``commit_metadata``)."""
 

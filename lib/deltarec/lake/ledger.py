@@ -140,6 +140,21 @@ class Ledger:
         key = lambda r: (r.status_at or r.committed_at or r.started_at, r.source_last)  # noqa: E731
         return max(retired, key=key) if retired else None
 
+    def orphan_run_ids(self, tables: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
+        """Per table, the run ids of rows no committed run has (a killed
+        attempt's quarantine, examples or metrics; ``deltarec status --verify``).
+        Reads only such rows: none, on a healthy lake."""
+        committed = sorted({r.run_id for r in self.runs()})
+        out = {}
+        for table in tables:
+            if not self.lake.exists(table):
+                continue
+            rows = self.lake.read_arrow(table, filters=[("run_id", "!=", r) for r in committed] or None)
+            ids = sorted({i for i in rows["run_id"].to_pylist() if i is not None})
+            if ids:
+                out[table] = ids
+        return out
+
     def get(self, run_id: str) -> RunRecord:
         for r in self.runs():
             if r.run_id == run_id:

@@ -15,6 +15,15 @@ run over that range:
   version >= ``first``; tonight's rows are absolute values computed from it,
   so repeating the MERGE changes nothing.
 
+A run that lost a race changes nothing: before its first write and again
+before each state write it checks that no run committed a range from its
+``first`` on (``check_not_overtaken``); and as that check and the write are
+not one transaction, the writes themselves never take another run's place:
+the index replaces only this run's versions (``first..last``), and a state
+row is updated only by a row of the same or a later applied source version
+(``STATE_UPDATE_IF``), so a loser resumed after the winner's commit cannot
+move a row backwards.
+
 Cost follows the night, not the history: tonight's keys (one small collect)
 find their slice of the event index (duplicate ids; every row of the events
 tonight's updates, deletes and cancellations refer to) and of ``user_state``
@@ -31,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..faults import crash_point
 from ..features.changes import cancel_rewrites, check_change_fraction, check_drift, map_source, mapped_columns
 from ..features.examples import build_examples, trained_types
 from ..features.items import read_items
@@ -38,7 +48,8 @@ from ..features.state import next_item_stats, next_user_state
 from ..features.cancellations import match_cancellations
 from ..features.validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES, check_threshold, validate
 from ..lake import schemas
-from ..lake.engine import LakeError, plain_strings, to_arrow
+from ..lake.engine import ConcurrentRunError, LakeError, plain_strings, to_arrow
+from ..lake.ledger import Ledger
 from .stages import StageClock
 
 if TYPE_CHECKING:
@@ -52,6 +63,8 @@ if TYPE_CHECKING:
 EVENT_INDEX_TABLE = "event_index"
 USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
+# A state row moves only forward: never replaced by one computed from older source versions.
+STATE_UPDATE_IF = "t.source_version IS NULL OR s.source_version >= t.source_version"
 EXAMPLES_PER_WRITE = 400_000  # rows per Arrow slice written by the driver (delta-rs), at history 20 or less
 # (a slice's bytes grow with the two history arrays of every row, so longer histories write smaller slices)
 
@@ -86,6 +99,18 @@ def base_version(lake: "LakeEngine", table: str, first: int) -> int | None:
         )
     mine = [v for v, m in metas if int(m.get("source_last", -1)) >= first]
     return min(mine) - 1 if mine else lake.version(table)
+
+
+def check_not_overtaken(cfg: "Config", lake: "LakeEngine", first: int, last: int, run_id: str) -> None:
+    """Raise ConcurrentRunError when a committed run already consumed version
+    ``first`` or later: this run lost the race and must write nothing more."""
+    watermark = Ledger(lake, cfg.lake.runs_table).watermark(cfg.model.name)
+    if watermark >= first:
+        raise ConcurrentRunError(
+            f"run {run_id}: another run of model {cfg.model.name!r} committed {cfg.lake.events_table} versions "
+            f"up to {watermark} while this one prepared {first}..{last}; it stops before writing "
+            "(the other run's state stands, nothing of this run was recorded). Run the nightly again to "
+            "consume what is new")
 
 
 def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int,
@@ -249,18 +274,26 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
                               item_stats=stats_after)
 
     # ---- writes, each idempotent (see the module docstring)
+    def guard():
+        check_not_overtaken(cfg, lake, first, last, run_id)
+
+    guard()
     lake.create(tables.quarantine_table, schemas.QUARANTINE_EVENTS)
     lake.write(tables.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
                schema=schemas.QUARANTINE_EVENTS)
     lake.create(index_table, schemas.EVENT_INDEX)
-    lake.write(index_table, v.index, mode="overwrite", replace_where=f"source_version >= {first}",
-               schema=schemas.EVENT_INDEX)
+    guard()
+    lake.write(index_table, v.index, mode="overwrite",  # only this run's versions: later ones are another run's
+               replace_where=f"source_version >= {first} AND source_version <= {last}", schema=schemas.EVENT_INDEX)
     n_users, n_items = new_users.num_rows, new_items.num_rows
     if n_users:
-        lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta)
+        guard()
+        lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
     if n_items:
-        lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta)
+        guard()
+        lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
     stage.mark("write_state")
+    crash_point("after_state_write")
     lake.create(tables.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
     # A big night (a first run over years of history) is written in slices, so
     # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each

@@ -38,7 +38,8 @@ from .delta_job import PreparedNight, prepare_night
 from .gating import gate_candidate
 from .inputs import lineage_inputs, select_inputs
 from .prequential import score_prequential
-from .publish import after_commit, check_mlflow, publish_run, run_metrics
+from .publish import after_commit, check_mlflow, publish_run, repair_audit, run_metrics
+from .recommend import refresh_quietly
 from .stages import StageClock
 from .strategy import choose_strategy
 from .training import Trained, spec_record, train_candidate, train_spec
@@ -109,6 +110,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     lake = lake or open_lake(cfg.lake, spark)
     ledger = Ledger(lake, cfg.lake.runs_table)
     ledger.ensure()
+    repair_audit(cfg, lake, ledger)  # a night killed right after its commit
     apply_pending(cfg, lake)  # forget requests first: tonight's inputs and parent no longer hold those users
     model = cfg.model.name
     span = next_range(cfg, lake, ledger)
@@ -153,6 +155,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     record = publish_run(cfg, lake, ledger, run_id=run_id, first=first, last=last, started=started,
                          choice=choice, trained=trained, metrics=metrics)
     ml = after_commit(cfg, lake, record, choice.serving)
+    refresh_quietly(spark, cfg, lake, reason=f"nightly {run_id}", by="nightly")  # tomorrow's top-k
     maybe_maintain(cfg, lake, ledger)  # maintain.every_nights: OPTIMIZE / VACUUM after the commit
     if spec.resume_dir:
         shutil.rmtree(spec.resume_dir, ignore_errors=True)  # in-run state is only for crashes
