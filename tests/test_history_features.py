@@ -72,8 +72,8 @@ def test_repeat_term_adds_what_the_history_says():
 def test_score_all_equals_forward_row_by_row_with_history(embedding):
     m = randomize_repeat(ranking(embedding))
     if embedding == "dynamic":
-        m.item_lookup.copy_(torch.arange(I) % 10)
-        m.user_lookup.copy_(torch.arange(U) % 12)
+        m.item_lookup_keys, m.item_lookup_rows = torch.arange(I), torch.arange(I) % 10
+        m.user_lookup_keys, m.user_lookup_rows = torch.arange(U), torch.arange(U) % 12
     n = 12
     users, hist = torch.arange(n) * 2 % U, histories(n)
     items = torch.arange(I)

@@ -54,7 +54,7 @@ def test_every_registered_model_is_a_config_choice():
     assert set(MODELS) == set(model_names()) == set(choices)
 
 
-@pytest.mark.parametrize("name", ["ranking", "sequential"])
+@pytest.mark.parametrize("name", ["ranking", "sequential", "repeat_explore"])
 @pytest.mark.parametrize("embedding", ["hashed", "dynamic"])
 def test_shapes_loss_and_learning(name, embedding):
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_shapes_loss_and_learning(name, embedding):
     losses = steps(m, b)
     assert losses[-1] < 0.7 * losses[0]  # it fits the batch
     scores = m.score_all(torch.arange(4), torch.arange(I), **({"history_idx": b["history_idx"][:4]}
-                                                               if name == "sequential" else {}))
+                                                               if name != "ranking" else {}))
     assert scores.shape == (4, I) and torch.isfinite(scores).all()
 
 
@@ -87,13 +87,26 @@ def test_sequential_is_causal_in_the_history_and_uses_it():
     assert torch.isfinite(m({"user_idx": b["user_idx"], "item_idx": b["item_idx"]})).all()
 
 
-def test_dynamic_model_scores_hashed_indices_through_its_lookup():
-    m = build_model("ranking", **params("ranking", "dynamic")).eval()
-    m.item_lookup.copy_(torch.arange(I) % 10)
-    m.user_lookup.copy_(torch.arange(U) % 12)
-    b = batch(16, history=False)
-    exact = m({**b, "user_row": b["user_idx"] % 12, "item_row": b["item_idx"] % 10})
-    torch.testing.assert_close(m(b), exact)
+@pytest.mark.parametrize("name", ["ranking", "repeat_explore"])
+def test_dynamic_model_scores_hashed_indices_through_its_lookup(name):
+    from deltarec.models.vocab import Vocabulary
+
+    # a vocabulary of 20 items hashed into a space far wider than the table: rows 4.. are theirs
+    ids = pa.array([f"i{k}" for k in range(20)])
+    hashed = pa.array(np.arange(20) * 1_000_003 + 7, pa.int64())
+    v = Vocabulary("item", oov_buckets=4).update(ids, hashed)
+    users = Vocabulary("user", oov_buckets=4).update(pa.array([f"u{k}" for k in range(8)]),
+                                                     pa.array(np.arange(8) * 999_983, pa.int64()))
+    m = build_model(name, **params(name, "dynamic", user_rows=users.num_rows, item_rows=v.num_rows)).eval()
+    m.adopt_vocabulary("item", v)
+    m.adopt_vocabulary("user", users)
+    assert len(m.item_lookup_keys) == 20  # the lookup follows the vocabulary, not the hash space
+    b = {"user_idx": torch.from_numpy(np.arange(8) * 999_983), "item_idx": torch.from_numpy(np.array(hashed))[:8]}
+    exact = {**b, "user_row": torch.from_numpy(users.rows_for(users.ids, pa.array(np.arange(8) * 999_983))),
+             "item_row": torch.from_numpy(v.rows_for(ids, hashed))[:8]}
+    torch.testing.assert_close(m(b), m(exact))
+    # an index nobody was admitted with: the shared OOV row, index % oov_buckets
+    assert m.lookup("item", torch.tensor([5, -1])).tolist() == [5 % 4, -1]
 
 
 def test_shard_reads_columns_filters_holdout_and_pads_history(tmp_path):

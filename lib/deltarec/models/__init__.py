@@ -10,7 +10,7 @@ import importlib
 from typing import Any, Callable
 
 MODELS: dict[str, Callable[..., Any]] = {}
-MODULES = ("ranking", "sequential")  # each registers itself on import
+MODULES = ("ranking", "sequential", "repeat_explore")  # each registers itself on import
 
 
 def register(name: str):
