@@ -171,7 +171,9 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="ranking", metadata=_choices("ranking", "sequential"))
+    # repeat_explore: a learned per-customer mix of re-buying from the history and exploring (two towers);
+    # ranking: embeddings + an MLP over each (user, item) pair with an additive repeat term
+    name: str = field(default="ranking", metadata=_choices("ranking", "sequential", "repeat_explore"))
     embedding: str = field(default="hashed", metadata=_choices("hashed", "dynamic"))
     embedding_dim: int = 32
     hidden: list[int] = field(default_factory=lambda: [64, 32])
@@ -180,6 +182,9 @@ class ModelConfig:
     layers: int = 1  # sequential: transformer layers
     vocab: VocabConfig = field(default_factory=VocabConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # repeat_explore: half-lives (days) of the items' decayed recent purchases, the model's time-aware inputs
+    item_half_lives: list[float] = field(default_factory=lambda: [3.0, 21.0])
+    repeat_gate: bool = True  # repeat_explore: a learned per-customer repeat/explore gate (false: an even mix)
 
 
 @dataclass
@@ -224,6 +229,14 @@ class TrainConfig:
     patience: int = 1  # epochs without improvement before stopping
     progress: bool = True
     forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    # The objective (train/losses.py): bce pointwise; bpr / sampled_softmax over each positive's candidate
+    # negatives (in-batch, own-history, uniform; sampled_softmax with the log-Q correction); full_softmax
+    # over every item the model knows
+    loss: str = field(default="bce", metadata=_choices("bce", "bpr", "sampled_softmax", "full_softmax"))
+    loss_in_batch: bool = True  # the global batch's positives as negatives
+    loss_history_negatives: int = 8  # distinct items of the row's own history drawn as negatives
+    loss_uniform_negatives: int = 64  # items drawn uniformly once per step for the whole batch
+    loss_logq: bool = True  # sampled_softmax: subtract log(expected draws) from each negative's logit
 
 
 @dataclass
@@ -427,6 +440,13 @@ def _validate(obj: Any, prefix: str) -> None:
             raise bad("validation_fraction", "must be in [0, 0.5)")
         if not 0.0 < obj.lr_decay <= 1.0:
             raise bad("lr_decay", "must be in (0, 1]")
+        for name in ("loss_history_negatives", "loss_uniform_negatives"):
+            if getattr(obj, name) < 0:
+                raise bad(name, "must be >= 0")
+        if obj.loss in ("bpr", "sampled_softmax") and not (
+                obj.loss_in_batch or obj.loss_history_negatives or obj.loss_uniform_negatives):
+            raise bad("loss", "needs negatives: set train.loss_in_batch, loss_history_negatives or "
+                              "loss_uniform_negatives")
     if isinstance(obj, FeaturesConfig):
         for name in ("user_buckets", "item_buckets"):
             if getattr(obj, name) < 2:
@@ -465,6 +485,8 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, ModelConfig):
         if obj.heads < 1 or obj.layers < 1:
             raise bad("heads" if obj.heads < 1 else "layers", "must be at least 1")
+        if not obj.item_half_lives or min(obj.item_half_lives) <= 0:
+            raise bad("item_half_lives", "give one or more positive numbers of days")
         if obj.name == "sequential" and obj.embedding_dim % obj.heads:
             raise bad("embedding_dim", f"must divide by model.heads={obj.heads} for the sequential model")
     if isinstance(obj, VocabConfig):

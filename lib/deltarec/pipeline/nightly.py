@@ -114,7 +114,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         strategy = "incremental" if parent else "full"
     moved = _rehashed(cfg, parent) if strategy != "full" else {}
     if moved:
-        what = ", ".join(f"features.{k} {a} -> {b}" for k, (a, b) in moved.items())
+        what = ", ".join(f"{'model' if k == 'embedding' else 'features'}.{k} {a} -> {b}" for k, (a, b) in moved.items())
         if cfg.train.strategy != "auto":
             raise ValueError(
                 f"train.strategy={cfg.train.strategy}: the parent checkpoint {parent.run_id} hashed ids into another "
@@ -166,6 +166,8 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
         proximal=T.forgetting.proximal if warm else 0.0, ewc=T.forgetting.ewc if warm else 0.0,
         distill=T.forgetting.distill if warm else 0.0,
         fisher_batches=T.forgetting.fisher_batches if T.forgetting.ewc > 0 else 0,
+        loss={"name": T.loss, "in_batch": T.loss_in_batch, "history_negatives": T.loss_history_negatives,
+              "uniform_negatives": T.loss_uniform_negatives, "logq": T.loss_logq},
         meta={"parent_run_id": parent.run_id if parent else None, "strategy": strategy,
               "warm_start": warm.run_id if warm else None,
               "source_versions": [first, last], "config": cfg.to_dict()},
@@ -194,7 +196,8 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
                   "steps": result.get("steps"), "world_size": result.get("world_size"),
                   "backend": backend.name, "ranks": result.get("ranks"),
                   "examples_trained": result.get("examples"), "epochs_run": result.get("epochs_run"),
-                  "val_history": result.get("val_history"), "warm_start": warm.run_id if warm else None},
+                  "val_history": result.get("val_history"), "warm_start": warm.run_id if warm else None,
+                  "loss_name": T.loss, "ids": result.get("ids")},
         "prequential": pre,
         "gate": gate,
         # lineage for `deltarec registry show/reproduce`: exactly what was trained on, by time travel
@@ -246,15 +249,20 @@ def _usable_parent(ledger: Ledger, model: str) -> RunRecord | None:
 
 
 def _rehashed(cfg: "Config", parent: RunRecord | None) -> dict[str, tuple[Any, Any]]:
-    """Bucket counts that differ between ``parent``'s config and ``cfg`` when
-    ids are hashed: bucket = hash mod count, so a changed count sends every id
-    to another row, and the parent's rows (which load_grown would copy into a
-    bigger table) belong to other ids. A dynamic vocabulary keeps ids' rows."""
-    if parent is None or cfg.model.embedding != "hashed":
+    """How ``parent``'s ids map to rows differently from ``cfg``'s: bucket
+    counts (bucket = hash mod count, so a changed count sends every id to
+    another hashed row, and a dynamic vocabulary's scoring lookup holds the old
+    indices) or the embedding kind (hashed rows and vocabulary rows are
+    different tables). Either way the parent cannot be warm-started from."""
+    if parent is None:
         return {}
     before = (parent.config or {}).get("features", {})
-    return {k: (before[k], getattr(cfg.features, k)) for k in ("user_buckets", "item_buckets")
-            if k in before and before[k] != getattr(cfg.features, k)}
+    out = {k: (before[k], getattr(cfg.features, k)) for k in ("user_buckets", "item_buckets")
+           if k in before and before[k] != getattr(cfg.features, k)}
+    embedding = (parent.config or {}).get("model", {}).get("embedding", "hashed")
+    if embedding != cfg.model.embedding:
+        out["embedding"] = (embedding, cfg.model.embedding)
+    return out
 
 
 def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: str,
@@ -278,7 +286,7 @@ def _training_files(cfg: "Config", lake, ledger: Ledger, run_id: str, strategy: 
 def _history_length(cfg: "Config") -> int:
     """Items of history a batch carries: only models that read one get it
     (the ranking model's repeat term; 0 turns it off)."""
-    if cfg.model.name == "sequential":
+    if cfg.model.name in ("sequential", "repeat_explore"):
         return max(cfg.features.history_length, 1)
     return cfg.features.history_length if cfg.model.name == "ranking" else 0
 
@@ -292,6 +300,9 @@ def _model_params(cfg: "Config") -> dict[str, Any]:
         params.update(history_length=max(f.history_length, 1), heads=m.heads, layers=m.layers)
     elif m.name == "ranking":
         params.update(history_length=f.history_length)
+    elif m.name == "repeat_explore":
+        params.update(history_length=max(f.history_length, 1), item_half_lives=list(m.item_half_lives),
+                      repeat_gate=m.repeat_gate)
     if m.text.enabled:
         from .text_embeddings import text_params
 

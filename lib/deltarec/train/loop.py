@@ -93,6 +93,7 @@ class TrainSpec:
     ewc: float = 0.0
     distill: float = 0.0
     fisher_batches: int = 0  # 0: no Fisher saved; else batches of the shard used for it (EWC's next night)
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "bce"})  # train.loss: losses.LossSpec's fields
 
 
 def make_optimizer(spec: TrainSpec, model: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
@@ -251,9 +252,13 @@ def build(spec: TrainSpec, device: torch.device | None = None, world: int = 1, v
                 weight = dict(model.named_parameters())[pname]
                 init_rows(weight, v.fresh, spec.seed + v.night, pname, zero="bias" in pname)
                 fresh[pname] = list(v.fresh)
-            lookup = getattr(model, f"{name}_lookup", None)
-            if lookup is not None:
-                lookup.copy_(torch.from_numpy(v.hashed_lookup(len(lookup))))
+            model.adopt_vocabulary(name, v)
+    if hasattr(model, "clock"):  # items' purchases as of each training day (every rank reads the same)
+        from ..models.item_clock import night_events
+
+        if vocabs:
+            model.clock.reset_rows(vocabs["item"].fresh)
+        model.clock.advance(**night_events(spec.files, vocabs["item"] if vocabs else None))
     if device is not None:
         model.to(device)  # before the optimizer loads its state, so the state lands on the device too
     freeze(model, spec.freeze)
@@ -380,6 +385,17 @@ def tune_allocator() -> bool:
     return ok
 
 
+def _collisions(spec: TrainSpec) -> dict[str, Any]:
+    """Hashed ids: how many of tonight's distinct users and items share a row (models/vocab.py)."""
+    from ..models.vocab import hash_collisions
+
+    try:
+        t = read_shard(spec.files, 0, 1, ["user_id", "item_id", "user_idx", "item_idx"], drop_holdout=False)
+    except KeyError:  # files without ids (made by hand)
+        return {}
+    return {k: hash_collisions(t[f"{k}_id"], t[f"{k}_idx"]) for k in ("user", "item")}
+
+
 def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     """Train this rank. ``shard``: tensors already in memory instead of reading
     ``spec.files`` (the throughput benchmark's ceiling)."""
@@ -412,7 +428,7 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     dopt = collective.distributed_optimizer(optimizer, model, backward_passes_per_step=k_acc)
 
     if shard is None:
-        cols = columns_for(spec.history_length, vocabs is not None)
+        cols = columns_for(spec.history_length, vocabs is not None, "event_day" in getattr(model, "inputs", ()))
         shard = to_shard(read_shard(list(spec.files) + list(spec.replay_files), rank, world, cols),
                          spec.history_length, vocabs)
     elif not isinstance(shard, Batch):  # an older Shard-like object with attributes
@@ -430,6 +446,9 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
     micro_bs = math.ceil(local_bs / k_acc)
     steps = math.ceil(max(sizes) / local_bs) if max(sizes) else 0
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+    from .losses import LossSpec, Objective
+
+    objective = Objective(LossSpec(**{**spec.loss, "seed": spec.seed}), collective, device)
 
     bar = None
     if spec.progress and rank == 0 and steps:
@@ -470,12 +489,13 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(spec, world, state["global_step"])
             raw = torch.zeros((), device=device)
+            objective.begin_step(model, batch, state["global_step"])  # every rank, once per step
             for j in range(k_acc):  # gradients add up over the micro-batches; one averaged step
                 mb = batch.slice(j * micro_bs, (j + 1) * micro_bs)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 matmuls on GPU
-                    logits = model(mb).float()
-                per = loss_fn(logits, mb["label"])
-                if teacher is not None:  # per example, so it averages over the global batch like the loss
+                    per = objective.per_row(model, mb)
+                if teacher is not None:
+                    logits = model(mb).float()  # per example, so it averages over the global batch like the loss
                     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                         t_logits = teacher(mb).float()
                     per = per + spec.distill * distillation(logits, t_logits)
@@ -551,8 +571,8 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
             from ..models.vocab import vocabs_to_bytes
 
             extra[VOCAB_FILE] = vocabs_to_bytes(vocabs)
-            result["vocab"] = {k: {"ids": len(v), "rows": v.num_rows, "new_rows": len(v.fresh)}
-                               for k, v in vocabs.items()}
+            result["vocab"] = {k: v.stats() for k, v in vocabs.items()}
+        result["ids"] = result.get("vocab") or _collisions(spec)
         if fisher is not None:
             extra[FISHER_FILE] = fisher_to_bytes(fisher)
         saved = save_checkpoint(spec.checkpoint_dir, model, optimizer,
