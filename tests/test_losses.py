@@ -139,3 +139,47 @@ def test_losses_give_gradients_and_refuse_what_they_cannot_do():
 
     with pytest.raises(ValueError, match="full_softmax scores all"):
         per_row_loss("full_softmax", Huge(S), batch(ROWS))
+
+
+# ------------------------------------------------------------ 2 real processes == 1 process
+@pytest.mark.parametrize("loss", ["bpr", "sampled_softmax"])
+def test_two_processes_on_a_global_batch_equal_one_process(tmp_path, loss):
+    """In-batch negatives come from the *global* batch (gathered every step)
+    and the uniform draw is seeded by the step, so 2 workers on B rows update
+    the model exactly like 1 worker on the same B rows, for each ranking loss."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deltarec.train.backends import LocalBackend, make_backend
+    from deltarec.train.checkpoint import load_checkpoint
+    from test_training import B, STEPS, WORLD, examples, interleave_for_one_worker, spec
+
+    rng = np.random.default_rng(4)
+    t = examples(B * STEPS, seed=9)
+    n = t.num_rows
+    hist = [rng.integers(-1, 40, 3).tolist() for _ in range(n)]  # own-history negatives come from these
+    t = t.append_column("history_idx", pa.array(hist, pa.list_(pa.int64())))
+    pq.write_table(t, tmp_path / "two.parquet")
+    pq.write_table(interleave_for_one_worker(t), tmp_path / "one.parquet")
+    kw = dict(model_name="repeat_explore", history_length=3, optimizer="sgd", lr=0.5,
+              model_params={"user_buckets": 50, "item_buckets": 40, "embedding_dim": 4, "hidden": [8],
+                            "history_length": 3},
+              loss={"name": loss, "history_negatives": 2, "uniform_negatives": 5})
+    one = LocalBackend().run(spec([tmp_path / "one.parquet"], tmp_path / "ck1", **kw))
+    two = make_backend("torch", None, WORLD, launcher="processes").run(spec([tmp_path / "two.parquet"],
+                                                                            tmp_path / "ck2", **kw))
+    assert two["world_size"] == WORLD and one["steps"] == two["steps"] == STEPS
+    p1 = load_checkpoint(one["checkpoint"]["path"]).model_state
+    p2 = load_checkpoint(two["checkpoint"]["path"]).model_state
+    init = build_init(kw)
+    assert max(float((p1[k].float() - init[k].float()).abs().max()) for k in init) > 1e-2  # it trained
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6, msg=f"{loss}: {k} differs")
+
+
+def build_init(kw):
+    from deltarec.models import build_model
+
+    torch.manual_seed(3)  # test_training.spec's seed
+    return build_model(kw["model_name"], **kw["model_params"]).state_dict()

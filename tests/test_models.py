@@ -235,3 +235,10 @@ def test_first_histories_give_each_user_the_history_before_their_first_row():
     users, hist = first_histories(t, 3)
     assert users.tolist() == [2, 7]
     assert hist.tolist() == [[-1, -1, -1], [-1, 1, 2]]  # user 7's earliest row is Jan 1
+
+
+def test_a_misspelled_model_parameter_is_an_error():
+    with pytest.raises(ValueError, match=r"model 'ranking' has no parameter\(s\) 'hiden'; its parameters: .*hidden"):
+        build_model("ranking", **{**params("ranking"), "hiden": [8]})
+    with pytest.raises(ValueError, match="'heads'"):  # another model's parameter
+        build_model("ranking", **params("ranking"), heads=2)

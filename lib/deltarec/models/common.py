@@ -30,9 +30,10 @@ class IdModel(nn.Module):
     ``index % oov_buckets``. (Checkpoints written before had one dense
     ``*_lookup`` row per bucket; they load and score as they did.)
 
-    ``optional_state``: parameters a newer model added; a checkpoint without
-    them (saved before they existed) loads with them at their initial values,
-    through :meth:`upgrade_state`, the one place that knows about old checkpoints."""
+    ``optional_state``: parameters a newer model added, whose zero means
+    "absent"; a checkpoint without them (saved before they existed) loads with
+    them at zero, so it scores as it did, through :meth:`upgrade_state`, the
+    one place that knows about old checkpoints."""
 
     id_tables: dict[str, list[str]] = {}
     optional_state: tuple[str, ...] = ()
@@ -94,13 +95,14 @@ class IdModel(nn.Module):
     # ---------------------------------------------------------------- loading
     def upgrade_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` as this model's code expects it: ``optional_state``
-        parameters a checkpoint predates added at their initial values (logged),
-        and lookup buffers shaped as the checkpoint's (the vocabulary sets their size)."""
+        parameters a checkpoint predates added at zero (logged), and lookup
+        buffers shaped as the checkpoint's (the vocabulary sets their size)."""
         own = self.state_dict()
         added = [k for k in self.optional_state if k not in state and k in own]
         if added:
-            log.warning("checkpoint predates %s: starting them from their initial values", ", ".join(added))
-            state = {**state, **{k: own[k].clone() for k in added}}
+            log.warning("checkpoint predates %s: starting them at zero, where they change no score",
+                        ", ".join(added))
+            state = {**state, **{k: torch.zeros_like(own[k]) for k in added}}
         for name in ("user", "item"):
             if f"{name}_lookup" in state and not hasattr(self, f"{name}_lookup"):
                 for suffix in LOOKUP_SUFFIXES[1:]:  # the old dense form replaces the sparse one

@@ -62,7 +62,7 @@ def repeat_features_all(hist: torch.Tensor, item_idx: torch.Tensor, buckets: int
 class RankingModel(IdModel):
     id_tables = {"user": ["user_emb.weight", "user_repeat_bias.weight"],
                  "item": ["item_emb.weight", "item_bias.weight", "item_repeat_bias.weight"]}
-    optional_state = REPEAT_STATE  # common.load_grown: absent in a parent → kept at their (zero) init
+    optional_state = REPEAT_STATE  # IdModel.upgrade_state: absent in a checkpoint → at their (zero) init
 
     def __init__(self, user_buckets: int, item_buckets: int, embedding_dim: int = 32,
                  hidden: list[int] | tuple[int, ...] = (64, 32), dropout: float = 0.0,
@@ -100,15 +100,6 @@ class RankingModel(IdModel):
             from .text import TextTower
 
             self.text = TextTower(item_buckets=item_buckets, out_dim=embedding_dim, **text)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """A checkpoint from before the repeat term loads with the term at zero,
-        so it scores as it always did."""
-        missing = [k for k in REPEAT_STATE if k not in state_dict]
-        if missing:
-            own = self.state_dict()
-            state_dict = {**state_dict, **{k: torch.zeros_like(own[k]) for k in missing}}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _repeat(self, f: torch.Tensor, ur: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
         """The repeat term from features ``f`` (..., REPEAT_FEATURES) and the rows
@@ -160,6 +151,6 @@ class RankingModel(IdModel):
 def _ranking(user_buckets: int, item_buckets: int, embedding_dim: int = 32,
              hidden: list[int] = (64, 32), dropout: float = 0.0, embedding: str = "hashed",
              user_rows: int = 0, item_rows: int = 0, text: dict[str, Any] | None = None,
-             history_length: int = 20, **_ignored) -> RankingModel:
+             history_length: int = 20) -> RankingModel:
     return RankingModel(user_buckets, item_buckets, embedding_dim, list(hidden), dropout, embedding,
                         user_rows, item_rows, text, history_length)
