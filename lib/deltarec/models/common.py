@@ -12,6 +12,7 @@ log = logging.getLogger("deltarec.models")
 
 EMBEDDINGS = ("hashed", "dynamic")
 INIT_STD = 0.05  # every embedding row starts N(0, INIT_STD²); biases start at 0
+HASHED_ROWS_LIMIT = 1 << 24  # a hashed table with more rows than this is a config mistake, not a model
 
 
 class IdModel(nn.Module):
@@ -48,6 +49,12 @@ class IdModel(nn.Module):
         self.rows_of = {"user": user_rows if dynamic else user_buckets,
                         "item": item_rows if dynamic else item_buckets}
         for name in ("user", "item"):
+            if not dynamic and self.rows_of[name] > HASHED_ROWS_LIMIT:
+                raise ValueError(
+                    f"model.embedding=hashed gives every hash bucket its own row: features.{name}_buckets="
+                    f"{self.rows_of[name]} would allocate that many rows per {name} table. Set "
+                    f"features.{name}_buckets to ~16x the number of {name}s (e.g. 65536), or use "
+                    "model.embedding=dynamic (rows for the ids seen; the buckets only name them)")
             if self.rows_of[name] < 1:
                 raise ValueError(f"{name} table has {self.rows_of[name]} rows: a dynamic vocabulary needs "
                                  f"{name}_rows >= 1 (the trainer sets it from the vocabulary)")
@@ -109,10 +116,15 @@ class IdModel(nn.Module):
                     if hasattr(self, f"{name}{suffix}"):
                         delattr(self, f"{name}{suffix}")
                 self.register_buffer(f"{name}_lookup", torch.empty_like(state[f"{name}_lookup"]))
-            for suffix in ("_lookup_keys", "_lookup_rows"):
-                k = f"{name}{suffix}"
-                if k in state and hasattr(self, k):
-                    setattr(self, k, torch.empty_like(state[k]))
+        for k in [k for k in state if k.endswith(TEXT_INPUTS)]:  # a text tower's old dense per-bucket inputs
+            keys = k.rsplit(".", 1)[0] + ".keys_lookup"
+            if keys not in state and keys in own:
+                state = {**state, keys: torch.arange(len(state[k]))}
+        own = self.state_dict()
+        for k, v in state.items():  # per-item inputs are sized by the data: take the checkpoint's size
+            if is_lookup(k) and k in own and own[k].shape != v.shape:
+                owner, _, attr = k.rpartition(".")
+                setattr(self.get_submodule(owner) if owner else self, attr, torch.empty_like(v))
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -136,6 +148,7 @@ def init_rows(weight: torch.Tensor, rows: list[int], seed: int, tag: str, std: f
 
 
 LOOKUP_SUFFIXES = ("_lookup", "_lookup_keys", "_lookup_rows", "_lookup_oov")
+TEXT_INPUTS = ("frozen_lookup", "tokens_lookup")
 
 
 def is_lookup(key: str) -> bool:

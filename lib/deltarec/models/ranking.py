@@ -121,8 +121,12 @@ class RankingModel(IdModel):
         deep = self.mlp(torch.cat([u, i, u * i], dim=-1)).squeeze(-1)
         out = self.bias + self.item_bias(ir).squeeze(-1) + dot + deep
         if self.history_length and "history_idx" in batch:  # without a history: as a user with none
-            hist = batch["history_idx"][:, -self.history_length:]
-            out = out + self._repeat(repeat_features(hist, batch["item_idx"]), ur, ir)
+            hist, item = batch["history_idx"][:, -self.history_length:], batch["item_idx"]
+            if self.embedding == "dynamic":  # compare vocabulary rows: exact
+                hist = batch["history_row"][:, -self.history_length:] if "history_row" in batch else \
+                    self.lookup("item", hist)
+                item = ir
+            out = out + self._repeat(repeat_features(hist, item), ur, ir)
         return out
 
     @torch.no_grad()
@@ -139,8 +143,10 @@ class RankingModel(IdModel):
         if self.history_length and history_idx is not None:
             if history_idx.shape[0] != U:
                 raise ValueError(f"history_idx has {history_idx.shape[0]} rows for {U} users: one row per user")
-            f = repeat_features_all(history_idx[:, -self.history_length:].long(), item_idx.long(),
-                                    self.buckets["item"])
+            hist, items, width = history_idx[:, -self.history_length:].long(), item_idx.long(), self.buckets["item"]
+            if self.embedding == "dynamic":  # compare vocabulary rows: exact, and as wide as the table only
+                hist, items, width = self.lookup("item", hist), self.lookup("item", items), self.rows_of["item"]
+            f = repeat_features_all(hist, items, width)
             ur = self.rows({"user_idx": user_idx}, "user").unsqueeze(1)
             ir = self.rows({"item_idx": item_idx}, "item").unsqueeze(0)
             out = out + self._repeat(f, ur, ir)
