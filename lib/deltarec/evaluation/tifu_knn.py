@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TifuParams", "tifu_vectors", "tifu_scores"]
+__all__ = ["TifuParams", "Baskets", "baskets_of", "vectors_of", "tifu_vectors", "tifu_scores", "neighbour_mean",
+           "lexicographic_tie_break"]
 
 
 @dataclass(frozen=True)
@@ -56,28 +57,52 @@ def _index(values: Any, universe: Any) -> np.ndarray:
     return pd.Index(np.asarray(universe)).get_indexer(np.asarray(values))
 
 
-def tifu_vectors(users: Any, items: Any, baskets: Any, catalog: Any, params: TifuParams
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(customer ids sorted, customers × catalogue float64 vectors) from parallel
-    arrays of purchase lines: customer, item, basket key (anything that orders
-    a customer's baskets in time, e.g. the order's timestamp). Items outside
-    ``catalog`` are not counted (they still make a basket)."""
+@dataclass(frozen=True)
+class Baskets:
+    """A purchase history as baskets, ready for any TIFU-KNN parameters
+    (computing it is most of :func:`tifu_vectors`' cost; tuning reuses it)."""
+
+    ids: np.ndarray  # customer ids, sorted
+    n_items: int  # catalogue size
+    customer: np.ndarray  # per distinct (customer, basket): the customer's position
+    ordinal: np.ndarray  # its basket's position in the customer's time order (0 the oldest)
+    count: np.ndarray  # the customer's number of baskets
+    entries: np.ndarray  # per distinct (customer, basket, item): (the basket's row above, item column)
+
+
+def baskets_of(users: Any, items: Any, baskets: Any, catalog: Any) -> Baskets:
+    """:class:`Baskets` from parallel arrays of purchase lines: customer, item,
+    basket key (anything that orders a customer's baskets in time, e.g. the
+    order's timestamp). Items outside ``catalog`` are not counted (they still
+    make a basket); an item twice in a basket counts once."""
     users, items, baskets = np.asarray(users), np.asarray(items), np.asarray(baskets)
     if not (users.shape == items.shape == baskets.shape):
         raise ValueError(f"users, items and baskets must be parallel arrays, got shapes {users.shape}, "
                          f"{items.shape}, {baskets.shape}")
     ids, u = np.unique(users, return_inverse=True)
-    out = np.zeros((len(ids), len(catalog)))
     if not len(users):
-        return ids, out
+        z = np.zeros(0, np.int64)
+        return Baskets(ids, len(catalog), z, z, z, np.zeros((0, 2), np.int64))
     _, b = np.unique(baskets, return_inverse=True)  # basket keys ordered
-    # each customer's distinct baskets in time order: ordinal j (0 oldest) and count n
-    ub = np.unique(np.stack([u, b], 1), axis=0)  # sorted by customer, then basket key
-    n = np.bincount(ub[:, 0], minlength=len(ids))
-    start = np.r_[0, np.cumsum(n)[:-1]]
-    ordinal = np.arange(len(ub)) - start[ub[:, 0]]
-    n_of = n[ub[:, 0]]
-    G = params.groups
+    nb = int(b.max()) + 1
+    ub = np.unique(u.astype(np.int64) * nb + b)  # distinct (customer, basket), by customer then time
+    customer = ub // nb
+    n = np.bincount(customer, minlength=len(ids))
+    ordinal = np.arange(len(ub)) - np.r_[0, np.cumsum(n)[:-1]][customer]
+    line_basket = np.searchsorted(ub, u.astype(np.int64) * nb + b)
+    col = _index(items, catalog)
+    keep = col >= 0
+    trip = np.unique(line_basket[keep].astype(np.int64) * len(catalog) + col[keep])
+    return Baskets(ids, len(catalog), customer, ordinal, n[customer],
+                   np.stack([trip // len(catalog), trip % len(catalog)], 1))
+
+
+def vectors_of(h: Baskets, params: TifuParams) -> tuple[np.ndarray, np.ndarray]:
+    """(customer ids sorted, customers × catalogue float64 vectors) of ``h``."""
+    out = np.zeros((len(h.ids), h.n_items))
+    if not len(h.entries):
+        return h.ids, out
+    G, n_of, ordinal = params.groups, h.count, h.ordinal
     base, extra = n_of // G, n_of % G
     few = n_of < G
     cut = (G - extra) * base  # baskets in the older groups of size base; the newer `extra` have base + 1
@@ -88,14 +113,16 @@ def tifu_vectors(users: Any, items: Any, baskets: Any, catalog: Any, params: Tif
     real = np.where(few, n_of, G)
     weight = (params.within_decay ** (n_of - 1 - ordinal) / size
               * params.group_decay ** (G - 1 - group) / real)
-    # lines → (customer, basket) row of ub, then one count per (customer, basket, item)
-    line_basket = np.searchsorted(ub[:, 0] * (b.max() + 1) + ub[:, 1], u * (b.max() + 1) + b)
-    col = _index(items, catalog)
-    keep = col >= 0
-    trip = np.unique(np.stack([line_basket[keep], col[keep]], 1), axis=0)
-    flat = ub[trip[:, 0], 0] * len(catalog) + trip[:, 1]
-    out += np.bincount(flat, weights=weight[trip[:, 0]], minlength=out.size).reshape(out.shape)
-    return ids, out
+    tb, tc = h.entries[:, 0], h.entries[:, 1]
+    out += np.bincount(h.customer[tb] * h.n_items + tc, weights=weight[tb], minlength=out.size).reshape(out.shape)
+    return h.ids, out
+
+
+def tifu_vectors(users: Any, items: Any, baskets: Any, catalog: Any, params: TifuParams
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(customer ids sorted, customers × catalogue float64 vectors) from parallel
+    arrays of purchase lines (see :func:`baskets_of`)."""
+    return vectors_of(baskets_of(users, items, baskets, catalog), params)
 
 
 def tifu_scores(vectors: tuple[np.ndarray, np.ndarray], users: Any, params: TifuParams,

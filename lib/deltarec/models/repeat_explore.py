@@ -5,10 +5,12 @@ history" and "something new", over exact or hashed ids.
 
 - **Repeat distribution** π_u over the distinct items of the customer's history
   h (``history_idx``: the last L items before the event's day, newest last):
-  ``softmax_j(w · f(u, j) + r_j)`` where f are the item's count, share of the
-  history, its shares decayed by position (``DECAYS``: a purchase k lines back
-  counts ``decay ** k``, the newest 1; as TIFU-KNN decays a customer's item
-  frequencies) and the recency of its last occurrence; r_j a learned repeat
+  ``softmax_j(w · f(u, j) + w' · t(j, day) + r_j)`` where f are the item's
+  count, share of the history, its shares decayed by position (``DECAYS``: a
+  purchase k lines back counts ``decay ** k``, the newest 1; as TIFU-KNN
+  decays a customer's item frequencies) and the recency of its last
+  occurrence; t its recent popularity and age (below: among a customer's past
+  items, the ones in fashion now come back first); r_j a learned repeat
   propensity per item (a consumable is re-bought, a one-off is not).
   Zero outside the history.
 - **Gate** g_u = σ(a + v · [log1p |h|, log1p distinct(h)] + c_u), c_u learned per
@@ -105,13 +107,14 @@ class RepeatExploreModel(IdModel):
         self.clock = ItemClock(self.rows_of["item"], tuple(item_half_lives))
         self.item_time = nn.Linear(self.clock.n_features, 1, bias=False)
         self.repeat = nn.Linear(REPEAT_FEATURES, 1, bias=False)
+        self.repeat_time = nn.Linear(self.clock.n_features, 1, bias=False)  # recent popularity of a past item
         self.item_repeat = nn.Embedding(self.rows_of["item"], 1)
         self.gate = nn.Linear(GATE_FEATURES, 1)
         self.user_gate = nn.Embedding(self.rows_of["user"], 1)
         nn.init.normal_(self.user_emb.weight, std=INIT_STD)
         nn.init.normal_(self.item_emb.weight, std=INIT_STD)
         for p in (self.item_bias.weight, self.item_time.weight, self.item_repeat.weight, self.user_gate.weight,
-                  self.gate.weight, self.gate.bias):
+                  self.gate.weight, self.gate.bias, self.repeat_time.weight):
             nn.init.zeros_(p)
         with torch.no_grad():
             self.repeat.weight.copy_(torch.tensor([[1.0] + [0.0] * (REPEAT_FEATURES - 1)]))  # start: by count
@@ -138,7 +141,7 @@ class RepeatExploreModel(IdModel):
         rows = self.rows(items, "item")
         return rows, rows
 
-    def _user(self, batch: dict[str, torch.Tensor], hist_rows: torch.Tensor):
+    def _user(self, batch: dict[str, torch.Tensor], hist_rows: torch.Tensor, day: torch.Tensor | None):
         """φ_u (N, D), gate log-probabilities (log g, log(1 - g)) (N,), and the
         history's repeat logits log π (N, L) (-inf off the distinct valid positions)."""
         ur = self.rows(batch, "user")
@@ -148,7 +151,8 @@ class RepeatExploreModel(IdModel):
         pooled = h_emb.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
         phi = u + self.user_tower(torch.cat([u, pooled], -1))
         f, newest, _ = history_features(hist_rows)
-        r = self.repeat(f).squeeze(-1) + self.item_repeat(hist_rows.clamp(min=0)).squeeze(-1)
+        t = self.clock.features(hist_rows, None if day is None else day[:, None])
+        r = (self.repeat(f) + self.repeat_time(t)).squeeze(-1) + self.item_repeat(hist_rows.clamp(min=0)).squeeze(-1)
         r = r.masked_fill(~newest, NEG_INF)
         has = newest.any(1)
         log_pi = r - torch.logsumexp(r.masked_fill(~has.unsqueeze(1), 0.0), 1, keepdim=True)
@@ -202,8 +206,8 @@ class RepeatExploreModel(IdModel):
         matrices, the customer side computed once. The rows' ``event_day``
         (when present) dates the items' popularity and age."""
         hist_ids, hist_rows = self._hist(batch)
-        phi, log_g, log_1mg, log_pi = self._user(batch, hist_rows)
         day = batch.get("event_day")
+        phi, log_g, log_1mg, log_pi = self._user(batch, hist_rows, day)
         out = []
         for it in (items if isinstance(items, (list, tuple)) else [items]):
             ids, rows = self._items(it)
