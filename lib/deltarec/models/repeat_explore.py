@@ -117,7 +117,13 @@ class RepeatExploreModel(IdModel):
                   self.gate.weight, self.gate.bias, self.repeat_time.weight):
             nn.init.zeros_(p)
         with torch.no_grad():
-            self.repeat.weight.copy_(torch.tensor([[1.0] + [0.0] * (REPEAT_FEATURES - 1)]))  # start: by count
+            # Start where the simple rules are: past items by count, the rest by recent popularity (the
+            # explore score ~ log of the decayed purchases, spread over the half-lives), both nudged by
+            # it among past items. A small night has few steps to learn these from zero.
+            self.repeat.weight.copy_(torch.tensor([[1.0] + [0.0] * (REPEAT_FEATURES - 1)]))
+            K = len(self.clock.half_lives)
+            self.item_time.weight[0, :K] = 1.0 / K
+            self.repeat_time.weight[0, :K] = 0.5 / K
         if text:
             from .text import TextTower
 
