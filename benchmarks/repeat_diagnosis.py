@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     cfg = load_config(str(ROOT / "conf" / "local.yaml"), [f"demo.data_path={data_path}", *doc["overrides"],
                                                          f"lake.root={Path(args.lake) / 'incremental'}",
                                                          "demo.max_days=0"], environ={})
-    spark = build_spark(dataclasses.replace(cfg, spark=dataclasses.replace(
-        cfg.spark, conf={"spark.ui.showConsoleProgress": "false", **cfg.spark.conf})))
+    spark = build_spark(cfg.replace(spark=cfg.spark.replace(
+        conf={"spark.ui.showConsoleProgress": "false", **cfg.spark.conf})))
     spark.sparkContext.setLogLevel("ERROR")
     days, items, _ = demo_days(cfg)
     first = dt.date.fromisoformat(doc["history"][0])
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     # ids hashed as the lake's runs hashed them (the config file may have changed since)
     feat = {k: v for k, v in (runs[-1].config or {}).get("features", {}).items()
             if k in ("user_buckets", "item_buckets", "salt", "history_length")}
-    cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, **feat))
+    cfg = cfg.replace(features=cfg.features.replace(**feat))
     data = NQ.Interactions(spark, cfg, days)
     first_seen = dict(zip(items["item_id"].to_pylist(), items["first_seen"].to_pylist()))
     cat_hash = {r["item_id"]: r["h"] for r in spark.createDataFrame(items.select(["item_id"])).select(
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         catalog = np.array(sorted(i for i, f in first_seen.items() if f is not None and f < when), dtype=object)
         day = NQ.make_day(data, data.before(when + dt.timedelta(days=1), since=when), catalog, 10, night)
         cat_idx = torch.from_numpy(np.array([cat_hash[x] for x in catalog], dtype=np.int64))
-        model = NQ.load_model(relocated(run, Path(args.lake)))
+        model = NQ.cached_model(relocated(run, Path(args.lake)))
         pop = item_counts(data.item[data.before(when, since=when - dt.timedelta(days=7))], catalog)
         tie = 1e-3 * pop / max(pop.max(), 1)
         full = NQ.model_scores(model, day.users, cat_idx.numpy(), data, seen, H)

@@ -34,7 +34,9 @@ def spark():
     from deltarec.spark import build_spark
 
     cfg = make_config("/tmp/unused", "spark.master=local[2]")
-    session = build_spark(cfg)
+    # Where Delta's jars are configured the one session gets them (one SparkContext per
+    # process), so the delta-spark engine's tests can run in it (test_lake_contract.py).
+    session = build_spark(cfg, delta_jars=os.environ.get("DELTAREC_DELTA_JARS") or None)
     yield session
 
 

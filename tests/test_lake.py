@@ -1,4 +1,5 @@
-"""Lake engines on real Delta tables: change feed, replace-where, MERGE, ledger."""
+"""delta-rs specifics, the run ledger and engine choice, on real Delta tables.
+What every engine must do is in test_lake_contract.py."""
 import datetime as dt
 import os
 
@@ -6,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from deltarec.config import LakeConfig
-from deltarec.lake import ConcurrentRunError, open_lake, schemas
+from deltarec.lake import ConcurrentRunError, LakeError, open_lake, schemas
 from deltarec.lake.ledger import Ledger, RunRecord
 
 T0 = dt.datetime(2011, 1, 1, tzinfo=dt.timezone.utc)
@@ -45,27 +46,6 @@ def test_change_feed_gives_inserts_updates_and_deletes(rs_lake):
     assert sorted(r["event_id"] for r in rs_lake.read("behavior_events", version=0).collect()) == ["a", "b"]
 
 
-def test_replace_where_overwrites_only_that_run(rs_lake):
-    t = schemas.TRAINING_EXAMPLES
-
-    def ex(run, n):
-        return pa.table({
-            "run_id": [run] * n, "event_id": [f"{run}{i}" for i in range(n)], "user_id": ["u"] * n,
-            "item_id": ["i"] * n, "user_idx": pa.array([1] * n, pa.int64()), "item_idx": pa.array([2] * n, pa.int64()),
-            "label": pa.array([1.0] * n, pa.float32()), "weight": pa.array([1.0] * n, pa.float32()),
-            "event_time": pa.array([T0] * n, schemas.TS), "kind": ["event"] * n,
-            "history_ids": pa.array([[]] * n, pa.list_(pa.string())),
-            "history_idx": pa.array([[]] * n, pa.list_(pa.int64())), "holdout": [False] * n}, schema=t)
-
-    rs_lake.create("ex", t, partition_by=["run_id"])
-    for run, n in (("r1", 3), ("r2", 2), ("r1", 4)):  # r1 written twice: the rerun replaces it
-        rs_lake.write("ex", ex(run, n), mode="overwrite", replace_where=f"run_id = '{run}'", partition_by=["run_id"])
-    counts = {r: len(rs_lake.read_arrow("ex", filters=[("run_id", "=", r)])) for r in ("r1", "r2")}
-    assert counts == {"r1": 4, "r2": 2}
-    files = rs_lake.data_files("ex", {"run_id": "r2"})
-    assert files and all("run_id=r2" in f for f in files)
-
-
 def _record(first, last, run_id=None):
     return RunRecord(run_id=run_id or f"m-{first}-{last}", model="m", source_table="behavior_events",
                      source_first=first, source_last=last, checkpoint_path="/x", checkpoint_sha256="0" * 64,
@@ -91,35 +71,25 @@ def test_ledger_merge_rejects_same_start_twice(rs_lake):
     the watermark check was passed before the other commit landed."""
     ledger = Ledger(rs_lake)
     ledger.ensure()
-    rs_lake.merge("runs", Ledger._to_rows([_record(0, 3)]), on=["model", "source_first"], update=False)
-    res = rs_lake.merge("runs", Ledger._to_rows([_record(0, 3, "dup")]), on=["model", "source_first"], update=False)
+    rs_lake.merge("runs", Ledger.to_rows([_record(0, 3)]), on=["model", "source_first"], update=False)
+    res = rs_lake.merge("runs", Ledger.to_rows([_record(0, 3, "dup")]), on=["model", "source_first"], update=False)
     assert res["inserted"] == 0 and len(ledger.runs("m")) == 1
 
 
 DELTA_JARS = os.environ.get("DELTAREC_DELTA_JARS")
 
 
-@pytest.mark.skipif(not DELTA_JARS, reason="delta-spark engine needs the Delta Lake jars: set DELTAREC_DELTA_JARS "
-                    "to their paths (Maven Central is not reachable here, no PyPI package ships them)")
-def test_delta_spark_engine_reads_what_delta_rs_wrote(tmp_path):  # pragma: no cover - needs jars
-    from pyspark.sql import SparkSession
-
-    spark = (SparkSession.builder.master("local[1]").appName("delta-spark-test")
-             .config("spark.jars", DELTA_JARS)
-             .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-             .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-             .getOrCreate())
-    rs = open_lake(LakeConfig(root=str(tmp_path), engine="delta-rs"), spark)
-    rs.write("behavior_events", events(["a", "b"]), enable_cdf=True)
-    ds = open_lake(LakeConfig(root=str(tmp_path), engine="delta-spark"), spark)
-    assert ds.version("behavior_events") == 0
-    ds.write("behavior_events", events(["c"]))
-    assert sorted(r["event_id"] for r in ds.read_changes("behavior_events", 0, 1).collect()) == ["a", "b", "c"]
-    assert rs.version("behavior_events") == 1
+def test_auto_engine_is_the_one_this_session_can_run(spark, lake_root):
+    """``auto`` must pick delta-spark exactly when the session has Delta's jars:
+    in this run, when DELTAREC_DELTA_JARS gave them to the shared session
+    (conftest). Without a session there is no JVM to ask: delta-rs."""
+    expected = "delta-spark" if DELTA_JARS else "delta-rs"
+    assert open_lake(LakeConfig(root=str(lake_root), engine="auto"), spark).name == expected
+    assert open_lake(LakeConfig(root=str(lake_root), engine="auto"), None).name == "delta-rs"
 
 
-def test_auto_engine_without_delta_jars_is_delta_rs(spark, lake_root):
-    from deltarec.lake.delta_spark import delta_jvm_available
-
-    lake = open_lake(LakeConfig(root=str(lake_root), engine="auto"), spark)
-    assert lake.name == ("delta-spark" if delta_jvm_available(spark) else "delta-rs")
+@pytest.mark.skipif(bool(DELTA_JARS), reason="DELTAREC_DELTA_JARS gave this session Delta's jars: "
+                    "delta-spark starts, so its refusal cannot be seen here")
+def test_delta_spark_without_the_jars_refuses_to_start_and_says_what_to_do(spark, lake_root):
+    with pytest.raises(LakeError, match="Delta Lake jars are not on Spark's classpath.*lake.engine=delta-rs"):
+        open_lake(LakeConfig(root=str(lake_root), engine="delta-spark"), spark)

@@ -46,12 +46,10 @@ def steps(model, b, n=30, lr=0.05):
 
 
 def test_every_registered_model_is_a_config_choice():
-    from deltarec.config import ModelConfig
-    import dataclasses
+    from deltarec.config import explain
 
     build_model("ranking", **params("ranking"))  # imports every model module
-    choices = {f.name: f for f in dataclasses.fields(ModelConfig)}["name"].metadata["choices"]
-    assert set(MODELS) == set(model_names()) == set(choices)
+    assert set(MODELS) == set(model_names()) == set(explain("model.name").choices)
 
 
 @pytest.mark.parametrize("name", ["ranking", "sequential", "repeat_explore"])

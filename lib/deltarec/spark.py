@@ -11,13 +11,16 @@ if TYPE_CHECKING:
     from .config import Config
 
 
-def build_spark(cfg: "Config") -> "SparkSession":
+def build_spark(cfg: "Config", *, delta_jars: str | None = None) -> "SparkSession":
     """Get or create the session for ``cfg``.
 
     ``spark.master`` from config is applied only when set (``null`` keeps what
     spark-submit or the platform chose). With ``lake.engine=delta-spark`` the
     Delta SQL extension and catalog are configured; the jars themselves must
-    come from ``--packages``/``--jars`` or the platform.
+    come from ``--packages``/``--jars`` or the platform. ``delta_jars``
+    (comma-separated paths, as ``--jars`` takes them) puts Delta's jars on the
+    classpath and turns the extension on whatever the engine: the test
+    session, which serves both engines, gets them this way.
     """
     from pyspark.sql import SparkSession
 
@@ -35,10 +38,13 @@ def build_spark(cfg: "Config") -> "SparkSession":
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.ui.enabled": "false",
-        "spark.ui.showConsoleProgress": "true",
+        # Stage bars would interleave with our own progress and logs on the console.
+        "spark.ui.showConsoleProgress": "false",
         "spark.pyspark.python": sys.executable,
     }
-    if cfg.lake.engine == "delta-spark":
+    if delta_jars:
+        settings["spark.jars"] = delta_jars
+    if cfg.lake.engine == "delta-spark" or delta_jars:
         from .lake.delta_spark import DELTA_CATALOG, DELTA_EXTENSION
 
         settings["spark.sql.extensions"] = DELTA_EXTENSION

@@ -54,8 +54,6 @@ class Batch(dict):
         return Batch({k: v.pin_memory() for k, v in self.items()})
 
 
-Shard = Batch  # the name older callers use
-
 
 def _open(uri: str):
     if uri.startswith("file://"):

@@ -5,15 +5,17 @@ driver, which is the right trade on one machine.
 """
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from .engine import LakeEngine, LakeError, ConcurrentRunError, Data, plain_strings, to_arrow
 
-import json
-
-METADATA_KEY = "deltarec.metadata"  # custom commit metadata: one JSON string under this key
+# Commit metadata: one JSON string in the commit's userMetadata, where Delta's
+# own writers put it (delta-spark reads it back), so a lake can change engines.
+METADATA_KEY = "userMetadata"
+LEGACY_METADATA_KEY = "deltarec.metadata"  # lakes written before: read, never written
 LOOKUP_IN_LIST = 1000  # distinct key values up to which a lookup's scan filters with an IN list
 
 if TYPE_CHECKING:
@@ -88,7 +90,7 @@ class DeltaRsEngine(LakeEngine):
 
     def read_changes(self, table: str, first: int, last: int) -> "DataFrame":
         dt = self._table(table)
-        if first > last or last > dt.version():
+        if first < 0 or first > last or last > dt.version():
             raise LakeError(f"change feed of {table!r}: bad version range {first}..{last} (latest {dt.version()})")
         cdf = pa.RecordBatchReader.from_stream(dt.load_cdf(starting_version=first, ending_version=last)).read_all()
         return self._to_spark(plain_strings(cdf))
@@ -96,6 +98,9 @@ class DeltaRsEngine(LakeEngine):
     def data_files(self, table: str, partition: dict[str, str] | None = None) -> list[str]:
         filters = [(k, "=", v) for k, v in (partition or {}).items()] or None
         return self._table(table).file_uris(file_pruning_predicate=filters)
+
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        return self._table(table, version).file_uris()
 
     def history(self, table: str) -> list[dict[str, Any]]:
         return self._table(table).history()
@@ -145,7 +150,15 @@ class DeltaRsEngine(LakeEngine):
         return int(self._table(table).delete(predicate).get("num_deleted_rows", 0))
 
     def commit_metadata(self, table: str) -> list[tuple[int, dict[str, str]]]:
-        out = [(int(h["version"]), json.loads(h[METADATA_KEY])) for h in self.history(table) if METADATA_KEY in h]
+        out = []
+        for h in self.history(table):
+            raw = h.get(METADATA_KEY) or h.get(LEGACY_METADATA_KEY)
+            try:
+                meta = json.loads(raw) if raw else None
+            except ValueError:
+                meta = None  # someone else's free-text userMetadata
+            if isinstance(meta, dict):
+                out.append((int(h["version"]), meta))
         return sorted(out, key=lambda vm: vm[0])
 
     def scan(self, table: str, columns: list[str] | None = None, where: str | None = None,

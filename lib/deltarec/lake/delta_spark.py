@@ -18,13 +18,37 @@ DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 
 
+# Delta's commit conflicts (io.delta.exceptions.*). In Python they are siblings,
+# not subclasses of DeltaConcurrentModificationException: name each one.
+CONFLICTS = ("DeltaConcurrentModificationException", "ConcurrentWriteException", "MetadataChangedException",
+             "ProtocolChangedException", "ConcurrentAppendException", "ConcurrentDeleteReadException",
+             "ConcurrentDeleteDeleteException", "ConcurrentTransactionException")
+USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"  # the session conf MERGE records
+
+
 def delta_jvm_available(spark: "SparkSession") -> bool:
-    """True when the Delta Lake JVM classes are loadable in this session."""
+    """True when the Delta Lake JVM classes are loadable in this session.
+
+    Looked up through py4j's JVM view, which uses the context class loader:
+    jars from ``--packages``/``--jars``/``spark.jars`` live there, not in the
+    application class loader that ``Class.forName`` would ask."""
+    from py4j.java_gateway import JavaClass
+
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:  # Spark Connect: no gateway (not supported yet)
+        return False
     try:
-        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")  # type: ignore[union-attr]
-        return True
+        return isinstance(jvm.io.delta.tables.DeltaTable, JavaClass)
     except Exception:
         return False
+
+
+def conflict_classes() -> tuple[type, ...]:
+    """Delta's conflict exceptions as Python raises them (classic and Connect
+    clients both raise subclasses of these)."""
+    import delta.exceptions as dx
+
+    return tuple(getattr(dx, name) for name in CONFLICTS)
 
 
 class DeltaSparkEngine(LakeEngine):
@@ -43,6 +67,8 @@ class DeltaSparkEngine(LakeEngine):
     def _dt(self, table: str):
         from delta.tables import DeltaTable
 
+        if not self.exists(table):
+            raise LakeError(f"Delta table {table!r} does not exist at {self.uri(table)}")
         return DeltaTable.forPath(self.spark, self.uri(table))
 
     def exists(self, table: str) -> bool:
@@ -55,11 +81,18 @@ class DeltaSparkEngine(LakeEngine):
             return None
         return int(self._dt(table).history(1).select("version").first()[0])
 
-    def read(self, table: str, version: int | None = None) -> "DataFrame":
-        if not self.exists(table):
+    def _latest(self, table: str) -> int:
+        latest = self.version(table)
+        if latest is None:
             raise LakeError(f"Delta table {table!r} does not exist at {self.uri(table)}")
+        return latest
+
+    def read(self, table: str, version: int | None = None) -> "DataFrame":
+        latest = self._latest(table)
         reader = self.spark.read.format("delta")
         if version is not None:
+            if version < 0 or version > latest:  # Spark's own error would not say which versions exist
+                raise LakeError(f"table {table!r} has versions 0..{latest}, not {version}")
             reader = reader.option("versionAsOf", version)
         return reader.load(self.uri(table))
 
@@ -70,6 +103,9 @@ class DeltaSparkEngine(LakeEngine):
         return plain_strings(df.toArrow())
 
     def read_changes(self, table: str, first: int, last: int) -> "DataFrame":
+        latest = self._latest(table)
+        if first < 0 or first > last or last > latest:
+            raise LakeError(f"change feed of {table!r}: bad version range {first}..{last} (latest {latest})")
         return (
             self.spark.read.format("delta")
             .option("readChangeFeed", "true")
@@ -84,6 +120,9 @@ class DeltaSparkEngine(LakeEngine):
             df = df.where(df[k] == v)
         return sorted(df.inputFiles())
 
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        return sorted(self.read(table, version).inputFiles())
+
     def history(self, table: str) -> list[dict[str, Any]]:
         return [r.asDict(recursive=True) for r in self._dt(table).history().collect()]
 
@@ -92,7 +131,12 @@ class DeltaSparkEngine(LakeEngine):
             if schema is not None:
                 data = data.select(schema.names).cast(schema)
             return self.spark.createDataFrame(plain_strings(data))
-        return data.select(*schema.names) if schema is not None else data
+        if schema is None:
+            return data
+        from pyspark.sql import functions as F
+
+        want = self.spark.createDataFrame(plain_strings(schema.empty_table())).schema
+        return data.select(*[F.col(f.name).cast(f.dataType) for f in want])  # cast, as delta-rs does
 
     def create(self, table: str, schema: pa.Schema, partition_by: list[str] | None = None,
                enable_cdf: bool = False) -> None:
@@ -126,25 +170,23 @@ class DeltaSparkEngine(LakeEngine):
               commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
         import json
 
-        cond = " AND ".join(f"t.{c} = s.{c}" for c in on)
+        cond = " AND ".join(f"t.`{c}` = s.`{c}`" for c in on)
         builder = self._dt(table).alias("t").merge(self._to_df(data).alias("s"), cond)
         if update:
             builder = builder.whenMatchedUpdateAll()
-        key = "spark.databricks.delta.commitInfo.userMetadata"
         if commit_metadata:  # recorded as the commit's userMetadata; session-wide, so reset right after
-            self.spark.conf.set(key, json.dumps(commit_metadata))
+            self.spark.conf.set(USER_METADATA, json.dumps(commit_metadata))
         try:
-            builder.whenNotMatchedInsertAll().execute()
-        except Exception as e:  # io.delta.exceptions.ConcurrentAppendException et al.
-            if "Concurrent" in type(e).__name__ or "Concurrent" in str(e):
-                raise ConcurrentRunError(f"MERGE into {table!r} lost to a concurrent commit: {e}") from e
-            raise
+            # Delta 4.x returns this MERGE's own counts (history(1) could be another writer's commit).
+            counts = builder.whenNotMatchedInsertAll().execute().first()
+        except conflict_classes() as e:
+            raise ConcurrentRunError(f"MERGE into {table!r} lost to a concurrent commit: {e}") from e
         finally:
             if commit_metadata:
-                self.spark.conf.unset(key)
-        metrics = self._dt(table).history(1).select("operationMetrics").first()[0] or {}
-        return {"inserted": int(metrics.get("numTargetRowsInserted", 0)),
-                "updated": int(metrics.get("numTargetRowsUpdated", 0))}
+                self.spark.conf.unset(USER_METADATA)
+        # No row: Delta skipped the MERGE as already applied (an idempotent txnAppId/txnVersion retry).
+        return {"inserted": int(counts["num_inserted_rows"]) if counts else 0,
+                "updated": int(counts["num_updated_rows"]) if counts else 0}
 
     def commit_metadata(self, table: str) -> list[tuple[int, dict[str, str]]]:
         import json
@@ -152,7 +194,7 @@ class DeltaSparkEngine(LakeEngine):
         rows = self._dt(table).history().select("version", "userMetadata").collect()
         out = []
         for r in rows:
-            try:
+            try:  # delta-rs writes the same commitInfo.userMetadata (see delta_rs.METADATA_KEY)
                 meta = json.loads(r["userMetadata"]) if r["userMetadata"] else None
             except ValueError:
                 meta = None  # someone else's free-text userMetadata
@@ -168,19 +210,22 @@ class DeltaSparkEngine(LakeEngine):
         return df.select(*columns) if columns else df
 
     def delete(self, table: str, predicate: str) -> int:
-        self._dt(table).delete(predicate)
-        metrics = self._dt(table).history(1).select("operationMetrics").first()[0] or {}
-        return int(metrics.get("numDeletedRows", 0))
+        # SQL DELETE returns this commit's own count; DeltaTable.delete() returns None.
+        self._dt(table)  # a clear error when the table is missing
+        path = self.uri(table).replace("`", "``")
+        try:
+            n = self.spark.sql(f"DELETE FROM delta.`{path}` WHERE {predicate}").first()
+        except conflict_classes() as e:
+            raise ConcurrentRunError(f"DELETE from {table!r} lost to a concurrent commit: {e}") from e
+        return int(n["num_affected_rows"]) if n else 0
 
 
 def _filter_expr(col: str, op: str, value: Any):
     from pyspark.sql import functions as F
 
     c = F.col(col)
-    ops = {"=": c == value, "==": c == value, "!=": c != value, ">": c > value,
-           ">=": c >= value, "<": c < value, "<=": c <= value}
-    if op == "in":
-        return c.isin(list(value))
+    ops = {"=": c.__eq__, "==": c.__eq__, "!=": c.__ne__, ">": c.__gt__, ">=": c.__ge__, "<": c.__lt__,
+           "<=": c.__le__, "in": lambda v: c.isin(list(v))}
     if op not in ops:
-        raise LakeError(f"unsupported filter operator {op!r}")
-    return ops[op]
+        raise LakeError(f"unsupported filter operator {op!r} (use one of {sorted(ops)})")
+    return ops[op](value)

@@ -71,7 +71,13 @@ class LakeEngine(abc.ABC):
         """Parquet files of the current snapshot (of one partition): what workers read."""
 
     @abc.abstractmethod
-    def history(self, table: str) -> list[dict[str, Any]]: ...
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        """Data files of ``table`` as of ``version`` (time travel): what a run read then."""
+
+    @abc.abstractmethod
+    def history(self, table: str) -> list[dict[str, Any]]:
+        """The table's commits, newest first: dicts with at least ``version``,
+        ``timestamp`` and ``operation`` (WRITE, MERGE, DELETE, ...)."""
 
     # ------------------------------------------------------------ writes
     @abc.abstractmethod
@@ -112,7 +118,11 @@ class LakeEngine(abc.ABC):
     def scan(self, table: str, columns: list[str] | None = None, where: str | None = None,
              version: int | None = None) -> "DataFrame":
         """Only ``columns`` of the rows matching the SQL predicate ``where``, as a
-        Spark DataFrame: lets a job read a slice of a growing table cheaply."""
+        Spark DataFrame: lets a job read a slice of a growing table cheaply.
+        Predicates (here, in ``delete`` and ``replace_where``) are read by each
+        engine's own SQL (DataFusion, Spark): keep to what both read alike, i.e.
+        bare column names, 'single-quoted' strings, numbers, comparisons, IN,
+        AND/OR/NOT, IS [NOT] NULL."""
 
     def lookup(self, table: str, keys: pa.Table, columns: list[str] | None = None, where: str | None = None,
                version: int | None = None) -> pa.Table:
@@ -126,13 +136,19 @@ class LakeEngine(abc.ABC):
         names = keys.column_names
         df = self.scan(table, None, where, version)
         cols = columns or df.columns
+        missing = [n for n in [*names, *cols] if n not in df.columns]
+        if missing:
+            raise LakeError(f"lookup in {table!r}: no column(s) {missing} (it has {df.columns})")
         if keys.num_rows == 0:
             return plain_strings(df.select(*cols).limit(0).toArrow())
         k = self._require_spark().createDataFrame(plain_strings(keys)).distinct()
         return plain_strings(df.join(F.broadcast(k), names, "left_semi").select(*cols).toArrow())
 
     @abc.abstractmethod
-    def delete(self, table: str, predicate: str) -> int: ...
+    def delete(self, table: str, predicate: str) -> int:
+        """Delete the rows matching the SQL ``predicate``; returns how many went
+        (delta-spark: -1 when Delta dropped whole files whose row counts it did
+        not know)."""
 
 
 def _normalise_root(root: str) -> str:

@@ -176,7 +176,7 @@ class Ledger:
         if record.status == CHAMPION and current is not None:
             rows.append(self._restatus(current, RETIRED, f"superseded by {record.run_id}",
                                        record.status_by, now))
-        result = self.lake.merge(self.table, self._to_rows(rows), on=["model", "source_first"],
+        result = self.lake.merge(self.table, self.to_rows(rows), on=["model", "source_first"],
                                  update=len(rows) > 1)
         if result["inserted"] != 1 or result["updated"] != len(rows) - 1:
             raise ConcurrentRunError(
@@ -201,7 +201,7 @@ class Ledger:
         rows = [self._restatus(new, CHAMPION, reason, by, now)]
         if old is not None:
             rows.append(self._restatus(old, RETIRED, f"{verb} by {by}: {reason}", by, now))
-        result = self.lake.merge(self.table, self._to_rows(rows), on=["model", "source_first"], update=True)
+        result = self.lake.merge(self.table, self.to_rows(rows), on=["model", "source_first"], update=True)
         if result["inserted"] or result["updated"] != len(rows):
             raise ConcurrentRunError(f"changing the champion of {model!r} to {run_id!r}: MERGE inserted "
                                      f"{result['inserted']} and updated {result['updated']} rows, expected "
@@ -216,7 +216,8 @@ class Ledger:
 
     # ------------------------------------------------------------ rows
     @staticmethod
-    def _to_rows(records: list[RunRecord]) -> pa.Table:
+    def to_rows(records: list[RunRecord]) -> pa.Table:
+        """``records`` as rows of the runs table (what ``commit`` MERGEs)."""
         rows = []
         for r in records:
             d = asdict(r)

