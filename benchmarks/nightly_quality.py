@@ -169,9 +169,9 @@ def accepted_positives(cfg, events_df):
                .withColumn("_commit_version", F.lit(0).cast("long"))
                .withColumn("_commit_timestamp", F.current_timestamp()))
     ok = validate(changes, cfg.validation, "benchmark").accepted
-    ok = ok.where(F.col("event_type").isin(*positive_types(cfg)))
-    # a rating below features.rating_threshold is an explicit negative (features/examples.py), not a purchase
-    ok = ok.where((F.col("event_type") != "rating") | (F.col("rating") >= F.lit(cfg.features.rating_threshold)))
+    # as features/examples.py labels them: a positive event type, or a rating >= features.rating_threshold
+    ok = ok.where(F.col("event_type").isin(*positive_types(cfg))
+                  | ((F.col("event_type") == "rating") & (F.col("rating") >= F.lit(cfg.features.rating_threshold))))
     return with_indices(ok, cfg.features)
 
 
@@ -385,7 +385,7 @@ def trend_source(args, tmp: Path) -> list[str]:
 
     path = tmp / "trends.parquet"
     pq.write_table(generate_trends(n_users=args.trend_users, n_items=args.trend_items, n_days=args.trend_days,
-                                   seed=args.seed), path)
+                                   seed=args.seed, events_per_day=args.trend_events), path)
     cols = [f"demo.columns.{k}={'null' if v is None else v}" for k, v in TREND_COLUMNS.items()]
     return [f"demo.data_path={path}", *cols]
 
@@ -414,6 +414,7 @@ def parse_args(argv=None):
     ap.add_argument("--trend-users", type=int, default=2000)
     ap.add_argument("--trend-items", type=int, default=600)
     ap.add_argument("--trend-days", type=int, default=60)
+    ap.add_argument("--trend-events", type=int, default=1500, help="ratings per day of the trend data")
     args = ap.parse_args(argv)
     args.nights = args.nights or (3 if args.quick else 14)
     if args.history_days is None:
