@@ -115,7 +115,17 @@ def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS, drop_hol
         offset += n
     if not tables:
         return pa.table({c: pa.array([], _empty_type(c)) for c in columns})
-    return pa.concat_tables(tables)
+    # replay files (pipeline/inputs.py) may store event_time as another timestamp unit / zone: one type
+    return pa.concat_tables([_same_time(t) for t in tables])
+
+
+def _same_time(t: pa.Table) -> pa.Table:
+    if "event_time" not in t.column_names or t.schema.field("event_time").type == pa.timestamp("us", "UTC"):
+        return t
+    col = t["event_time"]
+    if col.type.tz is None:  # naive times are UTC in the lake
+        col = pc.assume_timezone(col, "UTC")
+    return t.set_column(t.column_names.index("event_time"), "event_time", pc.cast(col, pa.timestamp("us", "UTC")))
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:
