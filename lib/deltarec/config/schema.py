@@ -300,9 +300,19 @@ class ForgettingConfig(Section):
 class TrainConfig(Section):
     """Distributed training of one night's model."""
 
-    backend: Literal["horovod", "torch", "local"] = Field("horovod", description=(
+    backend: Literal["auto", "horovod", "torch", "local"] = Field("auto", description=(
+        "auto: local below auto_min_examples examples to train tonight, the distributed backend above; "
         "horovod: Horovod over Gloo (NCCL on GPU); torch: torch.distributed; both on the executors or as "
-        "local processes, see launcher; local: one process, no collective."))
+        "local processes, see launcher; local: one process in the driver, no collective."))
+    distributed: Literal["horovod", "torch"] = Field("horovod", description=(
+        "The backend auto picks for a night of at least auto_min_examples examples."))
+    auto_min_examples: int = Field(2_000_000, ge=0, description=(
+        "backend=auto: the night's examples (tonight's, replay and, on a full retrain, all history) from "
+        "which the distributed backend pays for its launch and exchange. Measured with "
+        "benchmarks/train_throughput.py on the 2-core machine (2026-11-30): 2 workers ran at 0.36-0.66x "
+        "one worker at 60k examples, and at 0.05x one whole night with the launch, so no size measured "
+        "there pays; 2M is above every night of the demo. On a machine with a core (or GPU) per worker "
+        "measure it there and lower it. 0: always distributed."))
     launcher: Literal["spark", "processes"] = Field("spark", description=(
         "horovod and torch: spark runs the ranks on the executors (horovod.spark.run, TorchDistributor), "
         "processes as local processes on this machine, without Spark, started once and kept warm for the "
@@ -419,6 +429,127 @@ class MlflowConfig(Section):
         "Registered model name. null: deltarec-<model.name>."))
 
 
+class RecommendConfig(Section):
+    """The recommendations table (pipeline/recommend.py): each user's top k from
+    the champion, rewritten after every nightly commit and every registry
+    promote / rollback. Days count back from the newest event in the lake (the
+    data's clock, so replayed history works), not from the wall clock."""
+
+    enabled: bool = Field(True, description=(
+        "true: refresh the table after each nightly commit, and after promote / rollback where one exists."))
+    table: str = Field("recommendations", min_length=1, description=(
+        "Delta table of the recommendations (under lake.root)."))
+    k: int = Field(10, ge=1, description="Items stored per user.")
+    max_k: int = Field(100, ge=1, description=(
+        "Largest k a caller may ask for (serve, recommend --k); beyond k the model scores live. Also the depth of "
+        "the popularity list stored for users the table does not know."))
+    active_days: int = Field(0, ge=0, description=(
+        "0: every user with state. N: only users seen in the last N days."))
+    catalog_days: int = Field(90, ge=0, description=(
+        "Items seen in the last N days may be recommended (a retailer's current range); 0: every item ever seen."))
+    exclude: str = Field("none", description=(
+        "Items kept from a user: none (repeat purchases are the signal in retail), purchased (the stored history) "
+        "or last-N (its newest N items)."))
+    popularity_days: int = Field(7, ge=0, description=(
+        "Window of the popularity list given to users without history and to unknown users."))
+    partitions: int = Field(0, ge=0, description="Spark tasks that score; 0: one per executor core.")
+    block_pairs: int = Field(16384, ge=1, description=(
+        "User x bucket scores per block inside a task. Small blocks stay in cache: 1,000 Online Retail users "
+        "scored in 4 s with 16384, 6.6-8 s with 262144 (benchmarks/README.md)."))
+
+    @model_validator(mode="after")
+    def _depth(self):
+        if not re.fullmatch(r"none|purchased|last-[1-9][0-9]*", self.exclude):
+            raise invalid("exclude", self.exclude, "must be none, purchased or last-N with N >= 1 (e.g. last-5)")
+        if self.max_k < self.k:
+            raise invalid("max_k", self.max_k, f"must be >= recommend.k ({self.k})")
+        return self
+
+
+class ServeConfig(Section):
+    """``deltarec serve``: HTTP on the recommendations table and the champion."""
+
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "Bind address. 127.0.0.1 (loopback) by default: exposing it is a deliberate choice."))
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the server listens on (--port overrides it).")
+    poll_seconds: float = Field(5.0, gt=0, description=(
+        "How often the ledger and the table are read for a new champion or table version."))
+    max_items: int = Field(500, ge=1, description="Most item ids one POST /score may send.")
+
+
+def check_retention(section: Section, name: str) -> None:
+    """VACUUM below Delta's 7 days only when asked for on purpose."""
+    if section.retention_hours < 168 and section.enforce_retention:
+        raise invalid("retention_hours", section.retention_hours, "is below Delta's 7-day retention check "
+                      f"(168 hours), which VACUUM would refuse; set {name}.enforce_retention=false to allow it "
+                      "on purpose")
+
+
+class MaintainConfig(Section):
+    """Lake upkeep (``deltarec maintain``): OPTIMIZE of the tables deltarec
+    grows by small appends and MERGEs, VACUUM of their unreferenced files,
+    removal of checkpoint attempts no run committed."""
+
+    retention_hours: int = Field(168, ge=0, description=(
+        "VACUUM keeps files removed less than this many hours ago (readers time-travelling that far still "
+        "work), and uncommitted checkpoint attempts younger than this stay (a night may be writing one). 168: "
+        "Delta's own 7 days; below that only with enforce_retention=false."))
+    enforce_retention: bool = Field(True, description=(
+        "Delta's retention check on VACUUM. false: retention_hours may be below 168 (0 in tests, or when "
+        "nothing time-travels and no night runs during maintain)."))
+    every_nights: int = Field(0, ge=0, description=(
+        "Run maintain at the end of every Nth committed night (after the commit; a failure is logged, the "
+        "night stands). 0: only when `deltarec maintain` is run."))
+
+    @model_validator(mode="after")
+    def _retention(self):
+        check_retention(self, "maintain")
+        return self
+
+
+class PrivacyConfig(Section):
+    """The right to be forgotten (``deltarec forget``, privacy/): a request
+    erases a user from every derived table, the model and its retained
+    checkpoints; the files go ``retention_hours`` after the erasure."""
+
+    requests_table: str = Field("forget_requests", description=(
+        "The forget request queue (user_id, requested_at, requested_by, reason, request_id); upstream "
+        "systems may append to it."))
+    log_table: str = Field("forget_log", description=(
+        "The proof: one row per request with a salted hash of the user (never the id), times, rows removed "
+        "per table, checkpoints rewritten, files vacuumed."))
+    retention_hours: int = Field(168, ge=0, description=(
+        "Hours between a batch's erasure and its VACUUM (and log expiry). 168: Delta's own 7 days; below "
+        "that only with enforce_retention=false."))
+    enforce_retention: bool = Field(True, description=(
+        "Delta's retention check on VACUUM. false: retention_hours may be below 168 (0 in tests)."))
+    keep_checkpoints: int = Field(-1, ge=-1, description=(
+        "-1: every retained checkpoint is rewritten without the users. N >= 0: keep (rewritten) the champion, "
+        "the first run and the N newest others; delete the rest."))
+    unlearning: Literal["rows", "retrain"] = Field("rows", description=(
+        "rows: reset (or re-train from the other users) the users' rows in each checkpoint. retrain: that, and "
+        "the next night is a full retrain over the erased examples (exact unlearning)."))
+    retrain_epochs: int = Field(3, ge=0, description=(
+        "Epochs over the remaining users' examples when a hashed row the user shared is re-trained. 0: reset only."))
+    pseudonymize: bool = Field(False, description=(
+        "true: derived tables and the model hold HMAC-SHA256(secret, user_id), not the id; the secret comes "
+        "from secret_env or secret_file."))
+    secret_env: str = Field("DELTAREC_PRIVACY_SECRET", min_length=1, description=(
+        "Environment variable holding the pseudonym secret (never put the secret itself in a config)."))
+    secret_file: str | None = Field(None, description="A file holding the pseudonym secret instead. null: none.")
+    deadline_days: int = Field(30, ge=1, description=(
+        "deltarec forget --status flags (exit 1) requests pending longer than this."))
+    erase_source: bool = Field(True, description=(
+        "true: a forget also deletes the user's rows from lake.events_table (the demo's source lives in the "
+        "lake). false: its owner erases them there; the night drops them as they come."))
+    extra_tables: list[str] = Field([], description="More tables with a user_id column to erase users from.")
+
+    @model_validator(mode="after")
+    def _retention(self):
+        check_retention(self, "privacy")
+        return self
+
+
 class Config(Section):
     """The whole config tree."""
 
@@ -434,6 +565,10 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description=MlflowConfig.__doc__)
+    recommend: RecommendConfig = Field(default_factory=RecommendConfig, description=RecommendConfig.__doc__)
+    serve: ServeConfig = Field(default_factory=ServeConfig, description=ServeConfig.__doc__)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description=PrivacyConfig.__doc__)
+    maintain: MaintainConfig = Field(default_factory=MaintainConfig, description=MaintainConfig.__doc__)
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
