@@ -248,9 +248,9 @@ class ModelConfig(Section):
         "ranking: embeddings + MLP with an additive repeat term; sequential: SASRec-style causal transformer "
         "over the user's recent items; repeat_explore: a learned per-customer gate between re-buying from the "
         "history (time-decayed frequencies) and a two-tower explore score with the items' recent popularity "
-        "and age. ranking stays the default: repeat_explore with dynamic ids and sampled_softmax scored 0.208 "
-        "NDCG@10 vs ranking's 0.191 on one loaded-machine Online Retail night (94 customers), below personal "
-        "(0.227) either way; too little to switch (benchmarks/README.md, #17)."))
+        "and age. ranking stays the default for now: repeat_explore with dynamic ids and sampled_softmax scored "
+        "0.188 NDCG@10 (incremental) vs ranking's 0.174 over 3 loaded-machine Online Retail nights, both below "
+        "personal (0.220); not yet the 14-night run that decides (benchmarks/README.md, #17)."))
     embedding: Literal["hashed", "dynamic"] = Field("hashed", description=(
         "hashed: ids hashed into features.*_buckets rows; dynamic: a vocabulary that grows (admission) "
         "and forgets (eviction), see model.vocab."))
