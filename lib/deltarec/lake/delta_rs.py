@@ -96,8 +96,9 @@ class DeltaRsEngine(LakeEngine):
         return self._to_spark(plain_strings(cdf))
 
     def data_files(self, table: str, partition: dict[str, str] | None = None) -> list[str]:
-        filters = [(k, "=", v) for k, v in (partition or {}).items()] or None
-        return self._table(table).file_uris(file_pruning_predicate=filters)
+        from .delta_log import add_files
+
+        return add_files(self.uri(table), partition, table=table)
 
     def history(self, table: str) -> list[dict[str, Any]]:
         return self._table(table).history()
