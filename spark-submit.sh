@@ -73,6 +73,12 @@ tmpzip="$(mktemp "$ROOT/build/.deltarec.XXXXXX.zip")"; rm -f "$tmpzip"
 cmd=("$SUBMIT")
 [ -n "$master" ] && cmd+=(--master "$master")
 cmd+=(--py-files "$ROOT/build/deltarec.zip" --conf "spark.pyspark.python=$PY")
+# --py-files reaches an executor's Python workers through their sys.path only, not
+# their environment, so the processes a training backend starts from them (horovod's
+# ranks, TorchDistributor's torchrun) would import whatever deltarec the machine has
+# installed, or none. Executors keep shipped files in their working directory, where
+# those processes start: a relative entry (made absolute by Python at start) finds it.
+cmd+=(--conf "spark.executorEnv.PYTHONPATH=deltarec.zip")
 # The driver JVM starts before the job's config is read: memory and log level go here.
 cmd+=(--driver-memory "$(cfg_get spark.driver_memory)"
       --driver-java-options "-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties")

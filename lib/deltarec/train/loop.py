@@ -32,6 +32,7 @@ import torch
 from ..data.shards import Batch, columns_for, read_shard, to_shard
 from ..models import build_model
 from .checkpoint import load_checkpoint, save_checkpoint
+from .placement import worker_placement
 from .optim import LazyAdam, clip_grad_norm
 from .regularizers import FISHER_FILE, Anchor, distillation, ewc_penalty, fisher_diagonal, fisher_from_bytes, \
     fisher_to_bytes, proximal_penalty
@@ -533,7 +534,8 @@ def train_worker(spec: TrainSpec, collective, shard=None) -> dict[str, Any]:
             "loss_sum": float(loss_acc), "device": str(device),
             "comm": getattr(collective, "backend", collective.name),
             # this worker process's peak resident memory (Linux reports KiB), for cost benchmarks
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **worker_placement()}  # host, pid, Spark executor: where this rank ran
     ranks = collective.allgather_object(mine)
     result: dict[str, Any] = {"ranks": ranks, "steps": steps * spec.epochs, "world_size": world,
                               "resumed_from": resumed_from, "val_history": state["val_history"],
