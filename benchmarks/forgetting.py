@@ -10,7 +10,9 @@ variant's model is scored on
 - backward: the positives of the first H days (what it learned first), and
 - forward: the positives of the next day (not trained on by any variant),
 
-as HR@K / NDCG@K over the whole catalogue (evaluation/prequential.py).
+as HR@K / NDCG@K over the whole catalogue (evaluation/prequential.py), each
+user scored with their history before the scored rows (the ranking model's
+repeat term reads it), as the nightly prequential step does.
 
     .venv/bin/python benchmarks/forgetting.py [--quick] [--nights K] [--history-days H]
 
@@ -61,12 +63,13 @@ def main() -> None:
     from pyspark.sql import functions as F
 
     from deltarec.config import load_config
-    from deltarec.evaluation.prequential import evaluate
-    from deltarec.features.examples import catalog
+    from deltarec.evaluation.prequential import catalog_indices, evaluate, user_histories
     from deltarec.lake import open_lake
     from deltarec.pipeline.demo import append_day, demo_days
-    from deltarec.pipeline.nightly import _model_params, run_nightly
+    from deltarec.pipeline.nightly import run_nightly
+    from deltarec.pipeline.training import history_length, model_params
     from deltarec.spark import build_spark
+    from deltarec.train.checkpoint import load_model
     from deltarec.train.collective import LocalCollective
     from deltarec.train.loop import TrainSpec, train_worker
 
@@ -96,28 +99,36 @@ def main() -> None:
         append_day(lake, cfg, ev, items)
         runs.append(run_nightly(spark, cfg, lake=lake))
     prep_seconds = time.perf_counter() - t0
-    L = cfg.lake
+    tables = cfg.lake
 
-    def positives(run_id: str):
-        df = lake.read(L.examples_table).where((F.col("run_id") == run_id) & (F.col("label") == 1))
+    width = max(history_length(cfg), 1)
+
+    def positives(run_id: str, users=None):
+        """(users, items, histories) of a run's positive events: each user's
+        history before their first scored row, as the nightly prequential
+        step gives the model (the repeat term reads it)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        df = lake.read(tables.examples_table).where((F.col("run_id") == run_id) & (F.col("label") == 1))
         if "kind" in df.columns:
             df = df.where(F.col("kind") == "event")
-        t = df.select("user_idx", "item_idx").toArrow()
-        return t["user_idx"].to_numpy(), t["item_idx"].to_numpy()
+        t = df.select("user_idx", "item_idx", "event_time", "history_idx", "event_id").toArrow()
+        if users is not None:
+            t = t.filter(pc.is_in(t["user_idx"], pa.array(users)))
+        return t["user_idx"].to_numpy(), t["item_idx"].to_numpy(), user_histories(t, width)
 
-    old_u, old_i = positives(runs[0].run_id)
+    first_users = np.unique(positives(runs[0].run_id)[0])
     rng = np.random.default_rng(a.seed)
-    keep_users = rng.choice(np.unique(old_u), size=min(800, len(np.unique(old_u))), replace=False)
-    mask = np.isin(old_u, keep_users)
-    old_u, old_i = old_u[mask], old_i[mask]
-    next_u, next_i = positives(runs[-1].run_id)
-    cat = np.unique(catalog(lake.read(L.items_table), cfg.features).select("item_idx").toArrow()["item_idx"]
-                    .to_numpy())
+    keep_users = rng.choice(first_users, size=min(800, len(first_users)), replace=False)
+    old_u, old_i, old_h = positives(runs[0].run_id, keep_users)
+    next_u, next_i, next_h = positives(runs[-1].run_id)
+    cat = catalog_indices(lake.read(tables.items_table), cfg.features)
     k = cfg.eval.k
-    T = cfg.train
+    train = cfg.train
     base_ck = runs[0].checkpoint
     replay_dir = Path(root) / "replay"
-    run_files = {r.run_id: lake.data_files(L.examples_table, {"run_id": r.run_id}) for r in runs}
+    run_files = {r.run_id: lake.data_files(tables.examples_table, {"run_id": r.run_id}) for r in runs}
     spark.stop()  # the rest is torch only: give the JVM's memory back
 
     def plain(f: str) -> str:
@@ -137,14 +148,9 @@ def main() -> None:
         pq.write_table(t.take(pa.array(pick)), out / "replay.parquet")
         return [str(out / "replay.parquet")]
 
-    def load(path):
-        from deltarec.models import build_model
-        from deltarec.train.checkpoint import load_checkpoint
-
-        ck = load_checkpoint(path)
-        m = build_model(ck.meta["model"], **ck.meta["model_params"])
-        m.load_state_dict(ck.model_state)
-        return m
+    def scored(model) -> dict:
+        return {"backward": evaluate({"m": model}, None, old_u, old_i, cat, k, histories=old_h)["m"],
+                "next_day": evaluate({"m": model}, None, next_u, next_i, cat, k, histories=next_h)["m"]}
 
     results = {}
     for name, ctl in VARIANTS.items():
@@ -159,22 +165,17 @@ def main() -> None:
                                       replay_dir / name.replace(" ", "_") / run.run_id)
             spec = TrainSpec(
                 run_id=f"{name}-{n}", files=files, replay_files=replay, model_name=cfg.model.name,
-                model_params=_model_params(cfg), optimizer=T.optimizer, lr=T.lr, weight_decay=T.weight_decay,
-                batch_size=T.batch_size, epochs=T.epochs, seed=T.seed + n,
+                model_params=model_params(cfg), optimizer=train.optimizer, lr=train.lr, weight_decay=train.weight_decay,
+                batch_size=train.batch_size, epochs=train.epochs, seed=train.seed + n,
                 checkpoint_dir=str(Path(root) / "ck" / name.replace(" ", "_") / str(n)),
+                history_length=history_length(cfg),
                 parent_path=parent["path"], parent_sha256=parent["sha256"], progress=False,
                 proximal=ctl.get("proximal", 0.0), ewc=ctl.get("ewc", 0.0), distill=ctl.get("distill", 0.0),
                 fisher_batches=16 if ctl.get("ewc") else 0)
             parent = train_worker(spec, LocalCollective())["checkpoint"]
-        model = load(parent["path"])
-        back = evaluate({"m": model}, None, old_u, old_i, cat, k)["m"]
-        fwd = evaluate({"m": model}, None, next_u, next_i, cat, k)["m"]
-        results[name] = {"backward": back, "next_day": fwd, "seconds": round(time.perf_counter() - tv, 1)}
+        results[name] = {**scored(load_model(parent)), "seconds": round(time.perf_counter() - tv, 1)}
         print(f"  {name}: done in {results[name]['seconds']} s", flush=True)
-    first = load(base_ck["path"])
-    results["(first model, no updates)"] = {"backward": evaluate({"m": first}, None, old_u, old_i, cat, k)["m"],
-                                            "next_day": evaluate({"m": first}, None, next_u, next_i, cat, k)["m"],
-                                            "seconds": 0.0}
+    results["(first model, no updates)"] = {**scored(load_model(base_ck)), "seconds": 0.0}
     print()
     print(f"after K={K} nightly increments (ranking model, hashed ids, {a.epochs} epochs/night); "
           f"HR@{k} / NDCG@{k} over {len(cat)} items")

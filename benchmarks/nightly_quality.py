@@ -23,7 +23,9 @@ Scoring is identical for all: the same users (every customer with a purchase on
 D_i+1), the same catalogue (items first seen before D_i+1), HR@k / NDCG@k of
 each strategy's top k over the whole catalogue, and AUC of the day's purchases
 against the same sampled negatives. Cost per strategy and night: wall seconds,
-examples processed and peak resident memory of the training processes.
+examples processed, seconds per stage (from the run's ``metrics["stages"]``)
+and peak resident memory of the driver, the Spark JVM and training workers,
+measured alike for every strategy.
 
 Writes ``nightly_quality.{json,md,png}`` to ``--out`` (default
 benchmarks/results). The last line printed is the goal check.
@@ -40,7 +42,6 @@ import shutil
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,42 @@ def reset_peak(pid: int | str = "self") -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def jvm_pid() -> int | None:
+    """The Spark JVM this driver launched: a child process running java."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if comm == "java" and int(rest[1]) == me:
+            return int(entry)
+    return None
+
+
+class Memory:
+    """Peak resident memory of the driver (this Python process: the local
+    training backend, the count baselines, and everything it already holds),
+    of the Spark JVM (the delta job, ALS) and of training worker processes,
+    over one step: the same measure (VmHWM after a reset) for every strategy."""
+
+    def __init__(self, jvm: int | None):
+        self.jvm = jvm
+
+    def start(self) -> None:
+        reset_peak()
+        if self.jvm is not None:
+            reset_peak(self.jvm)
+
+    def read(self, workers: list[float] | None = None) -> dict[str, float | None]:
+        return {"driver_peak_mb": peak_mb(), "jvm_peak_mb": peak_mb(self.jvm) if self.jvm is not None else None,
+                "workers_peak_mb": max(workers) if workers else None}
 
 
 def peak_mb(pid: int | str = "self") -> float | None:
@@ -168,19 +205,14 @@ def ledger_runs(cfg, lake):
 _MODELS: dict[str, Any] = {}
 
 
-def load_model(run):
-    """The torch model of a committed run (cached by run id)."""
-    if run.run_id + run.checkpoint_path in _MODELS:
-        return _MODELS[run.run_id + run.checkpoint_path]
-    from deltarec.models import build_model
-    from deltarec.train.checkpoint import load_checkpoint
+def cached_model(run):
+    """The torch model of a committed run (``train.checkpoint.load_model``, cached by run and path)."""
+    from deltarec.train.checkpoint import load_model
 
-    ck = load_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
-    m = build_model(ck.meta["model"], **ck.meta["model_params"])
-    m.load_state_dict(ck.model_state)
-    m.eval()
-    _MODELS[run.run_id + run.checkpoint_path] = m
-    return m
+    key = run.run_id + run.checkpoint_path
+    if key not in _MODELS:
+        _MODELS[key] = load_model(run)
+    return _MODELS[key]
 
 
 def user_histories(data: Interactions, mask: np.ndarray, users: np.ndarray, length: int) -> np.ndarray:
@@ -346,7 +378,9 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     spark = build_spark(cfg.replace(spark=cfg.spark.replace(
         conf={"spark.ui.showConsoleProgress": "false", **cfg.spark.conf})))
     spark.sparkContext.setLogLevel("ERROR")
-    jvm_pid = int(spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid())
+    memory = Memory(jvm_pid())
+    if memory.jvm is None:
+        log("no Spark JVM found among this process's children: JVM memory is not measured")
 
     days, items, what = demo_days(cfg)
     n_hist = args.history_days or len(days) - args.nights - 1
@@ -378,7 +412,7 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     append_day(lakes["incremental"], cfgs["incremental"], history, items)
     load_seconds = time.perf_counter() - t
     first: dict[str, Any] = {"load_seconds": round(load_seconds, 1)}
-    rec = run_pipeline(run_nightly, spark, cfgs["incremental"], lakes["incremental"], jvm_pid)
+    rec = run_pipeline(run_nightly, spark, cfgs["incremental"], lakes["incremental"], memory)
     first["incremental"] = first["full_retrain"] = rec
     log(f"first training: {rec['seconds']:.0f}s, {rec['examples']} examples")
     # Both lineages start from the same first run (strategy full over the same commit, same seed: the
@@ -389,7 +423,7 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     stale_run = ledger_runs(cfgs["incremental"], lakes["incremental"])[0]
     als = ImplicitALS(spark, rank=args.als_rank, max_iter=args.als_iter, reg_param=args.als_reg,
                       alpha=args.als_alpha, seed=args.seed)
-    rec = fit_als(als, data, day_bounds(nights[0][0]), jvm_pid)  # the history only
+    rec = fit_als(als, data, day_bounds(nights[0][0]), memory)  # the history only
     first["als"] = rec
 
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
@@ -410,11 +444,11 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
             append_day(lakes[name], c, events, items)
         cost: dict[str, dict[str, Any]] = {}
         for name, c in cfgs.items():
-            cost[name] = run_pipeline(run_nightly, spark, c, lakes[name], jvm_pid)
+            cost[name] = run_pipeline(run_nightly, spark, c, lakes[name], memory)
             log(f"night {i} {name}: {cost[name]['seconds']:.0f}s ({cost[name]['train_seconds']:.0f}s training "
                 f"{cost[name]['examples']} examples)")
-        release_memory(spark)
-        cost["als"] = fit_als(als, data, day_bounds(night_day) + dt.timedelta(days=1), jvm_pid)
+        release_memory(memory.jvm)
+        cost["als"] = fit_als(als, data, day_bounds(night_day) + dt.timedelta(days=1), memory)
         log(f"night {i} als: {cost['als']['seconds']:.0f}s")
 
         # ---- score everyone on the next day, which nobody has trained on
@@ -427,27 +461,24 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
         H = getattr(cfg.features, "history_length", 20)
 
         scores: dict[str, np.ndarray] = {}
-        cost["stale"] = {"seconds": 0.0, "examples": 0, "peak_rss_mb": None}
+        cost["stale"] = {"seconds": 0.0, "examples": 0}
         for name, served in (("incremental", serving_run(cfgs["incremental"], lakes["incremental"])),
                              ("full_retrain", serving_run(cfgs["full_retrain"], lakes["full_retrain"])),
                              ("stale", stale_run)):
-            scores[name] = model_scores(load_model(served), day.users, cat_idx, data, seen, H)
+            scores[name] = model_scores(cached_model(served), day.users, cat_idx, data, seen, H)
             cost[name]["serving_run"] = served.run_id
 
         recent = data.before(when, since=when - dt.timedelta(days=cfg.eval.popularity_days))
-        tracemalloc.start()
+        memory.start()
         t = time.perf_counter()
         pop = item_counts(data.item[recent], catalog)
         scores["popularity"] = np.tile(pop, (len(day.users), 1))
-        cost["popularity"] = {"seconds": time.perf_counter() - t, "examples": int(recent.sum()),
-                              "peak_heap_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1)}
-        tracemalloc.reset_peak()
+        cost["popularity"] = {"seconds": time.perf_counter() - t, "examples": int(recent.sum()), **memory.read()}
+        memory.start()
         t = time.perf_counter()
         scores["personal"] = personal_scores(data.user[seen], data.item[seen], day.users, catalog,
                                              item_counts(data.item[recent], catalog))
-        cost["personal"] = {"seconds": time.perf_counter() - t, "examples": int(seen.sum()),
-                            "peak_heap_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 1)}
-        tracemalloc.stop()
+        cost["personal"] = {"seconds": time.perf_counter() - t, "examples": int(seen.sum()), **memory.read()}
         scores["als"] = als.scores(day.users, catalog, fallback=pop)
 
         for name in STRATEGIES:
@@ -472,63 +503,46 @@ def round_cost(c: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in c.items()}
 
 
-# run_nightly's steps, timed by wrapping them in the nightly module: where a night's seconds go
-PHASES = {"prepare_night": "delta_job", "_training_files": "training_files", "_replay_files": "replay",
-          "_prequential": "prequential", "_gate": "gate", "_after_commit": "after_commit"}
-_PHASE_SECONDS: dict[str, float] = {}
+PHASES = ("strategy", "delta_job", "inputs", "prequential", "train", "gate")
 
 
-def instrument_phases() -> None:
-    import functools
-
-    from deltarec.pipeline import nightly
-
-    for fn, phase in PHASES.items():
-        orig = getattr(nightly, fn, None)
-        if orig is None or getattr(orig, "_timed", False):
-            continue
-
-        def timed(*a, _orig=orig, _phase=phase, **kw):
-            t = time.perf_counter()
-            try:
-                return _orig(*a, **kw)
-            finally:
-                _PHASE_SECONDS[_phase] = _PHASE_SECONDS.get(_phase, 0.0) + time.perf_counter() - t
-
-        timed._timed = True
-        setattr(nightly, fn, functools.wraps(orig)(timed))
+def phases(run, seconds: float) -> dict[str, float]:
+    """Where a night's seconds went, from the stages the run recorded in its
+    ledger metrics (``metrics["stages"]``): the delta job's stages summed,
+    the others as recorded; 'other' is the rest of the wall time (ledger
+    reads and the commit, audit, MLflow)."""
+    stages = run.metrics.get("stages") or {}
+    out: dict[str, float] = dict.fromkeys(PHASES, 0.0)  # the night's order (the ledger's JSON sorts keys)
+    for name, st in stages.items():
+        key = "delta_job" if name.startswith("delta_job.") else name
+        out[key] = out.get(key, 0.0) + st["seconds"]
+    out = {k: round(v, 2) for k, v in out.items() if v or k in PHASES}
+    out["other"] = round(seconds - sum(out.values()), 2)
+    return out
 
 
-def run_pipeline(run_nightly, spark, cfg, lake, jvm_pid: int) -> dict[str, Any]:
+def run_pipeline(run_nightly, spark, cfg, lake, memory: Memory) -> dict[str, Any]:
     """One ``run_nightly`` with its cost: wall seconds (Spark + training + commit),
-    examples trained, peak RSS of the training processes and of the JVM, and
-    seconds per step of the night (``phases``; 'other' is the rest: ledger
-    reads, checkpoint verification, the commit)."""
-    instrument_phases()
-    reset_peak()
-    reset_peak(jvm_pid)
-    _PHASE_SECONDS.clear()
+    examples trained, peak memory (driver, JVM, training workers: ``Memory``)
+    and seconds per stage of the night (``phases``)."""
+    memory.start()
     t = time.perf_counter()
     res = run_nightly(spark, cfg, lake=lake)
     seconds = time.perf_counter() - t
-    phases = {k: round(v, 2) for k, v in _PHASE_SECONDS.items()}
-    phases["train"] = round(res.train_seconds, 2)
-    phases["other"] = round(seconds - sum(phases.values()), 2)
     if res.status != "committed":
         raise RuntimeError(f"{cfg.lake.runs_table}: run_nightly did nothing ({res.status}); the benchmark "
                            "appends a day before every night, so this is a bug")
     run = next(r for r in ledger_runs(cfg, lake) if r.run_id == res.run_id)
     tr = run.metrics.get("train", {})
-    ranks = tr.get("ranks") or []
-    rss = [r.get("peak_rss_mb") for r in ranks if r.get("peak_rss_mb") is not None]
+    workers = [r["peak_rss_mb"] for r in tr.get("ranks") or [] if r.get("peak_rss_mb") is not None]
     return {"seconds": seconds, "train_seconds": res.train_seconds, "examples": tr.get("examples_trained"),
-            "new_examples": res.examples, "strategy": res.strategy, "status": getattr(run, "status", None),
-            # the local backend trains in this process: its peak is the driver's since reset_peak()
-            "peak_rss_mb": max(rss) if rss and tr.get("backend") != "local" else peak_mb(),
-            "jvm_peak_rss_mb": peak_mb(jvm_pid), "run_id": res.run_id, "phases": phases}
+            "new_examples": res.examples, "strategy": res.strategy, "status": run.status,
+            # the local backend trains in the driver: its memory is the driver's
+            **memory.read(workers if tr.get("backend") != "local" else None),
+            "run_id": res.run_id, "phases": phases(run, seconds)}
 
 
-def fit_als(als: ImplicitALS, data: Interactions, until: dt.datetime, jvm_pid: int) -> dict[str, Any]:
+def fit_als(als: ImplicitALS, data: Interactions, until: dt.datetime, memory: Memory) -> dict[str, Any]:
     """Refit ALS on all history before ``until``: every purchase the pipeline
     accepts (the ``Interactions``, validated once for the whole benchmark), as a
     Spark DataFrame. Its seconds are the fit's: counting, indexing, the
@@ -537,20 +551,23 @@ def fit_als(als: ImplicitALS, data: Interactions, until: dt.datetime, jvm_pid: i
     table = pa.table({"user_id": pa.array(data.user[rows].tolist(), pa.string()),
                       "item_id": pa.array(data.item[rows].tolist(), pa.string())})
     df = als.spark.createDataFrame(table)
-    reset_peak(jvm_pid)
+    memory.start()
     t = time.perf_counter()
     als.fit(df)
-    return {"seconds": time.perf_counter() - t, "examples": als.interactions, "peak_rss_mb": peak_mb(jvm_pid)}
+    return {"seconds": time.perf_counter() - t, "examples": als.interactions, **memory.read()}
 
 
-def release_memory(spark) -> None:
+def release_memory(jvm: int | None) -> None:
     """Collect Python garbage (py4j handles to finished DataFrames) and then the
-    JVM's, so Spark's cleaner drops their broadcasts and shuffles: a long
-    benchmark in one SparkSession otherwise grows the driver's heap night by night."""
+    JVM's (``jcmd PID GC.run``), so Spark's cleaner drops their broadcasts and
+    shuffles: a long benchmark in one SparkSession otherwise grows the
+    driver's heap night by night."""
     import gc
+    import subprocess
 
     gc.collect()
-    spark.sparkContext._jvm.System.gc()
+    if jvm is not None and shutil.which("jcmd"):
+        subprocess.run(["jcmd", str(jvm), "GC.run"], capture_output=True, timeout=120)
 
 
 # ------------------------------------------------------------------ outputs
@@ -567,7 +584,8 @@ def write_outputs(out_dir: Path, meta: dict, results: dict, seconds: float, part
             "mean_auc": _mean([n["auc"] for n in nights]), "mean_gauc": _mean([n["gauc"] for n in nights]),
             "mean_seconds": _mean([n["seconds"] for n in nights]),
             "mean_examples": _mean([n.get("examples") for n in nights]),
-            "max_peak_rss_mb": max([n.get("peak_rss_mb") or 0 for n in nights], default=None) or None,
+            **{f"max_{m}": max([n.get(m) or 0 for n in nights], default=None) or None
+               for m in ("driver_peak_mb", "jvm_peak_mb", "workers_peak_mb")},
             "nights": nights,
         }
         phased = [n["phases"] for n in nights if n.get("phases")]
@@ -616,14 +634,19 @@ def markdown(doc: dict) -> str:
     lines = [f"### Nightly quality and cost ({doc['data']}; {len(s['incremental']['nights'])} nights"
              f"{', PARTIAL' if doc['partial'] else ''}; total {doc['total_seconds'] / 60:.1f} min)", "",
              f"Means over nights (NDCG@{k} / HR@{k} over the catalogue, AUC vs {doc['auc_negatives_per_purchase']} "
-             "sampled negatives per purchase; seconds and peak memory per night):", "",
-             f"| strategy | NDCG@{k} | HR@{k} | AUC | GAUC | seconds | examples | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "sampled negatives per purchase; seconds per night). Memory: the highest peak resident set over the "
+             "nights of each process during the strategy's step, the same measure for every strategy: the driver "
+             "(this Python process, where the local backend trains and the count baselines count; it includes "
+             "what the driver already holds), the Spark JVM (the delta job; ALS's fit) and training workers "
+             "(other backends).", "",
+             f"| strategy | NDCG@{k} | HR@{k} | AUC | GAUC | seconds | examples | driver MB | JVM MB | workers MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in STRATEGIES:
         m = s[name]
         lines.append(f"| {name} | {_f(m['mean_ndcg10'])} | {_f(m['mean_hr10'])} | {_f(m['mean_auc'])} | "
                      f"{_f(m['mean_gauc'])} | {_f(m['mean_seconds'], '.1f')} | {_f(m['mean_examples'], ',.0f')} | "
-                     f"{_f(m['max_peak_rss_mb'], '.0f')} |")
+                     f"{_f(m['max_driver_peak_mb'], '.0f')} | {_f(m['max_jvm_peak_mb'], '.0f')} | "
+                     f"{_f(m['max_workers_peak_mb'], '.0f')} |")
     for name in ("incremental", "full_retrain"):
         ph = s[name].get("mean_phases")
         if ph:

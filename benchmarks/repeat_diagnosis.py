@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         catalog = np.array(sorted(i for i, f in first_seen.items() if f is not None and f < when), dtype=object)
         day = NQ.make_day(data, data.before(when + dt.timedelta(days=1), since=when), catalog, 10, night)
         cat_idx = torch.from_numpy(np.array([cat_hash[x] for x in catalog], dtype=np.int64))
-        model = NQ.load_model(relocated(run, Path(args.lake)))
+        model = NQ.cached_model(relocated(run, Path(args.lake)))
         pop = item_counts(data.item[data.before(when, since=when - dt.timedelta(days=7))], catalog)
         tie = 1e-3 * pop / max(pop.max(), 1)
         full = NQ.model_scores(model, day.users, cat_idx.numpy(), data, seen, H)

@@ -11,6 +11,7 @@ from deltalake import DeltaTable, write_deltalake
 from conftest import make_config
 
 from deltarec.features import validate as V
+from deltarec.features.cancellations import match_cancellations
 from deltarec.features.changes import SchemaDriftError
 from deltarec.lake import open_lake, schemas
 from deltarec.pipeline import delta_job as J
@@ -310,3 +311,44 @@ def test_history_before_the_events_day_or_its_time(spark, lake_root):
         got[mode] = {r["event_id"]: r["history_ids"] for r in n0.examples_df.collect()}
     assert got["day"] == {"x": [], "y1": [], "y2": [], "z": ["ix", "iy", "iy2"]}
     assert got["time"] == {"x": [], "y1": ["ix"], "y2": ["ix"], "z": ["ix", "iy", "iy2"]}
+
+
+def test_match_cancellations_is_the_one_rule():
+    """The rule both the delta job's pre-selection and validate apply, on plain
+    Arrow tables: the latest purchase in force at or before the cancellation
+    (in time and version), judged by each event's newest row, one purchase per
+    cancellation and the earliest cancellation first."""
+    def h(hours):
+        return T0 + dt.timedelta(hours=hours)
+
+    def idx(eid, user, item, hours, version, trained=True, etype="purchase"):
+        return {"event_id": eid, "user_id": user, "item_id": item, "event_type": etype, "event_time": h(hours),
+                "rating": None, "trained": trained, "source_version": version}
+
+    rows = pa.Table.from_pylist([
+        idx("p0", "u1", "i1", 0.5, 0), idx("p1", "u1", "i1", 1, 0), idx("p2", "u1", "i1", 10, 0),
+        idx("c1", "u1", "i1", 12, 0), idx("c1", "u1", "i2", 12, 1),  # corrected to i2: no longer holds (u1, i1)
+        idx("r1", "u1", "i1", 15, 0), idx("r1", "u1", "i1", 15, 1, trained=False),  # retracted at version 1
+        idx("late", "u1", "i1", 18, 5),  # a purchase committed after the cancellations below
+        idx("t1", "u2", "i1", 3, 0), idx("t2", "u2", "i1", 3, 1),  # same time: the newer version wins
+        idx("v1", "u3", "i1", 3, 0, etype="click"),  # not a purchase
+    ], schema=schemas.EVENT_INDEX)
+    cancels = pa.Table.from_pylist([
+        {"event_id": "x1", "user_id": "u1", "item_id": "i1", "event_time": h(5), "source_version": 2},   # -> p1
+        {"event_id": "x2", "user_id": "u1", "item_id": "i1", "event_time": h(20), "source_version": 2},  # -> p2
+        {"event_id": "x3", "user_id": "u1", "item_id": "i1", "event_time": h(0.1), "source_version": 2},  # none
+        {"event_id": "x0", "user_id": "u1", "item_id": "i1", "event_time": h(4), "source_version": 2},  # claims p1
+        {"event_id": "y1", "user_id": "u1", "item_id": "i2", "event_time": h(13), "source_version": 2},  # -> c1
+        {"event_id": "z1", "user_id": "u2", "item_id": "i1", "event_time": h(4), "source_version": 2},  # -> t2
+        {"event_id": "w1", "user_id": "u3", "item_id": "i1", "event_time": h(4), "source_version": 2},  # none
+    ], schema=pa.schema([("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
+                         ("event_time", schemas.TS), ("source_version", pa.int64())]))
+    got = match_cancellations(cancels, rows)
+    pairs = dict(zip(got["_cancel_id"].to_pylist(), got["event_id"].to_pylist()))
+    # x0 (4h) and x1 (5h) both pick p1: the earlier x0 claims it, x1 matches nothing
+    assert pairs == {"x0": "p1", "x2": "p2", "y1": "c1", "z1": "t2"}
+    by_cancel = {r["_cancel_id"]: r for r in got.to_pylist()}
+    assert by_cancel["x2"]["_purchase_time"] == h(10) and by_cancel["x2"]["event_time"] == h(20)
+    assert by_cancel["x2"]["_cv"] == 2 and by_cancel["y1"]["user_id"] == "u1" and by_cancel["y1"]["item_id"] == "i2"
+    # the delta job's pre-selection: the purchases the rule picks among earlier runs' rows only
+    assert match_cancellations(cancels, rows.slice(0, 0)).num_rows == 0

@@ -48,27 +48,13 @@ def test_gate_config_rejects_unknown_metrics():
         gate_cfg("gate.tolerance=1.5", "gate.tolerance_kind=relative")
 
 
-class PairModel(torch.nn.Module):
-    """forward(user_idx, item_idx), the original signature."""
+def ranking(seed: int):
+    """A real ranking model (no history), randomly initialised from ``seed``."""
+    from deltarec.models import build_model
 
-    def __init__(self, seed):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.u = torch.nn.Parameter(torch.randn(20, 4, generator=g))
-        self.i = torch.nn.Parameter(torch.randn(30, 4, generator=g))
-
-    def forward(self, user_idx, item_idx):
-        return (self.u[user_idx] * self.i[item_idx]).sum(-1)
-
-    def score_all(self, user_idx, item_idx):
-        return self.u[user_idx] @ self.i[item_idx].T
-
-
-class BatchModel(PairModel):
-    """forward(batch) with a dict batch (contract 4)."""
-
-    def forward(self, batch):
-        return super().forward(batch["user_idx"], batch["item_idx"])
+    torch.manual_seed(seed)
+    return build_model("ranking", user_buckets=20, item_buckets=30, embedding_dim=4, hidden=[8],
+                       history_length=0).eval()
 
 
 def test_evaluate_models_matches_the_metrics_module():
@@ -76,7 +62,7 @@ def test_evaluate_models_matches_the_metrics_module():
     n = 400
     rows = pa.table({"user_idx": rng.integers(0, 20, n), "item_idx": rng.integers(0, 30, n),
                      "label": (rng.random(n) < 0.3).astype(np.float32)})
-    models = {"candidate": PairModel(1), "champion": BatchModel(2)}
+    models = {"candidate": ranking(1), "champion": ranking(2)}
     catalog = np.arange(30)
     res = evaluate_models(models, rows, catalog, ["auc", "logloss", "ndcg@5", "hr@5"])
     assert res["n"] == n
@@ -84,9 +70,9 @@ def test_evaluate_models_matches_the_metrics_module():
     for role, model in models.items():
         s = score_pairs(model, rows)
         with torch.no_grad():
-            want_s = PairModel.forward(model, torch.from_numpy(rows["user_idx"].to_numpy()),
-                                       torch.from_numpy(rows["item_idx"].to_numpy())).numpy()
-        np.testing.assert_allclose(s, want_s, rtol=1e-6)  # both forward signatures score the same pairs
+            want_s = model({"user_idx": torch.from_numpy(rows["user_idx"].to_numpy()),
+                            "item_idx": torch.from_numpy(rows["item_idx"].to_numpy())}).numpy()
+        np.testing.assert_allclose(s, want_s, rtol=1e-6)  # the pairs' scores are the model's forward
         assert res[role]["auc"] == pytest.approx(auc(y, s), abs=1e-6)
         assert res[role]["logloss"] == pytest.approx(logloss(y, 1 / (1 + np.exp(-s.astype(np.float64)))), abs=1e-6)
         pos = y == 1
@@ -98,13 +84,14 @@ def test_evaluate_models_matches_the_metrics_module():
         r = ranking_metrics(top, rel, 5)
         assert res[role]["ndcg@5"] == pytest.approx(r["ndcg"], abs=1e-6)
         assert res[role]["hr@5"] == pytest.approx(r["hr"], abs=1e-6)
+    assert res["candidate"] != res["champion"]  # two models, two sets of figures
     assert res["users"] == len(np.unique(rows["user_idx"].to_numpy()[y == 1]))
 
 
 def test_evaluate_models_slices_and_one_class_slices():
     rows = pa.table({"user_idx": np.array([0, 0, 1, 1, 2, 2]), "item_idx": np.array([1, 2, 3, 4, 5, 6]),
                      "label": np.array([1, 0, 1, 0, 1, 1], dtype=np.float32)})
-    res = evaluate_models({"candidate": PairModel(3)}, rows, np.arange(30), ["auc"],
+    res = evaluate_models({"candidate": ranking(3)}, rows, np.arange(30), ["auc"],
                           slices={"new_users": np.array([False, False, False, False, True, True])})
     assert res["slices"]["new_users"]["n"] == 2
     assert math.isnan(res["slices"]["new_users"]["candidate"]["auc"])  # one class: undefined, not a crash

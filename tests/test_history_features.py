@@ -223,11 +223,11 @@ def test_prequential_and_gate_rank_with_histories():
 
 def test_nightly_gives_the_ranking_model_its_history(tmp_path):
     from conftest import make_config
-    from deltarec.pipeline.nightly import _history_length, _model_params
+    from deltarec.pipeline.training import history_length, model_params
 
     cfg = make_config(tmp_path, "features.history_length=7")
-    params = _model_params(cfg)
-    assert params["history_length"] == 7 and _history_length(cfg) == 7  # batches carry 7 items
+    params = model_params(cfg)
+    assert params["history_length"] == 7 and history_length(cfg) == 7  # batches carry 7 items
     assert build_model("ranking", **params).inputs == ("history_idx",)
     off = make_config(tmp_path, "features.history_length=0")
-    assert _history_length(off) == 0 and build_model("ranking", **_model_params(off)).inputs == ()
+    assert history_length(off) == 0 and build_model("ranking", **model_params(off)).inputs == ()

@@ -192,6 +192,17 @@ def test_data_files_are_the_current_files_of_one_partition(lake):
     assert lake.data_files("ex", {"run_id": "r9"}) == []
 
 
+def test_snapshot_files_are_the_files_of_a_past_version(lake):
+    """What `registry reproduce` checks a run's training files against."""
+    lake.create("ex", EXAMPLES, partition_by=["run_id"])
+    v1 = lake.write("ex", examples("r1", 3), mode="overwrite", replace_where="run_id = 'r1'", partition_by=["run_id"])
+    then = lake.data_files("ex")
+    v2 = lake.write("ex", examples("r1", 2), mode="overwrite", replace_where="run_id = 'r1'", partition_by=["run_id"])
+    strip = lambda fs: sorted(f.removeprefix("file://").removeprefix("file:") for f in fs)  # noqa: E731
+    assert strip(lake.snapshot_files("ex", v1)) == strip(then) and _file_ids(then) == ["r1-0", "r1-1", "r1-2"]
+    assert strip(lake.snapshot_files("ex", v2)) == strip(lake.data_files("ex")) != strip(then)
+
+
 # ------------------------------------------------------------ MERGE
 def test_merge_inserts_new_keys_and_updates_only_when_asked(lake):
     lake.create("runs", KEYED)

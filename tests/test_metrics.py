@@ -1,14 +1,11 @@
-"""Tests for deltarec.evaluation.metrics: hand-computed values, sklearn parity, Spark parity."""
+"""Tests for deltarec.evaluation.metrics: hand-computed values and sklearn parity."""
 import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import log_loss, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
-from deltarec.evaluation.metrics import (
-    auc, by_slice, gauc, logloss, precision_recall_f1, ranking_metrics, slice_masks, spark_auc, spark_auc_by,
-    spark_flag_new, spark_gauc, spark_logloss, spark_ranking_metrics, topk_from_scores,
-)
+from deltarec.evaluation.metrics import auc, gauc, logloss, ranking_metrics, slice_masks, topk_from_scores
 
 approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-12)  # noqa: E731
 
@@ -57,18 +54,6 @@ def test_gauc_hand():
     scores = [0.9, 0.5, 0.95, 0.3, 0.2, 0.2, 0.1]
     assert gauc(users, labels, scores) == approx(0.625)
     assert math.isnan(gauc([1, 2], [1, 0], [0.5, 0.5]))  # nobody has both classes
-
-
-def test_precision_recall_f1_hand():
-    # pred = [1, 1, 0, 0, 1] at 0.5 (>=); y = [1, 0, 1, 0, 1] -> TP=2, FP=1, FN=1
-    # precision 2/3, recall 2/3, f1 = 4/(4+1+1) = 2/3
-    r = precision_recall_f1([1, 0, 1, 0, 1], [0.9, 0.5, 0.2, 0.1, 0.7])
-    assert r == approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
-    # threshold 0.8 -> pred [1,0,0,0,0]: TP=1, FP=0, FN=2 -> P=1, R=1/3, F1=2/(2+0+2)=0.5
-    assert precision_recall_f1([1, 0, 1, 0, 1], [0.9, 0.5, 0.2, 0.1, 0.7], 0.8) == approx(
-        {"precision": 1.0, "recall": 1 / 3, "f1": 0.5})
-    # nothing predicted positive and no positives: every ratio undefined -> 0.0
-    assert precision_recall_f1([0, 0], [0.1, 0.2]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
 
 
 def test_ranking_metrics_hand():
@@ -159,112 +144,13 @@ def test_gauc_vs_sklearn_per_user(data):
     assert gauc(u, y, s) == pytest.approx(num / den, rel=1e-10)
 
 
-@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.995])
-def test_prf_vs_sklearn(data, threshold):
-    _, y, _, p, _ = data
-    want = precision_recall_fscore_support(y, (p >= threshold).astype(int), average="binary", zero_division=0)
-    got = precision_recall_f1(y, p, threshold)
-    assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(want[:3], rel=1e-12)
-
-
-# -------------------------------------------------------------- Spark parity
-# `spark`: the shared session fixture from conftest.py
-
-
-@pytest.fixture(scope="module")
-def sdf(spark, data):
-    u, y, s, p, _ = data
-    rows = list(zip(u.tolist(), y.tolist(), s.tolist(), p.tolist()))
-    return spark.createDataFrame(rows, "user long, label int, score double, prob double")
-
-
-def test_spark_auc(sdf, data):
-    _, y, s, _, _ = data
-    assert spark_auc(sdf) == approx(auc(y, s))
-    assert spark_auc(sdf.where("user < 5")) == approx(auc(y[data[0] < 5], s[data[0] < 5]))
-
-
-def test_spark_auc_errors(spark):
-    with pytest.raises(ValueError, match="one class"):
-        spark_auc(spark.createDataFrame([(1, 0.1), (1, 0.2)], "label int, score double"))
-    with pytest.raises(ValueError, match="not 0/1"):
-        spark_auc(spark.createDataFrame([(1, 0.1), (2, 0.2), (0, 0.3)], "label int, score double"))
-
-
-def test_spark_gauc(sdf, data):
-    u, y, s, _, _ = data
-    assert spark_gauc(sdf, "user", "label", "score") == pytest.approx(gauc(u, y, s), rel=1e-12)
-    one_class = sdf.where("label = 1")
-    assert math.isnan(spark_gauc(one_class))
-
-
-def test_spark_logloss(sdf, data):
-    _, y, _, p, _ = data
-    assert spark_logloss(sdf, "label", "prob") == pytest.approx(logloss(y, p), rel=1e-12)
-    # clipping: probabilities of exactly 0 and 1 with eps=1e-3
-    hard = np.where(p < 0.5, 0.0, 1.0)
-    hard_df = sdf.withColumn("prob", (sdf.prob >= 0.5).cast("double"))
-    assert spark_logloss(hard_df, "label", "prob", eps=1e-3) == pytest.approx(
-        logloss(y, hard, eps=1e-3), rel=1e-12)
-    with pytest.raises(ValueError, match="outside"):
-        spark_logloss(sdf.withColumn("prob", sdf.prob + 1), "label", "prob")
-
-
-def test_spark_ranking_metrics(spark):
-    rng = np.random.default_rng(7)
-    U, N, K = 80, 30, 10
-    top = np.stack([rng.permutation(N)[:K] for _ in range(U)])
-    rel = [set(rng.choice(N, size=rng.integers(0, 6), replace=False).tolist()) for _ in range(U)]
-    top[5] = -1  # user 5 has no recommendations at all (absent from recs_df)
-    rel[5] = {1, 2}
-    recs = [(u, int(i), r + 1) for u in range(U) for r, i in enumerate(top[u]) if i >= 0]
-    truth = [(u, i) for u in range(U) for i in rel[u]]
-    truth += truth[:3]  # duplicate pairs in truth_df are ignored
-    recs_df = spark.createDataFrame(recs, "user long, item long, rank int")
-    truth_df = spark.createDataFrame(truth, "user long, item long")
-    assert sum(1 for r in rel if r) > 40 and any(not r for r in rel)  # data exercises the exclusion rule
-    for k in (1, 5, K):
-        want = ranking_metrics(top, rel, k)
-        got = spark_ranking_metrics(recs_df, truth_df, k)
-        assert got == pytest.approx(want, rel=1e-12), k
-        assert 0 < want["ndcg"] < 1 and want["hr"] > 0
-
-
 # -------------------------------------------------------------------- slices
 def test_slices_by_hand():
-    y = np.array([1, 0, 1, 0, 1, 0])
-    s = np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.3])
     new_u = np.array([True, True, False, False, False, False])
     col = np.array(["a", "a", "b", "b", "b", "b"])
     masks = slice_masks(new_users=new_u, by=col, by_name="kind")
     assert set(masks) == {"all", "new_users", "kind=a", "kind=b"}
-    got = by_slice(auc, masks, y, s)
-    # all: positives .9 .2 .7 vs negatives .1 .8 .3 -> pairs won: 3 + 1 + 2 = 6 of 9
-    assert got["all"] == approx(6 / 9)
-    assert got["new_users"] == approx(1.0) and got["kind=a"] == approx(1.0)
-    # kind=b: positives .2 .7 vs negatives .8 .3 -> .7 beats .3 only: 1 of 4
-    assert got["kind=b"] == approx(1 / 4)
-    one_class = by_slice(auc, {"pos_only": y == 1, "empty": np.zeros(6, bool)}, y, s)
-    assert math.isnan(one_class["pos_only"]) and math.isnan(one_class["empty"])
+    assert masks["new_users"].tolist() == new_u.tolist() and masks["all"].all()
+    assert masks["kind=a"].tolist() == (col == "a").tolist() and masks["kind=b"].tolist() == (col == "b").tolist()
     with pytest.raises(ValueError, match="differ in length"):
         slice_masks(new_users=new_u, new_items=new_u[:3])
-
-
-def test_spark_slices_match_in_process(spark, data):
-    u, y, s, _, _ = data
-    rng = np.random.default_rng(3)
-    group = rng.integers(0, 3, len(y))
-    seen_users = np.arange(0, 60, 2)  # even users were seen before; odd ones are new
-    rows = list(zip(u.tolist(), y.tolist(), s.tolist(), group.tolist()))
-    df = spark.createDataFrame(rows, "user long, label int, score double, g long")
-    seen = spark.createDataFrame([(int(x),) for x in seen_users], "user long")
-    flagged = spark_flag_new(df, seen, "user", "new_user")
-    assert flagged.count() == len(y)  # a left join on distinct keys adds no rows
-    by_new = spark_auc_by(flagged, "new_user")
-    new = ~np.isin(u, seen_users)
-    want = by_slice(auc, slice_masks(new_users=new, by=group, by_name="g"), y, s)
-    assert by_new[True] == pytest.approx(want["new_users"], rel=1e-12)
-    assert by_new[False] == pytest.approx(auc(y[~new], s[~new]), rel=1e-12)
-    by_g = spark_auc_by(df, "g")
-    for g in range(3):
-        assert by_g[g] == pytest.approx(want[f"g={g}"], rel=1e-12)

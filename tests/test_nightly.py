@@ -12,8 +12,10 @@ from conftest import ROOT, make_config
 from deltarec.features.validate import QuarantineThresholdExceeded
 from deltarec.lake import open_lake
 from deltarec.lake.ledger import Ledger
+from deltarec.faults import CRASH_ENV
+from deltarec.lake.ledger import CHAMPION
 from deltarec.pipeline.demo import append_day, demo_days, run_demo
-from deltarec.pipeline.nightly import CRASH_ENV, run_nightly
+from deltarec.pipeline.nightly import run_nightly
 from deltarec.train.checkpoint import sha256_bytes, verify_checkpoint
 
 
@@ -58,8 +60,20 @@ def test_demo_runs_nights_then_rerun_is_a_noop(spark, lake_root, real_data_path)
     for r in runs[1:]:
         m = r["metrics"]
         assert m["rows"]["consumed"] == m["rows"]["accepted"] + m["rows"]["quarantined"] > 0
-        assert {"model", "stale", "popularity"} <= set(m["prequential"])
-        assert 0.0 <= m["prequential"]["model"]["ndcg"] <= 1.0
+        assert {"champion", "stale", "popularity"} <= set(m["prequential"])
+        assert 0.0 <= m["prequential"]["champion"]["ndcg"] <= 1.0
+        assert m["prequential"]["runs"]["champion"] == r["parent"]
+    # every run records where its time went: each stage's seconds and Spark jobs, the delta job's in detail
+    for r, res in zip(runs, results):
+        stages = r["metrics"]["stages"]
+        want = {"strategy", "delta_job.read_changes", "delta_job.validate", "delta_job.examples", "inputs",
+                "prequential", "train", "gate"}
+        assert want <= set(stages), set(stages)
+        assert all(st["seconds"] >= 0 and st["spark_jobs"] >= 0 for st in stages.values())
+        assert stages["delta_job.validate"]["spark_jobs"] > 0 and stages["train"]["seconds"] > 0
+        assert sum(st["seconds"] for st in stages.values()) <= res.seconds
+        assert r["metrics"]["delta_job"]["outcomes"]["event"] > 0  # the delta job's counts are kept too
+    assert runs[0]["metrics"]["stages"]["prequential"]["spark_jobs"] == 0  # the first run has no one to score
 
     before = checkpoint_dirs(lake_root)
     again = run_demo(spark, cfg, out=lambda *_: None)  # lake exists: just a nightly run
@@ -137,18 +151,23 @@ def test_nightly_without_source_table_says_what_to_do(spark, lake_root):
         run_nightly(spark, make_config(lake_root, "demo.enabled=false"))
 
 
-def test_corrupt_latest_checkpoint_is_refused_and_the_previous_one_used(spark, lake_root, real_data_path):
-    cfg = make_config(lake_root, "demo.history_days=3", "demo.nights=1")
+def test_corrupt_latest_checkpoint_is_refused_and_the_previous_one_used(spark, lake_root, real_data_path, caplog):
+    # gate off: the second run is the champion whatever its metrics, so the night below must refuse it
+    cfg = make_config(lake_root, "demo.history_days=3", "demo.nights=1", "gate.enabled=false")
     first, second = run_demo(spark, cfg, out=lambda *_: None)
+    lake = open_lake(cfg.lake, spark)
+    assert second.registry_status == CHAMPION and Ledger(lake).champion(cfg.model.name).run_id == second.run_id
     weights = Path(second.checkpoint["path"], "model.safetensors")
     weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
-    lake = open_lake(cfg.lake, spark)
     days, items, _ = demo_days(cfg)
     append_day(lake, cfg, days[4][1], items)
-    third = run_nightly(spark, cfg, lake=lake)
+    with caplog.at_level("ERROR", logger="deltarec.nightly"):
+        third = run_nightly(spark, cfg, lake=lake)
     assert third.status == "committed"
+    assert any(f"refusing checkpoint of run {second.run_id}" in r.getMessage() for r in caplog.records)
     runs = Ledger(lake).runs()
-    assert runs[-1].parent_run_id == first.run_id  # not the corrupt second run
+    assert runs[-1].parent_run_id == first.run_id  # not the corrupt second run (the champion)
+    assert runs[-1].metrics["train"]["warm_start"] == first.run_id
     assert runs[-1].source_first == second.source_versions[1] + 1  # the watermark still moves on
 
 
@@ -178,7 +197,7 @@ def test_prequential_popularity_counts_committed_positives_in_the_window(spark, 
     import pyarrow as pa
 
     from deltarec.lake import schemas
-    from deltarec.pipeline.nightly import _popular
+    from deltarec.pipeline.prequential import popular
 
     cfg = make_config(lake_root)
     lake = open_lake(cfg.lake, spark)
@@ -195,16 +214,16 @@ def test_prequential_popularity_counts_committed_positives_in_the_window(spark, 
     lake.write(cfg.lake.examples_table, table, partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
     since, until = t0 + dt.timedelta(days=2), t0 + dt.timedelta(days=7)
 
-    got = _popular(lake, cfg.lake.examples_table, ["r0", "r2"], since, until, 5)
+    got = popular(lake, cfg.lake.examples_table, ["r0", "r2"], since, until, 5)
     hours = np.array([(t - t0).total_seconds() / 3600 for t in rows["event_time"]])
     keep = (np.isin(rows["run_id"], ["r0", "r2"]) & (np.array(rows["label"]) == 1)
             & (hours >= 48) & (hours < 168))
     counts = np.bincount(np.array(rows["item_idx"])[keep], minlength=12)
     want = sorted(range(12), key=lambda i: (-counts[i], i))[:5]
     assert got.tolist() == want and counts[want[0]] > counts[want[-1]]
-    assert _popular(lake, cfg.lake.examples_table, [], since, until, 5) is None
+    assert popular(lake, cfg.lake.examples_table, [], since, until, 5) is None
     later = t0 + dt.timedelta(days=11)  # after every event
-    assert _popular(lake, cfg.lake.examples_table, ["r0"], later, later + dt.timedelta(days=30), 5) is None
+    assert popular(lake, cfg.lake.examples_table, ["r0"], later, later + dt.timedelta(days=30), 5) is None
 
 
 def test_changed_bucket_count_never_warm_starts_from_rows_of_other_ids(spark, lake_root, real_data_path):
@@ -226,3 +245,15 @@ def test_changed_bucket_count_never_warm_starts_from_rows_of_other_ids(spark, la
     assert res.status == "committed" and res.strategy == "full" and res.registry_status == "champion"
     assert "bucket counts changed" in res.gate["decision"]["reason"] and res.prequential == {}
     assert Ledger(lake).runs()[-1].metrics["train"]["warm_start"] is None
+
+
+def test_demo_names_the_data_it_runs_on(tmp_path, real_data_path, caplog):
+    """No silent fallback: the real file when it is there; otherwise a warning
+    naming the missing file, and a description that says synthetic."""
+    _, _, what = demo_days(make_config(tmp_path / "lake", "demo.max_days=2"))
+    assert what.startswith(f"Online Retail file {real_data_path} (")
+    absent = tmp_path / "absent.parquet"
+    with caplog.at_level("WARNING", logger="deltarec.demo"):
+        days, _, what = demo_days(make_config(tmp_path / "lake", f"demo.data_path={absent}", "demo.max_days=2"))
+    assert what.startswith("synthetic data (") and len(days) == 2
+    assert any(str(absent) in r.getMessage() and "synthetic" in r.getMessage() for r in caplog.records)

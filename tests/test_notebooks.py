@@ -3,7 +3,9 @@ them (markdown cells skipped), in this process with the shared SparkSession,
 on a tiny lake; plus one run as a plain script.
 
 One module-scoped lake: nightly_incremental runs the demo on it (a full run
-and one night), then one more day is appended so a next run has work to plan.
+and one night) on the real Online Retail file (skipped, saying so, where it is
+absent: the demo's synthetic fallback would make other figures), then one
+more day is appended so a next run has work to plan.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def lake_state(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lake(spark, tmp_path_factory):
+def lake(spark, tmp_path_factory, real_data_path):
     root = tmp_path_factory.mktemp("nb") / "lake"
     reports = root.parent / "reports"
     ns, out = run_notebook("nightly_incremental", "--overrides", TINY, "--set", f"lake.root={root}",
@@ -96,6 +98,7 @@ def test_notebooks_are_databricks_source_with_markdown_and_code():
 
 def test_nightly_incremental_runs_the_nights_and_plots_metrics(lake, spark):
     ns = lake["ns"]
+    assert f"demo: Online Retail file {REAL_DATA} (" in lake["out"]  # the real data, not the synthetic fallback
     assert [r.status for r in ns["results"]] == ["committed", "committed"]
     runs = Ledger(open_lake(lake["cfg"].lake, spark)).runs("ranking")
     assert [(r.source_first, r.source_last) for r in runs] == [(0, 2), (3, 3)]

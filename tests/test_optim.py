@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deltarec.train.backends import LocalBackend, TorchBackend
+from deltarec.train.backends import LocalBackend, make_backend
 from deltarec.train.checkpoint import load_checkpoint
 from deltarec.train.optim import LazyAdam, clip_grad_norm, keeps_sparse
 from test_training import B, STEPS, WORLD, examples, interleave_for_one_worker, spec
@@ -75,17 +75,19 @@ def test_clip_takes_sparse_gradients_like_dense():
     torch.testing.assert_close(sparse.weight.grad.to_dense(), dense.weight.grad)
 
 
+@pytest.mark.parametrize("backend", ["torch", "horovod"])
 @pytest.mark.parametrize("optimizer", ["lazy_adam", "adagrad"])
-def test_two_local_processes_with_row_wise_optimizer_equal_one_worker(tmp_path, optimizer):
+def test_two_local_processes_with_row_wise_optimizer_and_clipping_equal_one_worker(tmp_path, optimizer, backend):
     t = examples(B * STEPS, seed=7)
     pq.write_table(t, tmp_path / "two.parquet")
     pq.write_table(interleave_for_one_worker(t), tmp_path / "one.parquet")
     kw = dict(optimizer=optimizer, lr=0.05, grad_clip=1.0)
     one = LocalBackend().run(spec([tmp_path / "one.parquet"], tmp_path / "ck1", **kw))
-    two = TorchBackend(None, WORLD, timeout_s=300).run(spec([tmp_path / "two.parquet"], tmp_path / "ck2", **kw))
+    two = make_backend(backend, None, WORLD, launcher="processes").run(spec([tmp_path / "two.parquet"],
+                                                                            tmp_path / "ck2", **kw))
     p1 = load_checkpoint(one["checkpoint"]["path"]).model_state
     p2 = load_checkpoint(two["checkpoint"]["path"]).model_state
     p0 = load_checkpoint(LocalBackend().run(spec([], tmp_path / "ck0", **kw))["checkpoint"]["path"]).model_state
     assert max(float((p1[k] - p0[k]).abs().max()) for k in p1) > 1e-2
     for k in p1:
-        torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6, msg=f"{optimizer}: {k}")
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6, msg=f"{backend}/{optimizer}: {k}")

@@ -5,6 +5,7 @@ prequential table is filled per night, `reproduce` rebuilds a checkpoint,
 and `rollback` restores the previous champion with who and why."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def cli(lake_root, *args):
 def nights(spark, tmp_path_factory, real_data_path):
     """demo (full run + one night), a worse night (rejected), an operator promoting it anyway, then a
     sound full retrain gated against that wrecked champion (promoted) with MLflow on."""
-    from deltarec.pipeline.nightly import _prequential
+    from deltarec.pipeline.plan import plan
+    from deltarec.pipeline.prequential import score_prequential
     from deltarec.registry import promote
 
     root = tmp_path_factory.mktemp("registry") / "lake"
@@ -47,12 +49,13 @@ def nights(spark, tmp_path_factory, real_data_path):
     worse_cfg = make_config(root, *BASE, "train.lr=1000.0")  # through real training: it wrecks the weights
     worse = run_nightly(spark, worse_cfg, lake=lake)
     # what the next night's prequential step scores while the rejected candidate is the newest run
-    probe = _prequential(spark, cfg, lake, ledger,
-                         lake.read(cfg.lake.examples_table).where(f"run_id = '{worse.run_id}'"),
-                         lake.read(cfg.lake.items_table), ledger.champion(cfg.model.name))
+    probe = score_prequential(cfg, lake, ledger,
+                              lake.read(cfg.lake.examples_table).where(f"run_id = '{worse.run_id}'"),
+                              lake.read(cfg.lake.items_table), ledger.champion(cfg.model.name))
+    append_day(lake, cfg, days[4][1], items)
+    plan_after_reject = plan(spark, cfg, lake=lake)  # what the next night would do now
     promote(ledger, lake, cfg, worse.run_id, by="ops", reason="test: serve the wrecked model")
 
-    append_day(lake, cfg, days[4][1], items)
     mlruns = root.parent / "mlruns"
     ml_cfg = make_config(root, *BASE, "mlflow.enabled=true", f"mlflow.tracking_uri=file://{mlruns}",
                          "mlflow.experiment=test-exp", "mlflow.registered_model=test-model",
@@ -61,7 +64,7 @@ def nights(spark, tmp_path_factory, real_data_path):
     better = run_nightly(spark, ml_cfg, lake=lake)
     return dict(cfg=cfg, lake=lake, ledger=ledger, root=root, first=first, second=second, worse=worse,
                 better=better, champion_before_worse=champion_before_worse, mlruns=mlruns, ml_cfg=ml_cfg,
-                runs_version_before_better=runs_version, probe=probe)
+                runs_version_before_better=runs_version, probe=probe, plan_after_reject=plan_after_reject)
 
 
 def test_first_run_is_champion_and_every_run_advances_the_watermark(nights):
@@ -119,12 +122,21 @@ def test_better_candidate_is_promoted_in_one_commit_from_the_champion(nights):
     assert lake.history(cfg.lake.runs_table)[0]["operation"] == "MERGE"
 
 
+def test_plan_names_the_champion_as_parent_after_a_rejected_candidate(nights):
+    """`deltarec plan` says what the night does: warm start from the usable
+    champion, not from the newest run (here a rejected candidate)."""
+    p, second, worse = nights["plan_after_reject"], nights["second"].run_id, nights["worse"].run_id
+    assert nights["worse"].registry_status == CANDIDATE  # the precondition: the newest run is not the champion
+    assert (p["strategy"], p["parent"], p["error"]) == ("incremental", second, None)
+    assert f"incremental from {second}" in p["note"] and worse not in p["note"]
+
+
 def test_incremental_trains_on_the_runs_after_the_champion(nights):
-    from deltarec.pipeline.nightly import _training_files
+    from deltarec.pipeline.inputs import training_files
 
     ledger, cfg, lake = nights["ledger"], nights["cfg"], nights["lake"]
     second, worse, better = nights["second"].run_id, nights["worse"].run_id, nights["better"].run_id
-    got = _training_files(cfg, lake, ledger, "tonight", "incremental", ledger.get(second))
+    got = training_files(cfg, lake, ledger, "tonight", "incremental", ledger.get(second))
     want = []
     for rid in (worse, better, "tonight"):  # candidates after the champion, then tonight: each version once
         want += lake.data_files(cfg.lake.examples_table, {"run_id": rid})
@@ -135,15 +147,15 @@ def test_prequential_metrics_are_stored_per_night(nights):
     lake, cfg, better, worse = nights["lake"], nights["cfg"], nights["better"], nights["worse"]
     # with a rejected candidate newer than the champion, the candidate is scored next to it
     probe = nights["probe"]
-    assert probe["runs"] == {"model": nights["second"].run_id, "candidate": worse.run_id,
+    assert probe["runs"] == {"champion": nights["second"].run_id, "candidate": worse.run_id,
                              "stale": nights["first"].run_id}
-    assert {"model", "candidate", "stale"} <= set(probe) and probe["candidate"] != probe["model"]
+    assert {"champion", "candidate", "stale"} <= set(probe) and probe["candidate"] != probe["champion"]
     rows = lake.read_arrow(cfg.lake.metrics_table).to_pylist()
     pre = [r for r in rows if r["run_id"] == better.run_id and r["phase"] == "prequential"]
     assert {r["role"] for r in pre} == {"champion", "stale", "popularity"}
     by = {(r["role"], r["metric"]): r for r in pre}
     k = cfg.eval.k
-    assert by[("champion", f"ndcg@{k}")]["value"] == better.prequential["model"]["ndcg"]
+    assert by[("champion", f"ndcg@{k}")]["value"] == better.prequential["champion"]["ndcg"]
     assert by[("champion", f"hr@{k}")]["model_run_id"] == worse.run_id  # the champion serving that night
     assert by[("stale", f"hr@{k}")]["value"] == better.prequential["stale"]["hr"]
     gate = [r for r in rows if r["run_id"] == better.run_id and r["phase"] == "gate"]
@@ -203,14 +215,40 @@ def test_reproduce_rebuilds_the_checkpoint(spark, nights):
     assert res["passed"], res
     names = {c["metric"] for c in res["comparisons"]}
     assert {"train.loss", "gate.auc", "gate.ndcg@10"} <= names
+    assert (res["backend"], res["world_size"]) == ("local", 1)
     assert res["identical_weights"] is True  # same files, order, seed and parent on the local backend
 
 
-def test_rollback_restores_the_previous_champion_and_records_who_and_why(nights):
-    ledger, cfg, lake = nights["ledger"], nights["cfg"], nights["lake"]
+def test_reproduce_trains_on_the_recorded_backend_with_as_many_workers(spark, tmp_path, real_data_path):
+    """A run trained by 2 torch.distributed processes is rebuilt by 2 of them
+    (each rank reads its own shard: one process would see another order)."""
+    from deltarec.registry.reproduce import reproduce
+
+    cfg = make_config(tmp_path / "lake", "demo.max_days=3", "demo.nights=1", "train.backend=torch",
+                      "train.launcher=processes", "train.num_proc=2", "gate.enabled=true")
+    _, night = run_demo(spark, cfg, out=lambda *_: None)
+    lake = open_lake(cfg.lake, spark)
+    run = Ledger(lake, cfg.lake.runs_table).get(night.run_id)
+    train = run.metrics["train"]
+    assert (train["backend"], train["world_size"], train["launcher"]) == ("torch", 2, "processes")
+    assert run.metrics["gate"].get("candidate")  # the gate scored it: there are metrics to compare
+    # reproduced under a config that names another backend: what the run recorded wins
+    res = reproduce(spark, make_config(tmp_path / "lake", "train.backend=local"), lake, night.run_id, tolerance=1e-4)
+    assert (res["backend"], res["world_size"]) == ("torch", 2)
+    assert res["passed"] and res["identical_weights"] is True, res
+
+
+def test_rollback_restores_the_previous_champion_and_records_who_and_why(nights, tmp_path):
+    # on a copy of the lake: the other tests read the fixture's ledger as the nights left it
+    root = tmp_path / "lake"
+    shutil.copytree(nights["root"], root)
+    cfg = nights["cfg"]
+    lake = open_lake(make_config(root, *BASE).lake)
+    ledger = Ledger(lake, cfg.lake.runs_table)
     better, old = nights["better"].run_id, nights["worse"].run_id
+    assert ledger.champion(cfg.model.name).run_id == better  # as the nights left it
     v = lake.version(cfg.lake.runs_table)
-    out = cli(nights["root"], "registry", "rollback", "--json", "--by", "alice", "--reason", "CTR dropped")
+    out = cli(root, "registry", "rollback", "--json", "--by", "alice", "--reason", "CTR dropped")
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert (res["champion"], res["previous_champion"], res["by"]) == (old, better, "alice")
@@ -218,16 +256,17 @@ def test_rollback_restores_the_previous_champion_and_records_who_and_why(nights)
     assert ledger.champion(cfg.model.name).run_id == old
     back = ledger.get(better)
     assert back.status == RETIRED and back.status_by == "alice" and "CTR dropped" in back.status_reason
-    ev = [e for e in json.loads(cli(nights["root"], "registry", "show", old, "--json").stdout)["events"]
+    ev = [e for e in json.loads(cli(root, "registry", "show", old, "--json").stdout)["events"]
           if e["action"] == "rollback"]
     assert ev and ev[-1]["by"] == "alice" and ev[-1]["reason"] == "CTR dropped"
     # promote back (default --by = the OS user), then rollbacks walk back through the champions, not forth
-    out = cli(nights["root"], "registry", "promote", better, "--json", "--reason", "fixed upstream")
+    out = cli(root, "registry", "promote", better, "--json", "--reason", "fixed upstream")
     assert out.returncode == 0 and json.loads(out.stdout)["by"] == "tester"
     assert ledger.champion(cfg.model.name).run_id == better
-    assert json.loads(cli(nights["root"], "registry", "rollback", "--json").stdout)["champion"] == old
-    out = cli(nights["root"], "registry", "rollback", "--json")
+    assert json.loads(cli(root, "registry", "rollback", "--json").stdout)["champion"] == old
+    out = cli(root, "registry", "rollback", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["champion"] == nights["second"].run_id
+    assert nights["ledger"].champion(cfg.model.name).run_id == better  # the fixture's lake is untouched
 
 
 def test_gate_reports_new_user_and_new_item_slices(nights):

@@ -29,14 +29,14 @@ def test_report_from_lake_tables(lake_root, tmp_path):
     commit(ledger, 2, CANDIDATE, "ranking-1", "ranking-1")
     values = {}
     for i in (1, 2):
-        pre = {"k": 10, "users": 5, "model": {"hr": 0.1 * i, "ndcg": 0.05 * i}, "stale": {"hr": 0.02, "ndcg": 0.01},
+        pre = {"k": 10, "users": 5, "champion": {"hr": 0.1 * i, "ndcg": 0.05 * i}, "stale": {"hr": 0.02, "ndcg": 0.01},
                "popularity": {"hr": 0.3, "ndcg": 0.2}}
         store_metrics(lake, cfg.lake.metrics_table, f"ranking-{i}", "prequential",
-                      metric_rows(f"ranking-{i}", "ranking", i, i, "prequential", pre, {"model": f"ranking-{i - 1}"}))
+                      metric_rows(f"ranking-{i}", "ranking", i, i, "prequential", pre, {"champion": f"ranking-{i - 1}"}))
         gate = {"n": 50, "users": 5, "candidate": {"auc": 0.6 + i / 100}, "champion": {"auc": 0.61}}
         store_metrics(lake, cfg.lake.metrics_table, f"ranking-{i}", "gate",
                       metric_rows(f"ranking-{i}", "ranking", i, i, "gate", gate, {}))
-        values[i] = pre["model"]["ndcg"]
+        values[i] = pre["champion"]["ndcg"]
     # rewriting a night's rows replaces them instead of duplicating them
     store_metrics(lake, cfg.lake.metrics_table, "ranking-1", "gate",
                   metric_rows("ranking-1", "ranking", 1, 1, "gate",
@@ -50,6 +50,8 @@ def test_report_from_lake_tables(lake_root, tmp_path):
     assert [r["value"] for r in gate1] == [0.7]
     ndcg = {r["run_id"]: r["value"] for r in rows if r["role"] == "champion" and r["metric"] == "ndcg@10"}
     assert ndcg == {f"ranking-{i}": v for i, v in values.items()}
+    scored = {r["run_id"]: r["model_run_id"] for r in rows if r["role"] == "champion" and r["metric"] == "ndcg@10"}
+    assert scored == {"ranking-1": "ranking-0", "ranking-2": "ranking-1"}
 
     out = tmp_path / "report"
     res = subprocess.run([sys.executable, "-m", "deltarec.cli", "report", "--out", str(out), "--json",
@@ -66,3 +68,28 @@ def test_report_from_lake_tables(lake_root, tmp_path):
 
     again = write_report(lake, cfg, tmp_path / "r2")  # the library call the CLI makes
     assert again["runs"] == 3 and again["metric_rows"] == len(rows)
+
+
+def test_runs_recorded_before_the_champion_key_still_read(lake_root):
+    """Runs committed when the champion's next-day metrics were stored under
+    'model' read like new ones in the lineage, the plot and `deltarec status`."""
+    from deltarec.evaluation.report import lineage
+    from deltarec.pipeline.console import status_line
+
+    cfg = make_config(lake_root)
+    ledger = Ledger(open_lake(cfg.lake, None), cfg.lake.runs_table)
+    commit(ledger, 0, CHAMPION, None, None)
+    now = dt.datetime.now(dt.timezone.utc)
+    for i, key in ((1, "model"), (2, "champion")):  # an old run, then a new one
+        ledger.commit(RunRecord(
+            run_id=f"ranking-{i}", model="ranking", source_table="behavior_events", source_first=i, source_last=i,
+            checkpoint_path=f"/nowhere/{i}", checkpoint_sha256="0" * 64, checkpoint_files={}, config={},
+            code_version="test", metrics={"prequential": {"k": 10, key: {"hr": 0.5 + i / 10, "ndcg": 0.25 + i / 10}}},
+            started_at=now, parent_run_id=f"ranking-{i - 1}", status=CHAMPION, status_reason="test"),
+            expected_champion=f"ranking-{i - 1}")
+    runs = ledger.runs("ranking")
+    rows = lineage(runs)
+    assert [r["ndcg"] for r in rows] == [None, 0.35, 0.45] and [r["hr"] for r in rows] == [None, 0.6, 0.7]
+    assert rows[2]["chain"] == "ranking-2 <- ranking-1 <- ranking-0"
+    assert " 0.3500 " in status_line(runs[1], "then") and " 0.4500 " in status_line(runs[2], "then")
+    assert "   -       -  " in status_line(runs[0], "then")  # the first run has no next-day metrics

@@ -21,7 +21,7 @@ TINY = ["lake.engine=delta-rs", "train.backend=local", "train.num_proc=1", "trai
         "demo.enabled=true", "demo.max_days=4", "demo.nights=1", f"demo.data_path={REAL_DATA}"]
 
 
-def test_spark_submit_runs_the_nightly_job(tmp_path):
+def test_spark_submit_runs_the_nightly_job(tmp_path, real_data_path):
     lake_root = tmp_path / "lake"
     args = ["./spark-submit.sh", "--master", "local[2]", "jobs/nightly.py"]
     for o in [f"lake.root={lake_root}", *TINY]:
@@ -50,6 +50,7 @@ def test_spark_submit_runs_the_nightly_job(tmp_path):
     assert Ledger(lake).watermark("ranking") == lake.version("behavior_events") == 3
     assert runs[1].parent_run_id == runs[0].run_id and runs[1].metrics["train"]["backend"] == "local"
     assert f"run {runs[0].run_id} (full): versions 0..2" in done.stdout
+    assert f"demo: Online Retail file {REAL_DATA} (" in done.stdout  # the real data, not the synthetic fallback
 
 
 def plan_json(capsys, lake_root) -> dict:
@@ -61,7 +62,7 @@ def plan_json(capsys, lake_root) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_plan_json_before_and_after_a_run(spark, lake_root, capsys):
+def test_plan_json_before_and_after_a_run(spark, lake_root, capsys, real_data_path):
     cfg = make_config(lake_root, "demo.enabled=false")
     lake = open_lake(cfg.lake, spark)
     days, items, _ = demo_days(cfg)
@@ -75,6 +76,7 @@ def test_plan_json_before_and_after_a_run(spark, lake_root, capsys):
     assert (before["watermark"], before["latest_version"], before["next_range"]) == (-1, 2, [0, 2])
     assert before["change_types"] == {"delete": 1, "insert": inserted}
     assert before["rows"] == inserted + 1 and before["runs"] == 0
+    assert (before["strategy"], before["parent"]) == ("full", None) and "first run of this lineage" in before["note"]
     assert not lake.exists("runs") and lake.version("behavior_events") == 2  # planning wrote nothing
 
     res = run_nightly(spark, cfg, lake=lake)
@@ -83,4 +85,4 @@ def test_plan_json_before_and_after_a_run(spark, lake_root, capsys):
     after = plan_json(capsys, lake_root)
     assert (after["watermark"], after["latest_version"], after["next_range"]) == (2, 2, None)
     assert after["change_types"] == {} and after["rows"] == 0 and after["runs"] == 1
-    assert after["note"].startswith("nothing new")
+    assert after["note"].startswith("nothing new") and after["strategy"] is None

@@ -1,4 +1,6 @@
-"""torch.distributed as plain local processes (train.launcher=processes): no Spark."""
+"""Local worker processes (train.launcher=processes), torch and Horovod: no
+Spark. The pool starts once and serves run after run; the gradient exchange
+is the same on both."""
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -9,29 +11,45 @@ from deltarec.train.checkpoint import load_checkpoint
 from test_training import B, STEPS, WORLD, examples, interleave_for_one_worker, spec
 
 
-def test_two_local_processes_on_global_batch_equal_one_worker(tmp_path):
+def _assert_same(a, b, what):
+    p1 = load_checkpoint(a["checkpoint"]["path"]).model_state
+    p2 = load_checkpoint(b["checkpoint"]["path"]).model_state
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6, msg=f"{what}: {k} differs")
+
+
+@pytest.mark.parametrize("backend", ["torch", "horovod"])
+def test_warm_pool_serves_the_next_run_with_the_same_processes(tmp_path, backend):
     t = examples(B * STEPS, seed=5)
     pq.write_table(t, tmp_path / "two.parquet")
     pq.write_table(interleave_for_one_worker(t), tmp_path / "one.parquet")
     one = LocalBackend().run(spec([tmp_path / "one.parquet"], tmp_path / "ck1"))
-    backend = make_backend("torch", None, WORLD, launcher="processes")
-    assert isinstance(backend, TorchBackend) and backend.spark is None
-    two = backend.run(spec([tmp_path / "two.parquet"], tmp_path / "ck2"))
-    assert two["world_size"] == WORLD and two["steps"] == one["steps"] == STEPS
-    p1 = load_checkpoint(one["checkpoint"]["path"]).model_state
-    p2 = load_checkpoint(two["checkpoint"]["path"]).model_state
-    for k in p1:
-        torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs")
+    first = make_backend(backend, None, WORLD, launcher="processes")
+    assert first.spark is None and first.keep_warm
+    a = first.run(spec([tmp_path / "two.parquet"], tmp_path / "ck2"))
+    # another backend object, as the next night makes: the same warm processes
+    b = make_backend(backend, None, WORLD, launcher="processes").run(spec([tmp_path / "two.parquet"],
+                                                                          tmp_path / "ck3"))
+    assert a["world_size"] == b["world_size"] == WORLD and a["steps"] == one["steps"] == STEPS
+    assert [r["pid"] for r in b["ranks"]] == [r["pid"] for r in a["ranks"]]
+    assert all(r["phases"]["group"] == 0.0 and "process_started_at" not in r["phases"] for r in b["ranks"])
+    _assert_same(one, a, "first run")
+    _assert_same(one, b, "warm run")  # nothing of the first run leaks into the second
 
 
-def test_local_process_error_names_the_failing_rank(tmp_path):
+def test_local_process_error_names_the_failing_rank_and_the_next_run_starts_fresh(tmp_path):
     t = examples(B * 2)
     bad = t.column("item_idx").to_numpy().copy()
     bad[B:] = 999  # out of range only in rank 1's half
     pq.write_table(t.set_column(1, "item_idx", pa.array(bad)), tmp_path / "x.parquet")
+    pq.write_table(t, tmp_path / "ok.parquet")
+    before = TorchBackend(None, WORLD, timeout_s=300).run(spec([tmp_path / "ok.parquet"], tmp_path / "ck0"))
     with pytest.raises(TrainingFailed, match=r"worker rank 1/2 \(torch\) failed: IndexError") as e:
         TorchBackend(None, WORLD, timeout_s=300).run(spec([tmp_path / "x.parquet"], tmp_path / "ck"))
     assert "rank 0/2" not in str(e.value).split("\n")[0]
+    after = TorchBackend(None, WORLD, timeout_s=300).run(spec([tmp_path / "ok.parquet"], tmp_path / "ck1"))
+    assert not {r["pid"] for r in after["ranks"]} & {r["pid"] for r in before["ranks"]}  # a fresh pool
+    _assert_same(before, after, "after an error")
 
 
 def test_nightly_with_torch_local_processes(spark, tmp_path, real_data_path):
@@ -49,26 +67,42 @@ def test_nightly_with_torch_local_processes(spark, tmp_path, real_data_path):
     assert sorted(r["rank"] for r in train["ranks"]) == [0, 1] and all(r["examples"] > 0 for r in train["ranks"])
 
 
-def _mixed_rank(rank: int, port: int, out) -> None:
-    """One gloo rank: table ``a`` gets a dense gradient on rank 0 only (a
-    penalty over the whole table), table ``b`` sparse rows on both ranks."""
+class _Counting:
+    """A real collective that counts the calls the exchange makes."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, {}
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*a, **kw):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*a, **kw)
+        return counted
+
+
+def _mixed_rank(kind: str, rank: int, env: dict, out) -> None:
+    """One rank: table ``a`` gets a dense gradient on rank 0 only (a penalty
+    over the whole table), table ``b`` sparse rows on both ranks."""
     import os
 
-    import torch.distributed as dist
+    from deltarec.train.exchange import GradientExchange
+    from deltarec.train.workers import join_horovod, join_torch, leave_horovod, leave_torch
 
-    from deltarec.train.collective import TorchCollective
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    os.environ.update(env)
+    collective = _Counting(join_horovod(False) if kind == "horovod" else join_torch(False))
     try:
         model = _mixed_model()
-        opt = TorchCollective().distributed_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model)
+        exchange = GradientExchange(model, torch.optim.SGD(model.parameters(), lr=1.0), collective)
         _mixed_loss(model, rank).backward()
-        opt.synchronize()
+        exchange.average()
         # numpy, not tensors: torch would share their memory with a process about to exit
-        out.put((rank, {n: (p.grad.is_sparse, p.grad.numpy()) for n, p in model.named_parameters()}))
+        out.put((rank, collective.calls, {n: (p.grad.is_sparse, p.grad.numpy()) for n, p in model.named_parameters()}))
     finally:
-        dist.destroy_process_group()
+        leave_horovod() if kind == "horovod" else leave_torch()
 
 
 def _mixed_model():
@@ -86,23 +120,27 @@ def _mixed_loss(model, rank):
     return loss
 
 
-def test_sparse_and_dense_gradients_average_like_dense_allreduce():
-    """The fused exchange (header + one gather) gives every rank the plain
-    average of both ranks' dense gradients, whichever rank sent rows."""
+@pytest.mark.parametrize("kind", ["torch", "horovod"])
+def test_sparse_and_dense_gradients_average_like_dense_allreduce_in_one_gather(kind):
+    """The fused exchange gives every rank the plain average of both ranks'
+    dense gradients, whichever rank sent rows and whichever sent a dense
+    table, with one gather per step on either backend."""
     import multiprocessing as mp
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from deltarec.train.pool import group_env
+
+    envs, release = group_env(kind, 2)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_mixed_rank, args=(r, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=_mixed_rank, args=(kind, r, envs[r], out)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        got = {rank: (calls, grads) for rank, calls, grads in (out.get(timeout=120) for _ in procs)}
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+        release()
     expected = {}
     for rank in range(2):
         model = _mixed_model()
@@ -110,8 +148,10 @@ def test_sparse_and_dense_gradients_average_like_dense_allreduce():
         for n, p in model.named_parameters():
             expected[n] = expected.get(n, 0) + p.grad / 2
     for rank in range(2):
+        calls, grads = got[rank]
+        assert calls == {"allgather": 1}, calls  # header, rows, dense table and the Linear: one collective
         for n, g in expected.items():
-            is_sparse, grad = got[rank][n]
+            is_sparse, grad = grads[n]
             assert not is_sparse
-            torch.testing.assert_close(torch.from_numpy(grad), g, msg=f"rank {rank}: {n}")
+            torch.testing.assert_close(torch.from_numpy(grad), g, msg=f"{kind} rank {rank}: {n}")
     assert float(expected["b.weight"][4].abs().sum()) == 0.0  # row 4 of b: nobody's batch, stays zero

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deltarec.train.backends import HorovodBackend, LocalBackend, TorchBackend
+from deltarec.train.backends import HorovodBackend, LocalBackend, make_backend
 from deltarec.train.checkpoint import CheckpointCorrupt, load_checkpoint, save_checkpoint, verify_checkpoint
 from deltarec.train.loop import TrainSpec
 
@@ -38,19 +38,27 @@ def interleave_for_one_worker(t: pa.Table) -> pa.Table:
     return t.take(pa.array(idx))
 
 
-@pytest.mark.parametrize("backend,optimizer", [("horovod", "sgd"), ("torch", "sgd"), ("horovod", "lazy_adam")])
-def test_two_workers_on_global_batch_equal_one_worker(spark, tmp_path, backend, optimizer):
+# Every backend runs the same exchange; Spark launches are slow here (~15-30 s
+# each), so they run once per backend and the optimizers go through the warm
+# local-process pools (the same collectives, launched without Spark).
+LAUNCHES = [("horovod", "spark", "sgd"), ("torch", "spark", "sgd")] + [
+    (b, "processes", o) for b in ("horovod", "torch") for o in ("sgd", "adam", "lazy_adam", "adagrad")]
+
+
+@pytest.mark.parametrize("backend,launcher,optimizer", LAUNCHES)
+def test_two_workers_on_global_batch_equal_one_worker(spark, tmp_path, backend, launcher, optimizer):
     t = examples(B * STEPS)
     pq.write_table(t, tmp_path / "two.parquet")
     pq.write_table(interleave_for_one_worker(t), tmp_path / "one.parquet")
 
     kw = {"optimizer": optimizer} if optimizer == "sgd" else {"optimizer": optimizer, "lr": 0.05}
     one = LocalBackend().run(spec([tmp_path / "one.parquet"], tmp_path / "ck1", **kw))
-    cls = {"horovod": HorovodBackend, "torch": TorchBackend}[backend]
-    two = cls(spark, WORLD).run(spec([tmp_path / "two.parquet"], tmp_path / "ck2", **kw))
+    two = make_backend(backend, spark, WORLD, launcher=launcher).run(spec([tmp_path / "two.parquet"],
+                                                                          tmp_path / "ck2", **kw))
 
     assert two["world_size"] == WORLD and one["steps"] == two["steps"] == STEPS
     assert [r["examples"] for r in two["ranks"]] == [B * STEPS // WORLD] * WORLD
+    assert {r["comm"] for r in two["ranks"]} == {"horovod" if backend == "horovod" else "gloo"}
     p1 = load_checkpoint(one["checkpoint"]["path"]).model_state
     p2 = load_checkpoint(two["checkpoint"]["path"]).model_state
     init = spec([], "")
@@ -61,13 +69,15 @@ def test_two_workers_on_global_batch_equal_one_worker(spark, tmp_path, backend, 
     moved = max(float((p1[k] - p0[k]).abs().max()) for k in p0)
     assert moved > 1e-2  # the steps really changed the weights ...
     for k in p1:  # ... identically on 2 workers and on 1
-        torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6, msg=f"{backend}: {k} differs")
+        torch.testing.assert_close(p2[k], p1[k], rtol=1e-5, atol=1e-6, msg=f"{backend}/{optimizer}: {k} differs")
 
 
-def test_uneven_shards_do_not_hang_and_use_every_row(spark, tmp_path):
+@pytest.mark.parametrize("backend", ["horovod", "torch"])
+def test_uneven_shards_do_not_hang_and_use_every_row(tmp_path, backend):
     t = examples(B * 2 + 7)  # rank 0 gets one row more; the last step is partial
     pq.write_table(t, tmp_path / "odd.parquet")
-    res = HorovodBackend(spark, WORLD).run(spec([tmp_path / "odd.parquet"], tmp_path / "ck"))
+    res = make_backend(backend, None, WORLD, launcher="processes").run(spec([tmp_path / "odd.parquet"],
+                                                                            tmp_path / "ck"))
     assert sorted(r["examples"] for r in res["ranks"]) == [B + 3, B + 4]
     assert res["examples"] == t.num_rows
 
@@ -121,6 +131,12 @@ def test_warm_start_restores_model_and_optimizer(tmp_path):
     restored = opt.state_dict()["state"]
     for k, st in parent.optimizer_state["state"].items():
         assert torch.equal(restored[k]["exp_avg"], st["exp_avg"])
+    # the saved state's kernel flags (None in older checkpoints) do not switch off the fused kernels
+    parent.optimizer_state["param_groups"][0]["fused"] = None
+    from deltarec.train.spec import load_optimizer_state
+
+    load_optimizer_state(opt, parent.optimizer_state)
+    assert opt.param_groups[0]["fused"] is True
 
 
 def test_horovod_worker_error_names_the_failing_rank(spark, tmp_path):

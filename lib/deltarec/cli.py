@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 from .config import DEFAULT_CONF, Config, ConfigError, find_config_file, load_config
@@ -140,7 +139,7 @@ def cmd_nightly(args, cfg: Config) -> int:
 
 def run_nightly_job(cfg: Config) -> int:
     """parse → config → session → one library call → exit code (shared with jobs/nightly.py)."""
-    from .pipeline.demo import run_configured
+    from .pipeline.nightly import run_configured
     from .spark import build_spark
 
     log.debug("config: %s", cfg.to_json())  # the whole tree: one long line, for -v
@@ -166,11 +165,11 @@ def cmd_plan(args, cfg: Config) -> int:
 
 
 def cmd_status(args, cfg: Config) -> int:
-    from .lake import open_lake
     from .lake.ledger import Ledger
+    from .pipeline.console import status_header, status_line
     from .train.checkpoint import CheckpointError, verify_checkpoint
 
-    lake = open_lake(cfg.lake, None) if cfg.lake.engine != "delta-spark" else _spark_lake(cfg)
+    lake = _lake(cfg)
     ledger = Ledger(lake, cfg.lake.runs_table)
     model = None if args.all_models else cfg.model.name
     runs = ledger.runs(model)
@@ -198,15 +197,9 @@ def cmd_status(args, cfg: Config) -> int:
         print(f"lake {lake.root} ({lake.name}); model {cfg.model.name!r}")
         print(f"watermark: {watermark}   {cfg.lake.events_table} latest version: {latest_source}"
               + ("   (up to date)" if latest_source is not None and latest_source <= watermark else ""))
-        print(f"{'run_id':<24} {'strategy':<11} {'versions':<11} {'status':<10} {'examples':>9} "
-              f"{'HR@k':>7} {'NDCG@k':>7}  committed")
-        for d in entries[-15:]:
-            pre = d["metrics"].get("prequential", {}).get("model", {})
-            hr, ndcg = (f"{pre[k]:>7.4f}" if k in pre else f"{'-':>7}" for k in ("hr", "ndcg"))
-            v = d["source_versions"]
-            flag = "" if d["checkpoint"].get("verified", True) else "  CHECKSUM MISMATCH"
-            print(f"{d['run_id']:<24} {d['strategy']:<11} {f'{v[0]}..{v[1]}':<11} {d['status']:<10} "
-                  f"{d['metrics'].get('examples', 0):>9} {hr} {ndcg}  {d['committed_at']}{flag}")
+        print(status_header())
+        for r, d in list(zip(runs, entries))[-15:]:
+            print(status_line(r, d["committed_at"], verified=d["checkpoint"].get("verified", True)))
         if current:
             print(f"current checkpoint: {current.checkpoint_path}\n  sha256 {current.checkpoint_sha256}")
         else:
@@ -250,63 +243,8 @@ def cmd_registry(args, cfg: Config) -> int:
     if args.json:
         print(json.dumps(out, indent=1, default=str))
     else:
-        print(_registry_text(action, out, cfg))
+        print(registry.describe(action, out, cfg.model.name))
     return 0 if action != "reproduce" or out["passed"] else 1
-
-
-def _registry_text(action: str, out, cfg: Config) -> str:
-    if action == "list":
-        lines = [f"{'id':<24} {'status':<10} {'parent':<24} {'versions':<11} {'gate':<5} reason"]
-        for e in out:
-            v = e["source_versions"]
-            gate = "-" if e["gate"] is None else ("pass" if e["gate"] else "FAIL")
-            lines.append(f"{e['id']:<24} {e['status']:<10} {e['parent'] or '-':<24} {f'{v[0]}..{v[1]}':<11} "
-                         f"{gate:<5} {e['reason'] or ''}")
-        return "\n".join(lines) if out else f"no runs of model {cfg.model.name!r} yet: run `deltarec nightly`"
-    if action == "show":
-        m = out["metrics"]
-        chain = " <- ".join([out["id"]] + [c["id"] for c in out["parent_chain"]])
-        inp = out["inputs"]
-        lines = [f"run {out['id']}  status {out['status']}  ({out['status_reason'] or ''}; by "
-                 f"{out['status_by'] or '-'} at {out['status_at']})",
-                 f"  lineage: {chain}",
-                 f"  strategy {out['strategy']}; source {out['source']['table']} versions "
-                 f"{out['source']['versions'][0]}..{out['source']['versions'][1]}",
-                 f"  trained on: {inp['examples_table']}@v{inp['examples_version']}: " + ", ".join(
-                     f"{t['id']} ({t['source_versions'][0]}..{t['source_versions'][1]})" for t in inp["trained_on"]),
-                 f"  code {out['code_version']}; checkpoint {out['checkpoint']['path']}",
-                 f"    sha256 {out['checkpoint']['sha256']}",
-                 f"  examples {m.get('examples')}; train loss {(m.get('train') or {}).get('loss')}"]
-        gate = m.get("gate") or {}
-        if gate.get("candidate"):
-            lines.append(f"  gate on {gate.get('n')} rows ({gate.get('scored_on')}):")
-            for c in gate["decision"]["checks"]:
-                lines.append(f"    {c['metric']:<10} candidate {c['candidate']:.5f}  champion {c['champion']:.5f}  "
-                             f"{'ok' if c['passed'] else 'FAIL'}")
-        lines.append(f"  decision: {(gate.get('decision') or {}).get('reason', '-')}")
-        pre = m.get("prequential") or {}
-        for role in ("model", "candidate", "stale", "popularity"):
-            if role in pre:
-                lines.append(f"  next-day {'champion' if role == 'model' else role:<10} " + "  ".join(
-                    f"{k}@{pre.get('k')} {v:.4f}" for k, v in pre[role].items()))
-        cfgd = out["config"]
-        lines.append(f"  config: model {cfgd.get('model')}; train lr {cfgd.get('train', {}).get('lr')} "
-                     f"seed {cfgd.get('train', {}).get('seed')} backend {cfgd.get('train', {}).get('backend')}"
-                     "  (--json for all of it)")
-        for e in out["events"]:
-            lines.append(f"  event {e['at']} {e['action']}: {e['run_id']} (was {e['previous_champion']}) "
-                         f"by {e['by']}: {e['reason']}")
-        return "\n".join(lines)
-    if action in ("promote", "rollback"):
-        return (f"{action}: champion of {cfg.model.name!r} is now {out['champion']} (was "
-                f"{out['previous_champion']}); by {out['by']}: {out['reason']}")
-    lines = [f"reproduce {out['id']}: {'PASSED' if out['passed'] else 'FAILED'} (tolerance {out['tolerance']:g}; "
-             f"identical weights: {out['identical_weights']}; {out['files']} files of "
-             f"{out['examples_table']}@v{out['examples_version']})"]
-    for c in out["comparisons"]:
-        lines.append(f"  {c['metric']:<14} recorded {c['recorded']:.6f}  rebuilt {c['rebuilt']:.6f}  "
-                     f"{'ok' if c['passed'] else 'DIFFERS'}")
-    return "\n".join(lines)
 
 
 def cmd_report(args, cfg: Config) -> int:

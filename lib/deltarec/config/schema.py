@@ -291,11 +291,12 @@ class TrainConfig(Section):
     """Distributed training of one night's model."""
 
     backend: Literal["horovod", "torch", "local"] = Field("horovod", description=(
-        "horovod: horovod.spark.run on the executors; torch: torch.distributed (TorchDistributor or "
-        "local processes, see launcher); local: one process, no collective."))
+        "horovod: Horovod over Gloo (NCCL on GPU); torch: torch.distributed; both on the executors or as "
+        "local processes, see launcher; local: one process, no collective."))
     launcher: Literal["spark", "processes"] = Field("spark", description=(
-        "backend=torch only: spark runs the ranks on the executors (TorchDistributor), processes as "
-        "local processes on this machine, without Spark."))
+        "horovod and torch: spark runs the ranks on the executors (horovod.spark.run, TorchDistributor), "
+        "processes as local processes on this machine, without Spark, started once and kept warm for the "
+        "driver's next nights."))
     num_proc: int = Field(2, ge=1, description="Training workers (ranks); one per GPU with use_gpu.")
     use_gpu: bool = Field(False, description="true: CUDA on each worker, NCCL allreduce, bf16 autocast.")
     optimizer: Literal["sgd", "adagrad", "rmsprop", "adam", "adamw", "lazy_adam"] = Field("adam", description=(

@@ -54,8 +54,6 @@ class Batch(dict):
         return Batch({k: v.pin_memory() for k, v in self.items()})
 
 
-Shard = Batch  # the name older callers use
-
 
 def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
     """Contiguous [start, end) of ``total`` rows for ``rank``; sizes differ by at most one."""

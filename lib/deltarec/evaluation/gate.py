@@ -9,7 +9,6 @@ held-out positives.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -74,32 +73,18 @@ def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateCo
 
 
 # ------------------------------------------------------------ scoring
-def _forward_takes_batch(model: "torch.nn.Module") -> bool:
-    """Models whose forward takes one dict batch (contract 4) versus the
-    original ``forward(user_idx, item_idx)``."""
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(params) == 1
-
-
 def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> np.ndarray:
-    """Raw scores (logits) of ``rows`` (user_idx, item_idx[, history_idx])."""
+    """Raw scores (logits) of ``rows`` (user_idx, item_idx[, history_idx]): the
+    model's ``forward`` on the batch training gives it (``data.shards.model_batch``)."""
     import torch
 
+    from ..data.shards import model_batch
+
     model.eval()
-    users = rows["user_idx"].to_numpy().astype(np.int64)
-    items = rows["item_idx"].to_numpy().astype(np.int64)
-    as_batch = _forward_takes_batch(model)
     out = []
     with torch.no_grad():
-        for s in range(0, len(users), chunk):
-            u, i = torch.from_numpy(users[s:s + chunk]), torch.from_numpy(items[s:s + chunk])
-            if as_batch:  # the same inputs training gives it (history_idx for sequence models)
-                from ..data.shards import model_batch
-
-                out.append(model(model_batch(rows.slice(s, chunk), model)).float().numpy())
-            else:
-                out.append(model(u, i).float().numpy())
+        for s in range(0, rows.num_rows, chunk):
+            out.append(model(model_batch(rows.slice(s, chunk), model)).float().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 

@@ -1,8 +1,6 @@
-"""Recommendation / CTR metrics, in-process (numpy) and distributed (Spark).
-
-Every metric has a numpy version (arrays in, Python floats out, vectorised)
-and, where it makes sense, a Spark version taking a DataFrame that returns the
-same number, computed by Spark SQL without collecting rows to the driver.
+"""Recommendation / CTR metrics on numpy arrays (Python floats out, vectorised),
+and the boolean row masks of the gate's slices. The pipeline scores on the
+driver after one collect of tonight's rows, so there is no Spark version.
 
 Labels are binary 0/1 (bools accepted). Scores only need to order examples;
 probabilities must lie in [0, 1].
@@ -14,10 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = [
-    "auc", "logloss", "gauc", "precision_recall_f1", "ranking_metrics", "topk_from_scores",
-    "spark_auc", "spark_gauc", "spark_logloss", "spark_ranking_metrics",
-]
+__all__ = ["auc", "logloss", "gauc", "ranking_metrics", "topk_from_scores", "slice_masks"]
 
 
 # ----------------------------------------------------------------- validation
@@ -135,23 +130,6 @@ def gauc(users: Any, labels: Any, scores: Any) -> float:
     return float(np.sum(n * num[ok] / (P[ok] * N[ok])) / n.sum())
 
 
-def precision_recall_f1(labels: Any, probs: Any, threshold: float = 0.5) -> dict[str, float]:
-    """Precision, recall and F1 of the positive class, predicting 1 where ``probs >= threshold``.
-
-    precision = TP/(TP+FP), recall = TP/(TP+FN), F1 = 2TP/(2TP+FP+FN); each is 0.0
-    when its denominator is 0 (sklearn's ``zero_division=0``).
-    """
-    y = _labels(labels).astype(bool)
-    pred = _scores(probs, "probs", len(y)) >= threshold
-    tp = int(np.sum(pred & y))
-    fp, fn = int(np.sum(pred & ~y)), int(np.sum(~pred & y))
-
-    def div(a: int, b: int) -> float:
-        return a / b if b else 0.0
-
-    return {"precision": div(tp, tp + fp), "recall": div(tp, tp + fn), "f1": div(2 * tp, 2 * tp + fp + fn)}
-
-
 def _ideal_dcg(k: int) -> np.ndarray:
     """``out[m]`` = DCG of m hits at ranks 1..m, for m = 0..k."""
     return np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
@@ -250,137 +228,6 @@ def topk_from_scores(scores: np.ndarray, k: int, item_ids: Any = None) -> np.nda
     return item_ids[idx]
 
 
-# ----------------------------------------------------------------------- Spark
-def _nan(x: Any) -> float:
-    return float("nan") if x is None else float(x)
-
-
-def _label_counts(F: Any, label_col: str) -> list[Any]:
-    """Aggregates counting positives, negatives and invalid (non 0/1 or null) labels."""
-    y = F.col(label_col).cast("double")
-    return [F.sum(F.when(y == 1, 1).otherwise(0)).alias("pos"),
-            F.sum(F.when(y == 0, 1).otherwise(0)).alias("neg"),
-            F.sum(F.when(y.isin(0.0, 1.0), 0).otherwise(1)).alias("bad")]
-
-
-def _check_bad(bad: Any, label_col: str, score_col: str) -> None:
-    if bad:
-        raise ValueError(f"{bad} rows have a label in {label_col!r} that is not 0/1, "
-                         f"or a null/NaN score in {score_col!r}")
-
-
-def _auc_parts(df: Any, keys: list[str], label_col: str, score_col: str) -> Any:
-    """Per group of ``keys``: pos, neg, bad and ``num2``, twice the Mann-Whitney U.
-
-    Rows are first grouped by (keys, score) so ties share one row; a running sum
-    over ascending score then gives the negatives ranked strictly below each
-    score, and ``num2 = sum pos * (2 * neg_below + neg)`` (an exact integer), so
-    AUC = num2 / (2 * pos * neg).
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    s = F.col(score_col)
-    bad_score = (s.isNull() | F.isnan(s)).cast("long")
-    grouped = df.groupBy(*keys, score_col).agg(*_label_counts(F, label_col), F.sum(bad_score).alias("bad_s"))
-    w = (Window.partitionBy(*keys) if keys else Window).orderBy(score_col).rowsBetween(
-        Window.unboundedPreceding, Window.currentRow)
-    below = F.sum("neg").over(w) - F.col("neg")
-    return (grouped.withColumn("num2", F.col("pos") * (2 * below + F.col("neg")))
-            .groupBy(*keys).agg(F.sum("pos").alias("pos"), F.sum("neg").alias("neg"),
-                                (F.sum("bad") + F.sum("bad_s")).alias("bad"), F.sum("num2").alias("num2")))
-
-
-def spark_auc(df: Any, label_col: str = "label", score_col: str = "score") -> float:
-    """ROC AUC of a DataFrame, equal to :func:`auc` (ties count one half).
-
-    Rank-based Mann-Whitney in Spark SQL: group by score, then a running sum of
-    negatives over ascending score. That window has no partition key, so it
-    runs on one partition over the *distinct* scores (not the rows); round
-    scores upstream if there are billions of distinct values.
-    """
-    r = _auc_parts(df, [], label_col, score_col).first()
-    if r is None or r["bad"] is None:
-        raise ValueError("AUC of an empty DataFrame is undefined")
-    _check_bad(r["bad"], label_col, score_col)
-    if not r["pos"] or not r["neg"]:
-        raise ValueError(f"AUC is undefined with only one class present: {r['pos']} positive and "
-                         f"{r['neg']} negative rows in {label_col!r}")
-    return r["num2"] / (2.0 * r["pos"] * r["neg"])
-
-
-def spark_gauc(df: Any, user_col: str = "user", label_col: str = "label", score_col: str = "score") -> float:
-    """Group AUC of a DataFrame, equal to :func:`gauc`.
-
-    Per-user AUC (window partitioned by user), weighted by the user's row count,
-    over users having both classes; nan if there is none.
-    """
-    from pyspark.sql import functions as F
-
-    per_user = _auc_parts(df, [user_col], label_col, score_col)
-    n = F.col("pos") + F.col("neg")
-    ok = (F.col("pos") > 0) & (F.col("neg") > 0)
-    r = per_user.agg(F.sum("bad").alias("bad"),
-                     F.sum(F.when(ok, n * F.col("num2") / (2.0 * F.col("pos") * F.col("neg")))).alias("wsum"),
-                     F.sum(F.when(ok, n)).alias("n")).first()
-    _check_bad(r["bad"], label_col, score_col)
-    return _nan(r["wsum"]) / r["n"] if r["n"] else float("nan")
-
-
-def spark_logloss(df: Any, label_col: str = "label", prob_col: str = "prob", eps: float = 1e-7,
-                  weight_col: str | None = None) -> float:
-    """Mean binary cross-entropy of a DataFrame with clipping to ``[eps, 1-eps]``, equal to :func:`logloss`."""
-    from pyspark.sql import functions as F
-
-    if not 0 <= eps < 0.5:
-        raise ValueError(f"eps must be in [0, 0.5), got {eps!r}")
-    y, p = F.col(label_col).cast("double"), F.col(prob_col).cast("double")
-    w = F.col(weight_col).cast("double") if weight_col else F.lit(1.0)
-    pc = F.least(F.greatest(p, F.lit(eps)), F.lit(1 - eps))
-    loss = -(y * F.log(pc) + (1 - y) * F.log1p(-pc))
-    bad = F.coalesce(~y.isin(0.0, 1.0) | p.isNull() | F.isnan(p) | (p < 0) | (p > 1) | w.isNull() | (w < 0),
-                     F.lit(True))  # a null label makes the test null: count it as bad
-    r = df.agg(F.sum(bad.cast("long")).alias("bad"), F.sum(w * loss).alias("l"), F.sum(w).alias("w")).first()
-    if r["bad"]:
-        raise ValueError(f"{r['bad']} rows have a label in {label_col!r} that is not 0/1, a probability in "
-                         f"{prob_col!r} outside [0, 1], or a null/negative weight")
-    if not r["w"]:
-        raise ValueError("logloss of an empty DataFrame (or zero total weight) is undefined")
-    return r["l"] / r["w"]
-
-
-def spark_ranking_metrics(recs_df: Any, truth_df: Any, k: int, user_col: str = "user",
-                          item_col: str = "item", rank_col: str = "rank") -> dict[str, float]:
-    """HR@k, NDCG@k, recall@k and MRR@k from DataFrames, equal to :func:`ranking_metrics`.
-
-    ``recs_df`` holds (user, item, rank) with ranks 1..K (rows with rank > k are
-    ignored; an item repeated for a user counts at its best rank); ``truth_df``
-    holds relevant (user, item) pairs (duplicates ignored). The averages run over
-    the users of ``truth_df``; a user there without recommendations scores 0.
-    Users only in ``recs_df`` have no relevant items and are excluded.
-    """
-    from pyspark.sql import functions as F
-
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k!r}")
-    truth = truth_df.select(user_col, item_col).distinct()
-    n_rel = truth.groupBy(user_col).agg(F.count(F.lit(1)).alias("n_rel"))
-    recs = (recs_df.where((F.col(rank_col) >= 1) & (F.col(rank_col) <= k))
-            .groupBy(user_col, item_col).agg(F.min(rank_col).alias("r")))
-    hits = (recs.join(truth, [user_col, item_col])
-            .groupBy(user_col).agg(F.count(F.lit(1)).alias("n_hit"),
-                                   F.sum(1.0 / F.log2(F.col("r") + 1)).alias("dcg"),
-                                   F.min("r").alias("first")))
-    idcg = F.expr(f"aggregate(sequence(1, least(n_rel, {int(k)})), 0D, (acc, i) -> acc + 1D / log2(i + 1))")
-    n_hit = F.coalesce(F.col("n_hit"), F.lit(0))
-    r = (n_rel.join(hits, user_col, "left")
-         .agg(F.avg((n_hit > 0).cast("double")).alias("hr"),
-              F.avg(F.coalesce(F.col("dcg"), F.lit(0.0)) / idcg).alias("ndcg"),
-              F.avg(n_hit / F.col("n_rel")).alias("recall"),
-              F.avg(F.coalesce(1.0 / F.col("first"), F.lit(0.0))).alias("mrr"))).first()
-    return {m: _nan(r[m]) for m in ("hr", "ndcg", "recall", "mrr")}
-
-
 # ---------------------------------------------------------------------- slices
 def slice_masks(*, new_users: Any = None, new_items: Any = None, by: Any = None,
                 by_name: str = "column") -> dict[str, np.ndarray]:
@@ -402,36 +249,3 @@ def slice_masks(*, new_users: Any = None, new_items: Any = None, by: Any = None,
         for value in np.unique(arrays["by"]):
             out[f"{by_name}={value}"] = arrays["by"] == value
     return out
-
-
-def by_slice(metric: Any, slices: dict[str, np.ndarray], *arrays: Any, **kwargs: Any) -> dict[str, float]:
-    """``metric(*[a[mask] for a in arrays], **kwargs)`` per slice; nan where the
-    metric is undefined on the slice (e.g. AUC of a slice with one class, or an
-    empty slice) instead of failing the whole evaluation."""
-    arrays = tuple(np.asarray(a) for a in arrays)
-    out = {}
-    for name, mask in slices.items():
-        try:
-            out[name] = float(metric(*(a[mask] for a in arrays), **kwargs)) if mask.any() else float("nan")
-        except ValueError:
-            out[name] = float("nan")
-    return out
-
-
-def spark_auc_by(df: Any, by_col: str, label_col: str = "label", score_col: str = "score") -> dict[Any, float]:
-    """AUC per value of ``by_col`` (a slice column, e.g. a new-user flag),
-    equal to :func:`auc` on each slice; nan for a slice with one class."""
-    rows = _auc_parts(df, [by_col], label_col, score_col).collect()
-    bad = sum(r["bad"] or 0 for r in rows)
-    _check_bad(bad, label_col, score_col)
-    return {r[by_col]: (r["num2"] / (2.0 * r["pos"] * r["neg"]) if r["pos"] and r["neg"] else float("nan"))
-            for r in rows}
-
-
-def spark_flag_new(df: Any, seen: Any, col: str, flag: str) -> Any:
-    """``df`` plus boolean column ``flag``: true where ``df[col]`` does not occur
-    in ``seen[col]`` (e.g. tonight's users absent from every earlier night)."""
-    from pyspark.sql import functions as F
-
-    known = seen.select(col).distinct().withColumn(flag, F.lit(False))
-    return df.join(F.broadcast(known), col, "left").withColumn(flag, F.coalesce(F.col(flag), F.lit(True)))

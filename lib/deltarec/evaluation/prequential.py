@@ -2,12 +2,14 @@
 before any of them trains on it."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .metrics import ranking_metrics, topk_from_scores
+
+if TYPE_CHECKING:  # torch is imported where models are scored: reading metrics needs no torch
+    import torch
 
 
 def relevant_sets(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, list[set[int]]]:
@@ -59,26 +61,28 @@ def _takes_history(model) -> bool:
         return False
 
 
-@torch.no_grad()
-def model_topk(model: torch.nn.Module, users: np.ndarray, catalog: np.ndarray, k: int,
+def model_topk(model: "torch.nn.Module", users: np.ndarray, catalog: np.ndarray, k: int,
                chunk: int = 256, histories: np.ndarray | None = None) -> np.ndarray:
     """Top ``k`` of ``catalog`` for each user; ``histories`` (len(users), L):
     each user's items before the scored period, for a model that reads them."""
+    import torch
+
     model.eval()
     cat = torch.from_numpy(catalog.astype(np.int64))
     with_hist = histories is not None and _takes_history(model)
     if with_hist and len(histories) != len(users):
         raise ValueError(f"{len(histories)} histories for {len(users)} users: one row per user")
     out = []
-    for s in range(0, len(users), chunk):
-        u = torch.from_numpy(users[s:s + chunk].astype(np.int64))
-        kw = {"history_idx": torch.from_numpy(np.ascontiguousarray(histories[s:s + chunk]))} if with_hist else {}
-        scores = model.score_all(u, cat, **kw).numpy()
-        out.append(catalog[topk_from_scores(scores, k)])
+    with torch.no_grad():
+        for s in range(0, len(users), chunk):
+            u = torch.from_numpy(users[s:s + chunk].astype(np.int64))
+            kw = {"history_idx": torch.from_numpy(np.ascontiguousarray(histories[s:s + chunk]))} if with_hist else {}
+            scores = model.score_all(u, cat, **kw).numpy()
+            out.append(catalog[topk_from_scores(scores, k)])
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
-def evaluate(models: dict[str, torch.nn.Module], popular: np.ndarray | None, users: np.ndarray,
+def evaluate(models: dict[str, "torch.nn.Module"], popular: np.ndarray | None, users: np.ndarray,
              items: np.ndarray, catalog: np.ndarray, k: int,
              histories: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """HR@k / NDCG@k (and recall, MRR) per model and for the popularity list.
@@ -101,33 +105,53 @@ def _rounded(d: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 5) for k, v in d.items()}
 
 
+def catalog_indices(items, features) -> np.ndarray:
+    """The hashed item indices models rank over: every item of the catalogue
+    ``items`` (a Spark DataFrame with item_id), distinct and sorted."""
+    from ..features.examples import catalog
+
+    return np.unique(catalog(items, features).select("item_idx").toArrow()["item_idx"].to_numpy())
+
+
 # ------------------------------------------------------------ lake storage
-# metrics["prequential"] keys → role names in the metrics table
-ROLES = {"model": "champion", "candidate": "candidate", "stale": "stale", "popularity": "popularity"}
+# metrics["prequential"] keys, which are also the role names in the metrics table
+ROLES = ("champion", "candidate", "stale", "popularity")
+# runs committed before the champion's key was 'champion' stored it as 'model'
+_LEGACY_KEYS = {"champion": "model"}
+
+
+def role_metrics(prequential: dict[str, Any] | None, role: str) -> dict[str, float]:
+    """One role's metrics from a run's ``metrics["prequential"]`` ({} if absent),
+    reading what older runs stored under another key."""
+    pre = prequential or {}
+    got = pre.get(role)
+    if got is None and role in _LEGACY_KEYS:
+        got = pre.get(_LEGACY_KEYS[role])
+    return got if isinstance(got, dict) else {}
 
 
 def metric_rows(run_id: str, model: str, first: int, last: int, phase: str, results: dict[str, Any],
                 run_ids: dict[str, str | None]) -> list[dict[str, Any]]:
     """Long rows (one per role and metric) of a prequential or gate result.
 
-    ``results`` is :func:`evaluate`'s dict (prequential: roles under
-    ``ROLES`` keys, metrics without @k) or the gate's (roles champion /
-    candidate, metrics already named like ``ndcg@10``); ``run_ids`` maps a
-    role key to the run whose checkpoint was scored."""
+    ``results`` is :func:`evaluate`'s dict (prequential: the ``ROLES``,
+    metrics without @k) or the gate's (roles champion / candidate, metrics
+    already named like ``ndcg@10``); ``run_ids`` maps a role to the run whose
+    checkpoint was scored."""
     import datetime as dt
 
     now = dt.datetime.now(dt.timezone.utc)
     k = results.get("k")
     rows = []
-    for key, role in ROLES.items() if phase == "prequential" else ((r, r) for r in ("champion", "candidate")):
-        vals = results.get(key)
+    for role in ROLES if phase == "prequential" else ("champion", "candidate"):
+        vals = results.get(role)
         if not isinstance(vals, dict):
             continue
         for metric, value in sorted(vals.items()):
             name = f"{metric}@{k}" if phase == "prequential" and k and "@" not in metric else metric
             ranking = "@" in name
             rows.append({"run_id": run_id, "model": model, "source_first": first, "source_last": last,
-                         "phase": phase, "role": role, "model_run_id": run_ids.get(key), "metric": name,
+                         "phase": phase, "role": role, "model_run_id": run_ids.get(role), "metric": name,
                          "value": float(value),
                          "n": int(results.get("users", 0) if ranking else results.get("n", results.get("users", 0))),
                          "computed_at": now})

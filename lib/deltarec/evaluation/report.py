@@ -5,13 +5,14 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..lake.ledger import Ledger, RunRecord
+from .prequential import role_metrics
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..lake.engine import LakeEngine
 
-# (metrics["prequential"] key, legend label, line colour)
-SERIES = (("model", "updated nightly", "tab:blue"), ("stale", "first model, never updated", "tab:orange"),
+# (metrics["prequential"] role, legend label, line colour)
+SERIES = (("champion", "champion, updated nightly", "tab:blue"), ("stale", "first model, never updated", "tab:orange"),
           ("popularity", "most popular", "tab:green"))
 
 
@@ -25,16 +26,14 @@ def lineage(runs: list[RunRecord], *, verify: bool = False) -> list[dict[str, An
     then its ancestors), checkpoint, and whether its range starts right after
     its parent's. ``verify`` re-hashes each checkpoint against the ledger
     (column ``verified``: True, or the error)."""
+    from ..registry.core import parent_chain
+
     by_id = {r.run_id: r for r in runs}
     rows = []
     for r in runs:
-        chain, node, seen = [], r, set()
-        while node is not None and node.run_id not in seen:
-            seen.add(node.run_id)
-            chain.append(node.run_id)
-            node = by_id.get(node.parent_run_id) if node.parent_run_id else None
+        chain = [r.run_id] + [p.run_id for p in parent_chain(r, by_id)[0]]
         parent = by_id.get(r.parent_run_id) if r.parent_run_id else None
-        pre = r.metrics.get("prequential", {}).get("model", {})
+        pre = role_metrics(r.metrics.get("prequential"), "champion")
         rows.append({
             "run_id": r.run_id,
             "model": r.model,
@@ -86,8 +85,8 @@ def plot_nights(runs: list[RunRecord], path: str | os.PathLike) -> str:
     axes = fig.subplots(1, 2, sharex=True)
     for ax, key, title in ((axes[0], "ndcg", f"next-day NDCG{at}"), (axes[1], "hr", f"next-day HR{at}")):
         for name, label, colour in SERIES:
-            pts = [(r.source_last, r.metrics["prequential"][name][key]) for r in runs
-                   if key in r.metrics.get("prequential", {}).get(name, {})]
+            pts = [(r.source_last, role_metrics(r.metrics.get("prequential"), name)[key]) for r in runs
+                   if key in role_metrics(r.metrics.get("prequential"), name)]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", label=label, color=colour)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..lake import schemas
 from ..lake.engine import CHANGE_COLUMNS
+from .examples import spark_type
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -30,9 +31,8 @@ class SchemaDriftError(RuntimeError):
     """A source column the job reads changed type."""
 
 
-# Spark type names of the behaviour schema's Arrow types.
-_SPARK = {"string": "string", "int64": "bigint", "double": "double", "timestamp[us, tz=UTC]": "timestamp"}
-BEHAVIOR_TYPES = {f.name: _SPARK[str(f.type)] for f in schemas.BEHAVIOR_EVENTS}
+# Spark type names of the behaviour schema's columns.
+BEHAVIOR_TYPES = {f.name: spark_type(f.type) for f in schemas.BEHAVIOR_EVENTS}
 
 
 def check_drift(table: str, current: "StructType", before: "StructType | None", read: set[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from ..lake import schemas
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import Column, DataFrame
 
     from ..config import FeaturesConfig
@@ -250,9 +251,24 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
 
 
 def spark_type(t) -> str:
+    """Spark's type name (``DataType.simpleString()``) of a lake schema's Arrow type:
+    the one mapping between the two (the lake's schemas are Arrow)."""
     import pyarrow as pa
 
     if pa.types.is_list(t):
         return f"array<{spark_type(t.value_type)}>"
-    return {pa.string(): "string", pa.int64(): "bigint", pa.float32(): "float", pa.float64(): "double",
-            pa.bool_(): "boolean"}.get(t, "timestamp")
+    if pa.types.is_timestamp(t):
+        return "timestamp" if t.tz else "timestamp_ntz"
+    names = {pa.string(): "string", pa.int64(): "bigint", pa.float32(): "float", pa.float64(): "double",
+             pa.bool_(): "boolean"}
+    if t not in names:
+        raise ValueError(f"no Spark type for Arrow type {t} in the lake's schemas: add it to spark_type")
+    return names[t]
+
+
+def epoch_micros(col: "pa.ChunkedArray | pa.Array") -> "pa.ChunkedArray | pa.Array":
+    """Arrow timestamps (any unit or zone) as int64 microseconds since the epoch, UTC."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.cast(pc.cast(col, pa.timestamp("us", "UTC")), pa.int64())

@@ -21,7 +21,8 @@ explicit example; the contract's *retraction example*: label 0, weight
   with ``C``): a retraction of the matching purchase — same user and item, the
   most recent one at or before the cancellation that is still in force, from
   the event index of earlier runs or tonight's events; one cancellation
-  retracts one purchase. No match: ``unmatched_cancellation``.
+  retracts one purchase. No match: ``unmatched_cancellation``. The rule is
+  ``features/cancellations.py`` (applied on the driver to two small collects).
 
 "Before" is known from the event index (``EVENT_INDEX``): one row per consumed
 change, the newest row of an event id being its current state. It is also what
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..lake import schemas
+from .cancellations import cancellation_matches
+from .examples import spark_type
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -119,8 +122,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     spark = changes.sparkSession
     if "_bad" not in changes.columns:
         changes = changes.withColumn("_bad", F.lit(None).cast("string"))
-    idx_schema = ", ".join(f"{f.name} {t}" for f, t in zip(schemas.EVENT_INDEX, (
-        "string", "string", "string", "string", "timestamp", "double", "boolean", "bigint")))
+    idx_schema = ", ".join(f"{f.name} {spark_type(f.type)}" for f in schemas.EVENT_INDEX)
     if prior is None:
         prior = spark.createDataFrame([], idx_schema)
     prior = prior.select(*INDEX)
@@ -171,10 +173,10 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     rows = rows.withColumn("_reason", F.when(
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
         F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
-    # Cached: `rows` and the two lookups every output below shares (the
-    # earlier state of changed events, the cancellations' matches), so each is
-    # computed once however many outputs are read — on a small night each
-    # Spark job is mostly fixed cost.
+    # Cached: `rows` and the lookup every output below shares (the earlier
+    # state of changed events), so each is computed once however many outputs
+    # are read — on a small night each Spark job is mostly fixed cost. (The
+    # cancellations' matches are a small local DataFrame: cancellations.py.)
     rows = rows.cache()
 
     ok = rows.where(c("_reason").isNull())
@@ -214,28 +216,9 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         F.lit("delete").alias("cause"))
     del_bad = dele.where(c("_p_source_version").isNull())
 
-    # -- cancellations: retract the most recent matching purchase still in force
+    # -- cancellations: retract the most recent matching purchase still in force (features/cancellations.py)
     canc = ok.where(is_cancel)
-    pairs = canc.select("user_id", "item_id").distinct()
-    # An event is judged by its newest row, whatever (user, item) that row
-    # has: a purchase corrected to another item no longer holds the old pair.
-    held = known.join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi").select("event_id").distinct()
-    current = (known.join(F.broadcast(held), "event_id", "left_semi")
-               .withColumn("_rn", F.row_number().over(
-                   Window.partitionBy("event_id").orderBy(c("source_version").desc(), c("trained").asc())))
-               .where((c("_rn") == 1) & c("trained") & (c("event_type") == "purchase"))
-               .join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi")
-               .select("event_id", "user_id", "item_id", "event_time", "source_version"))
-    cand = canc.alias("x").join(current.alias("p"), ["user_id", "item_id"]).where(
-        (c("p.event_time") <= c("x.event_time")) & (c("p.source_version") <= c("x.source_version")))
-    best = cand.withColumn("_rn", F.row_number().over(Window.partitionBy(c("x.event_id")).orderBy(
-        c("p.event_time").desc(), c("p.source_version").desc(), c("p.event_id").desc()))).where(c("_rn") == 1)
-    # one cancellation retracts one purchase: the earliest cancellation claims it
-    best = best.withColumn("_claim", F.row_number().over(Window.partitionBy(c("p.event_id")).orderBy(
-        c("x.event_time"), c("x.source_version"), c("x.event_id")))).where(c("_claim") == 1)
-    matches = best.select(c("x.event_id").alias("_cancel_id"), c("x.source_version").alias("_cv"),
-                          c("p.event_id").alias("event_id"), "user_id", "item_id",
-                          c("p.event_time").alias("_purchase_time"), c("x.event_time").alias("event_time")).cache()
+    matches = cancellation_matches(canc, known)
     canc = canc.join(matches.select("_cancel_id", "_cv"),
                      (c("event_id") == c("_cancel_id")) & (c("source_version") == c("_cv")), "left")
     canc_ok = canc.where(c("_cancel_id").isNotNull()).drop("_cancel_id", "_cv")
@@ -283,7 +266,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
                    .unionByName(quarantine(canc_bad.withColumn("_detail", F.lit(
                        "no purchase of this user and item in force at or before the cancellation")),
                        UNMATCHED_CANCELLATION)))
-    return Validated(accepted, events, retractions, index, quarantined, rows, (rows, prev, matches))
+    return Validated(accepted, events, retractions, index, quarantined, rows, (rows, prev))
 
 
 def check_threshold(counts: dict[str, int], consumed: int, max_fraction: float) -> None:

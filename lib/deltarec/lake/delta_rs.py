@@ -100,6 +100,9 @@ class DeltaRsEngine(LakeEngine):
 
         return add_files(self.uri(table), partition, table=table)
 
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        return self._table(table, version).file_uris()
+
     def history(self, table: str) -> list[dict[str, Any]]:
         return self._table(table).history()
 

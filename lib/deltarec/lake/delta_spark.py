@@ -162,6 +162,9 @@ class DeltaSparkEngine(LakeEngine):
             df = df.where(F.col(k) == v)
         return sorted(r[0] for r in df.select(F.col("_metadata.file_path")).distinct().collect())
 
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        return sorted(self.read(table, version).inputFiles())
+
     def history(self, table: str) -> list[dict[str, Any]]:
         return [r.asDict(recursive=True) for r in self._dt(table).history().collect()]
 

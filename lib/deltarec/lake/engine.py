@@ -71,6 +71,10 @@ class LakeEngine(abc.ABC):
         """Parquet files of the current snapshot (of one partition): what workers read."""
 
     @abc.abstractmethod
+    def snapshot_files(self, table: str, version: int) -> list[str]:
+        """Data files of ``table`` as of ``version`` (time travel): what a run read then."""
+
+    @abc.abstractmethod
     def history(self, table: str) -> list[dict[str, Any]]:
         """The table's commits, newest first: dicts with at least ``version``,
         ``timestamp`` and ``operation`` (WRITE, MERGE, DELETE, ...)."""

@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING
 from ..features.changes import check_drift, map_source, mapped_columns
 from ..features.examples import build_examples, trained_types
 from ..features.state import next_item_stats, next_user_state
+from ..features.cancellations import match_cancellations
 from ..features.validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES, check_threshold, validate
 from ..lake import schemas
 from ..lake.engine import LakeError, plain_strings, to_arrow
+from .stages import StageClock
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -89,14 +91,14 @@ def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine"
                         last: int) -> "DataFrame":
     """Change rows of (first, last] in the behaviour schema (mapped from your own
     table when ``source.columns`` is set), after the schema-drift check."""
-    L = cfg.lake
-    raw = lake.read_changes(L.events_table, first, last)
-    before = lake.scan(L.events_table, where="1 = 0", version=first - 1).schema if first > 0 else None
+    table = cfg.lake.events_table
+    raw = lake.read_changes(table, first, last)
+    before = lake.scan(table, where="1 = 0", version=first - 1).schema if first > 0 else None
     m = cfg.source.columns
     if m is None:
-        check_drift(L.events_table, raw.schema, before)
+        check_drift(table, raw.schema, before)
         return raw
-    check_drift(L.events_table, raw.schema, before, read=mapped_columns(m))
+    check_drift(table, raw.schema, before, read=mapped_columns(m))
     return map_source(raw, m)
 
 
@@ -106,39 +108,8 @@ def _tonight_keys(changes: "DataFrame"):
     from pyspark.sql import functions as F
 
     return changes.where(F.col("_change_type").isin(*CONSUMED_CHANGES)).select(
-        "_change_type", "event_id", "user_id", "item_id", "event_type", "event_time").toArrow()
-
-
-def _micros(col):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pc.cast(pc.cast(col, pa.timestamp("us", "UTC")), pa.int64())
-
-
-def _cancel_candidates(rows, cancels):
-    """Event ids among ``rows`` (every index row of some events) that a
-    cancellation could retract: an event whose newest row is a trained
-    purchase, and for each cancellation only the latest such purchase of its
-    (user, item) at or before it — validation's own choice among earlier runs'
-    purchases (ties: newer version, then larger id), so the rest of a popular
-    pair's history never reaches Spark."""
-    import pandas as pd
-
-    r = rows.select(["event_id", "user_id", "item_id", "event_type", "trained", "source_version"]).to_pandas()
-    r["t"] = _micros(rows["event_time"]).to_numpy(zero_copy_only=False)
-    newest = r.sort_values(["event_id", "source_version", "trained"], ascending=[True, False, True]) \
-        .drop_duplicates("event_id")
-    held = newest[newest["trained"].fillna(False) & (newest["event_type"] == "purchase") & newest["t"].notna()]
-    x = cancels.select(["user_id", "item_id"]).to_pandas()
-    x["t"] = _micros(cancels["event_time"]).to_numpy(zero_copy_only=False)
-    x = x.dropna()
-    if held.empty or x.empty:
-        return []
-    held = held.astype({"t": "int64"}).sort_values(["t", "source_version", "event_id"], kind="stable")
-    got = pd.merge_asof(x.astype({"t": "int64"}).sort_values("t"), held[["t", "user_id", "item_id", "event_id"]],
-                        on="t", by=["user_id", "item_id"], direction="backward")
-    return sorted(set(got["event_id"].dropna()))
+        "_change_type", "event_id", "user_id", "item_id", "event_type", "event_time",
+        F.col("_commit_version").cast("long").alias("source_version")).toArrow()
 
 
 def _prior_index(lake: "LakeEngine", keys, first: int, table: str = EVENT_INDEX_TABLE):
@@ -162,8 +133,11 @@ def _prior_index(lake: "LakeEngine", keys, first: int, table: str = EVENT_INDEX_
     held = lake.lookup(table, cancels.select(["user_id", "item_id"]), ["event_id"], before)["event_id"]
     held = pc.filter(held, pc.invert(pc.is_in(held, changed)))  # those are in `prior` already, every row
     if len(held):
+        # only the purchase the cancellation rule picks among these (the rest of a
+        # popular pair's history never reaches Spark): the final choice among it
+        # and tonight's purchases is validate's, by the same rule
         rows = lake.lookup(table, pa.table({"event_id": pc.unique(held)}), None, before)
-        keep = pa.array(_cancel_candidates(rows, cancels), pa.string())
+        keep = match_cancellations(cancels, rows)["event_id"]
         prior = pa.concat_tables([prior, rows.filter(pc.is_in(rows["event_id"], keep))], promote_options="permissive")
     return ids, prior
 
@@ -183,29 +157,6 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
             df.unpersist()
 
 
-class _Stages:
-    """Seconds and Spark jobs per stage of the job (recorded in the run's
-    stats): where a night's time goes. Spark is lazy, so a stage is charged
-    with the work its own actions trigger."""
-
-    def __init__(self, spark):
-        import time
-
-        self._clock, self._tracker = time.perf_counter, spark.sparkContext.statusTracker()
-        self.seconds: dict[str, float] = {}
-        self.jobs: dict[str, int] = {}
-        self._t, self._j = self._clock(), self._last_job()
-
-    def _last_job(self) -> int:
-        return max(self._tracker.getJobIdsForGroup(None) or [-1])
-
-    def __call__(self, stage: str) -> None:
-        t, j = self._clock(), self._last_job()
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + t - self._t, 3)
-        self.jobs[stage] = self.jobs.get(stage, 0) + j - self._j
-        self._t, self._j = t, j
-
-
 def _df(spark, arrow):
     return None if arrow is None else spark.createDataFrame(arrow)
 
@@ -222,17 +173,17 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     from pyspark.sql import functions as F
 
     c = F.col
-    L, FC = cfg.lake, cfg.features
-    stage = _Stages(spark)
+    tables, features = cfg.lake, cfg.features
+    stage = StageClock(spark)
     index_table, users_table, items_table = (  # this lineage's state tables
         cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.item_stats_table)
     changes = keep(read_source_changes(spark, cfg, lake, first, last))
     keys = plain_strings(_tonight_keys(changes))
-    stage("read_changes")
+    stage.mark("read_changes")
     prior_ids, prior = _prior_index(lake, keys, first, index_table)
-    stage("index_lookup")
-    v = validate(changes, cfg.validation, run_id, trained_types=trained_types(FC), prior_ids=_df(spark, prior_ids),
-                 prior=_df(spark, prior))
+    stage.mark("index_lookup")
+    v = validate(changes, cfg.validation, run_id, trained_types=trained_types(features),
+                 prior_ids=_df(spark, prior_ids), prior=_df(spark, prior))
     for df in v.cached:
         keep(df)
     accepted = keep(v.accepted)
@@ -252,7 +203,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     n_quarantined = sum(reasons.values())
     consumed = n_accepted + n_quarantined
     check_threshold(reasons, consumed, cfg.validation.max_quarantine_fraction)
-    stage("validate")
+    stage.mark("validate")
 
     # ---- state as of before tonight (time travel past this range's own commits)
     meta = {"run_id": run_id, "source_first": str(first), "source_last": str(last)}
@@ -266,23 +217,23 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
                                              version=base_version(lake, users_table, first))))
     base_items = keep(lake.scan(items_table, version=base_version(lake, items_table, first)))  # catalogue-sized
 
-    items = lake.read(L.items_table) if lake.exists(L.items_table) else None
-    new_users = to_arrow(next_user_state(base_users, events, retractions, FC), schemas.USER_STATE)
-    new_items = to_arrow(next_item_stats(base_items, events, retractions, FC,
+    items = lake.read(tables.items_table) if lake.exists(tables.items_table) else None
+    new_users = to_arrow(next_user_state(base_users, events, retractions, features), schemas.USER_STATE)
+    new_items = to_arrow(next_item_stats(base_items, events, retractions, features,
                                          items.select("item_id", "text") if items is not None else None),
                          schemas.ITEM_STATS)
     tonight_items = _df(spark, new_items)
     stats_after = base_items.join(tonight_items.select("item_id"), "item_id", "left_anti").unionByName(tonight_items)
     if items is None:  # no catalogue table: negatives come from every item seen so far
         items = stats_after.select("item_id")
-    stage("state")
+    stage.mark("state")
 
-    examples = build_examples(events, retractions, items, FC, run_id, history=base_users,
+    examples = build_examples(events, retractions, items, features, run_id, history=base_users,
                               item_stats=stats_after)
 
     # ---- writes, each idempotent (see the module docstring)
-    lake.create(L.quarantine_table, schemas.QUARANTINE_EVENTS)
-    lake.write(L.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
+    lake.create(tables.quarantine_table, schemas.QUARANTINE_EVENTS)
+    lake.write(tables.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
                schema=schemas.QUARANTINE_EVENTS)
     lake.create(index_table, schemas.EVENT_INDEX)
     lake.write(index_table, v.index, mode="overwrite", replace_where=f"source_version >= {first}",
@@ -292,28 +243,28 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
         lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta)
     if n_items:
         lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta)
-    stage("write_state")
-    lake.create(L.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
+    stage.mark("write_state")
+    lake.create(tables.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
     # A big night (a first run over years of history) is written in slices, so
     # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
     # slice is a hash range of event ids, itself in the seeded shuffle order.
-    expected = outcomes.get("event", 0) * (1 + FC.negatives) + sum(outcomes.values())
-    slices = 1 + expected // (EXAMPLES_PER_WRITE * 20 // max(20, FC.history_length))
-    part = F.pmod(F.xxhash64(F.col("event_id"), F.lit(FC.seed + 1)), F.lit(slices))
+    expected = outcomes.get("event", 0) * (1 + features.negatives) + sum(outcomes.values())
+    slices = 1 + expected // (EXAMPLES_PER_WRITE * 20 // max(20, features.history_length))
+    part = F.pmod(F.xxhash64(F.col("event_id"), F.lit(features.seed + 1)), F.lit(slices))
     if slices > 1:  # computed once, not once per slice; on disk: the driver's heap is the executor's here
         from pyspark import StorageLevel
 
         examples = keep(examples.persist(StorageLevel.DISK_ONLY))
     for k in range(slices):
-        lake.write(L.examples_table, examples.where(part == k) if slices > 1 else examples,
+        lake.write(tables.examples_table, examples.where(part == k) if slices > 1 else examples,
                    mode="overwrite" if k == 0 else "append", replace_where=f"run_id = '{run_id}'" if k == 0 else None,
                    partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
-    stage("examples")
+    stage.mark("examples")
 
     this_run = pa.table({"run_id": [run_id]})
-    kinds = _counts(lake.lookup(L.examples_table, this_run, ["kind"]), "kind")
-    new_examples = lake.scan(L.examples_table, where=f"run_id = '{run_id}'")  # one partition
-    stage("report")
+    kinds = _counts(lake.lookup(tables.examples_table, this_run, ["kind"]), "kind")
+    new_examples = lake.scan(tables.examples_table, where=f"run_id = '{run_id}'")  # one partition
+    stage.mark("report")
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes,
              "users_updated": n_users, "items_updated": n_items,
              "stage_seconds": stage.seconds, "stage_spark_jobs": stage.jobs}

@@ -1,6 +1,11 @@
 """The embedded demo: fill an empty lake with real (or synthetic) behaviour,
 train the first model on the history, then replay the following days one
-night at a time through the normal nightly job."""
+night at a time through the normal nightly job.
+
+Reads ``demo.data_path`` (the Online Retail file), or, when that file is
+absent, generates synthetic data and says so (a warning, and the "demo: ..."
+line names the data used). Writes the behaviour and items tables, one Delta
+commit per day, and whatever the nightly runs write."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..demo import source as src
 from ..lake import open_lake, schemas
+from .console import describe, header, summary, table_row
 from .nightly import NightResult, run_nightly
 
 if TYPE_CHECKING:
@@ -59,6 +65,8 @@ def append_day(lake: "LakeEngine", cfg: "Config", events: "pa.Table", items: "pa
 
 
 def run_demo(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResult]:
+    """Load the demo's history, run the first (full) night, then ``demo.nights``
+    nights; a lake that already holds the behaviour table gets one nightly run."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -85,67 +93,6 @@ def run_demo(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResul
         append_day(lake, cfg, ev, items)
         res = run_nightly(spark, cfg, lake=lake)
         results.append(res)
-        out(table_row(str(day), res, cfg.eval.k))
+        out(table_row(str(day), res))
     out(summary(results, lake, cfg, time.perf_counter() - t0))
     return results
-
-
-def run_configured(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResult]:
-    """What ``deltarec nightly`` does: the demo when ``demo.enabled`` (on a lake
-    that already has data that is one nightly run), else one nightly run."""
-    if cfg.demo.enabled:
-        return run_demo(spark, cfg, out=out)
-    result = run_nightly(spark, cfg)
-    out(describe(result))
-    return [result]
-
-
-# ------------------------------------------------------------ printing
-def describe(r: NightResult) -> str:
-    if r.status == "noop":
-        return (f"nothing new for model {r.model!r}: watermark {r.watermark} is the latest version; "
-                "no run, no checkpoint written")
-    reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.quarantine_reasons.items(), key=lambda kv: -kv[1]))
-    return (f"run {r.run_id} ({r.strategy}): versions {r.source_versions[0]}..{r.source_versions[1]}, "
-            f"{r.rows_consumed} rows consumed = {r.rows_accepted} accepted + {r.rows_quarantined} quarantined"
-            f"{' (' + reasons + ')' if reasons else ''}, {r.examples} examples, trained in {r.train_seconds:.1f}s")
-
-
-def header(k: int) -> str:
-    cols = ["night", "versions", "consumed", "quarant.", "examples", "train s",
-            f"HR@{k} upd", f"NDCG@{k} upd", f"HR@{k} stale", f"NDCG@{k} stale", f"HR@{k} pop", f"NDCG@{k} pop"]
-    return "| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|"
-
-
-def table_row(label: str, r: NightResult, k: int) -> str:
-    p = r.prequential
-
-    def m(name, key):
-        v = p.get(name, {}).get(key)
-        return f"{v:.4f}" if v is not None else "-"
-
-    vers = f"{r.source_versions[0]}..{r.source_versions[1]}" if r.source_versions else "-"
-    cells = [label, vers, str(r.rows_consumed), str(r.rows_quarantined), str(r.examples),
-             f"{r.train_seconds:.1f}", m("model", "hr"), m("model", "ndcg"), m("stale", "hr"),
-             m("stale", "ndcg"), m("popularity", "hr"), m("popularity", "ndcg")]
-    return "| " + " | ".join(cells) + " |"
-
-
-def summary(results: list[NightResult], lake, cfg: "Config", seconds: float) -> str:
-    nights = [r for r in results[1:] if r.status == "committed" and r.prequential.get("model")]
-
-    def mean(name, key):
-        vals = [r.prequential[name][key] for r in nights if name in r.prequential]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    lines = [f"\nsummary: {len(results)} runs committed in {seconds:.0f}s wall"]
-    if nights:
-        for name, label in (("model", "updated nightly"), ("stale", "first model, never updated"),
-                            ("popularity", f"most popular, last {cfg.eval.popularity_days} days")):
-            lines.append(f"  mean next-day HR@{cfg.eval.k} {mean(name, 'hr'):.4f}  "
-                         f"NDCG@{cfg.eval.k} {mean(name, 'ndcg'):.4f}  {label}")
-    lines.append(f"  lake: {lake.root}")
-    lines.append(f"  checkpoints: {lake.uri(cfg.lake.checkpoints_dir)}/{cfg.model.name}/")
-    lines.append(f"  latest: {results[-1].checkpoint.get('path', '-')}")
-    lines.append("  see `deltarec status` (or --json) for the ledger")
-    return "\n".join(lines)

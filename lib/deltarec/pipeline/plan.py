@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..lake import open_lake
 from ..lake.ledger import Ledger
+from .strategy import choose_strategy
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -28,16 +29,20 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
     - ``change_types``: change-feed rows per ``_change_type`` in that range
       (``rows``: their total);
     - ``cancellations``: inserted / updated rows that are cancellations (they
-      become retractions of earlier purchases, not events).
+      become retractions of earlier purchases, not events);
+    - ``strategy``, ``parent``: what the night would train and from which run
+      (the same :func:`~deltarec.pipeline.strategy.choose_strategy` the night
+      calls: the usable champion, not merely the newest run), or ``error``
+      when the night would refuse to run.
     """
     from pyspark.sql import functions as F
 
     lake = lake or open_lake(cfg.lake, spark)
-    L = cfg.lake
-    ledger = Ledger(lake, L.runs_table)
+    tables = cfg.lake
+    ledger = Ledger(lake, tables.runs_table)
     runs = ledger.runs(cfg.model.name)
     watermark = ledger.watermark(cfg.model.name)
-    latest = lake.version(L.events_table)
+    latest = lake.version(tables.events_table)
     next_range = (watermark + 1, latest) if latest is not None and latest > watermark else None
     change_types: dict[str, int] = {}
     cancellations = 0
@@ -45,7 +50,7 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
         from ..features.changes import map_source
         from ..features.validate import CANCEL
 
-        changes = lake.read_changes(L.events_table, *next_range)
+        changes = lake.read_changes(tables.events_table, *next_range)
         if cfg.source.columns is not None:  # your own table: cancellations are known after the mapping
             changes = map_source(changes, cfg.source.columns)
         is_cancel = F.col("_change_type").isin("insert", "update_postimage") & (F.col("event_type") == CANCEL)
@@ -53,21 +58,29 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
                   .agg(F.count(F.lit(1)).alias("n"), F.sum(is_cancel.cast("long")).alias("c")).collect())
         change_types = {r["_change_type"]: int(r["n"]) for r in sorted(counts, key=lambda r: r["_change_type"])}
         cancellations = sum(int(r["c"] or 0) for r in counts)
+    strategy = parent = error = None
+    if next_range is not None:
+        try:
+            choice = choose_strategy(cfg, ledger)
+            strategy, parent = choice.strategy, (choice.parent.run_id if choice.parent else None)
+        except ValueError as e:  # the night would refuse to run: say why
+            error = str(e)
     if latest is None:
-        note = (f"no source table {lake.uri(L.events_table)}: "
+        note = (f"no source table {lake.uri(tables.events_table)}: "
                 + ("the next run loads the demo data (demo.enabled=true)" if cfg.demo.enabled
                    else "load data first or point lake.root at your lake"))
     elif next_range is None:
         note = f"nothing new: model {cfg.model.name!r} has consumed version {latest}"
+    elif error is not None:
+        note = f"the next run over versions {next_range[0]}..{next_range[1]} would fail: {error}"
     else:
-        note = (f"the next run consumes versions {next_range[0]}..{next_range[1]} "
-                f"({'incremental from ' + runs[-1].run_id if runs else 'full: first run of this lineage'})")
+        note = f"the next run consumes versions {next_range[0]}..{next_range[1]} ({choice.describe()})"
     return {
         "model": cfg.model.name,
         "lake": lake.root,
         "engine": lake.name,
-        "source_table": L.events_table,
-        "runs_table": L.runs_table,
+        "source_table": tables.events_table,
+        "runs_table": tables.runs_table,
         "runs": len(runs),
         "watermark": watermark,
         "latest_version": latest,
@@ -75,6 +88,9 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
         "change_types": change_types,
         "rows": sum(change_types.values()),
         "cancellations": cancellations,
+        "strategy": strategy,
+        "parent": parent,
+        "error": error,
         "note": note,
     }
 

@@ -36,15 +36,15 @@ def encoder_version(cfg: "Config") -> str:
     weights' size and mtime-free identity), the pooling and the token limit."""
     from ..models.text import resolve_encoder
 
-    T = cfg.model.text
-    path = resolve_encoder(T.model)
+    text = cfg.model.text
+    path = resolve_encoder(text.model)
     ident = path
     conf = os.path.join(path, "config.json")
     if os.path.isfile(conf):  # a local directory: identify it by its config and weight file sizes
         sizes = sorted((f, os.path.getsize(os.path.join(path, f))) for f in os.listdir(path)
                        if f.endswith((".safetensors", ".bin")))
         ident = hashlib.sha256((open(conf).read() + json.dumps(sizes)).encode()).hexdigest()[:16]
-    return f"{os.path.basename(path.rstrip('/')) or path}:{ident}:mean:{T.max_length}"
+    return f"{os.path.basename(path.rstrip('/')) or path}:{ident}:mean:{text.max_length}"
 
 
 def _snapshot_dir(cfg: "Config") -> str:
@@ -59,14 +59,14 @@ def text_params(cfg: "Config") -> dict[str, Any]:
 
     from ..models.text import resolve_encoder
 
-    T = cfg.model.text
-    path = resolve_encoder(T.model)
+    text = cfg.model.text
+    path = resolve_encoder(text.model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dim = AutoConfig.from_pretrained(path).hidden_size
     snap = _snapshot_dir(cfg)
     tag = hashlib.sha256(encoder_version(cfg).encode()).hexdigest()[:12]
-    return {"mode": T.mode, "encoder": T.model, "dim": dim, "top_k": T.top_k, "lora_rank": T.lora_rank,
-            "lora_alpha": T.lora_alpha, "max_length": T.max_length,
+    return {"mode": text.mode, "encoder": text.model, "dim": dim, "top_k": text.top_k, "lora_rank": text.lora_rank,
+            "lora_alpha": text.lora_alpha, "max_length": text.max_length,
             "embeddings_path": f"{snap}/embeddings-{tag}.parquet", "texts_path": f"{snap}/texts.parquet"}
 
 
@@ -114,7 +114,7 @@ def ensure_text_embeddings(spark: "SparkSession", cfg: "Config", lake, items: "D
 
     from ..features.examples import bucket
 
-    T = cfg.model.text
+    text = cfg.model.text
     version = encoder_version(cfg)
     params = text_params(cfg)
     if "text" not in items.columns:
@@ -128,20 +128,20 @@ def ensure_text_embeddings(spark: "SparkSession", cfg: "Config", lake, items: "D
     texts = cur.groupBy("item_idx").agg(F.min_by("text", "item_id").alias("text")).orderBy("item_idx").toArrow()
     pq.write_table(texts, params["texts_path"])
     stats = {"items": texts.num_rows, "encoded": 0}
-    if T.mode != "frozen":
+    if text.mode != "frozen":
         return stats
     todo = changed_items(spark, cfg, lake, items)
     new = todo.select("item_id", "text", "text_hash").mapInArrow(
-        _encode_partition(T.model, version, T.max_length, T.batch_size),
+        _encode_partition(text.model, version, text.max_length, text.batch_size),
         "item_id string, text_hash string, encoder_version string, embedding array<float>")
     new_arrow = new.toArrow()
     stats["encoded"] = new_arrow.num_rows
-    lake.create(T.table, TEXT_EMBEDDINGS)
+    lake.create(text.table, TEXT_EMBEDDINGS)
     if new_arrow.num_rows:
-        lake.merge(T.table, new_arrow.cast(TEXT_EMBEDDINGS), ["item_id", "text_hash", "encoder_version"],
+        lake.merge(text.table, new_arrow.cast(TEXT_EMBEDDINGS), ["item_id", "text_hash", "encoder_version"],
                    update=False)
     cur_hash = cur.withColumn("text_hash", F.sha2(F.col("text"), 256))
-    emb = (lake.read(T.table).where(F.col("encoder_version") == version)
+    emb = (lake.read(text.table).where(F.col("encoder_version") == version)
            .join(cur_hash, ["item_id", "text_hash"]).groupBy("item_idx")
            .agg(F.min_by("embedding", "item_id").alias("embedding")).orderBy("item_idx").toArrow())
     pq.write_table(emb, params["embeddings_path"])

@@ -2,5 +2,5 @@
 an audit log of champion changes, lineage, rollback, reproduction, and an
 optional MLflow mirror."""
 from .core import (  # noqa: F401
-    current_user, events, list_entries, promote, record_event, rollback, show,
+    current_user, describe, events, list_entries, parent_chain, promote, record_event, rollback, show,
 )

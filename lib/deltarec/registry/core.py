@@ -61,6 +61,22 @@ def _gate(r: RunRecord) -> dict[str, Any]:
     return r.metrics.get("gate") or {}
 
 
+def parent_chain(run: RunRecord, by_id: dict[str, RunRecord]) -> tuple[list[RunRecord], str | None]:
+    """``run``'s ancestors in ``by_id`` (run id → run), parent first, and the
+    id of the first parent missing from ``by_id`` (None: the chain ends at a
+    lineage's first run). A cycle ends the walk."""
+    chain: list[RunRecord] = []
+    node, seen = run.parent_run_id, {run.run_id}
+    while node and node not in seen:
+        seen.add(node)
+        parent = by_id.get(node)
+        if parent is None:
+            return chain, node
+        chain.append(parent)
+        node = parent.parent_run_id
+    return chain, None
+
+
 def list_entries(ledger: Ledger, model: str) -> list[dict[str, Any]]:
     """One entry per committed run, oldest first: id, status, parent, …"""
     out = []
@@ -83,16 +99,11 @@ def show(ledger: Ledger, lake: "LakeEngine", cfg: "Config", run_id: str) -> dict
         raise LakeError(f"no run {run_id!r} in the ledger ({lake.uri(ledger.table)}); "
                         "see `deltarec registry list`")
     r = runs[run_id]
-    chain, node, seen = [], r.parent_run_id, {run_id}
-    while node and node not in seen:
-        seen.add(node)
-        p = runs.get(node)
-        if p is None:
-            chain.append({"id": node, "missing": True})
-            break
-        chain.append({"id": p.run_id, "status": p.status, "strategy": p.strategy,
-                      "source_versions": [p.source_first, p.source_last]})
-        node = p.parent_run_id
+    ancestors, missing = parent_chain(r, runs)
+    chain = [{"id": p.run_id, "status": p.status, "strategy": p.strategy,
+              "source_versions": [p.source_first, p.source_last]} for p in ancestors]
+    if missing:
+        chain.append({"id": missing, "missing": True})
     inputs = dict(r.metrics.get("inputs") or {})
     trained_on = [{"id": rid, "source_versions": [runs[rid].source_first, runs[rid].source_last]
                    if rid in runs else [r.source_first, r.source_last]}
@@ -146,3 +157,63 @@ def rollback(ledger: Ledger, lake: "LakeEngine", cfg: "Config", *, by: str | Non
         raise LakeError(f"model {cfg.model.name!r}: champion {cur.run_id} has no previous champion to roll back "
                         "to; use `deltarec registry promote ID` to pick one")
     return promote(ledger, lake, cfg, prev.run_id, by=by, reason=reason, action="rollback")
+
+
+def describe(action: str, out: Any, model: str) -> str:
+    """What ``deltarec registry ACTION`` prints: ``out`` is the action's result
+    (list / show / promote / rollback / reproduce, as ``--json`` prints it)."""
+    from ..evaluation.prequential import ROLES, role_metrics
+
+    if action == "list":
+        lines = [f"{'id':<24} {'status':<10} {'parent':<24} {'versions':<11} {'gate':<5} reason"]
+        for e in out:
+            v = e["source_versions"]
+            gate = "-" if e["gate"] is None else ("pass" if e["gate"] else "FAIL")
+            lines.append(f"{e['id']:<24} {e['status']:<10} {e['parent'] or '-':<24} {f'{v[0]}..{v[1]}':<11} "
+                         f"{gate:<5} {e['reason'] or ''}")
+        return "\n".join(lines) if out else f"no runs of model {model!r} yet: run `deltarec nightly`"
+    if action == "show":
+        m = out["metrics"]
+        chain = " <- ".join([out["id"]] + [c["id"] for c in out["parent_chain"]])
+        inp = out["inputs"]
+        lines = [f"run {out['id']}  status {out['status']}  ({out['status_reason'] or ''}; by "
+                 f"{out['status_by'] or '-'} at {out['status_at']})",
+                 f"  lineage: {chain}",
+                 f"  strategy {out['strategy']}; source {out['source']['table']} versions "
+                 f"{out['source']['versions'][0]}..{out['source']['versions'][1]}",
+                 f"  trained on: {inp['examples_table']}@v{inp['examples_version']}: " + ", ".join(
+                     f"{t['id']} ({t['source_versions'][0]}..{t['source_versions'][1]})" for t in inp["trained_on"]),
+                 f"  code {out['code_version']}; checkpoint {out['checkpoint']['path']}",
+                 f"    sha256 {out['checkpoint']['sha256']}",
+                 f"  examples {m.get('examples')}; train loss {(m.get('train') or {}).get('loss')}"]
+        gate = m.get("gate") or {}
+        if gate.get("candidate"):
+            lines.append(f"  gate on {gate.get('n')} rows ({gate.get('scored_on')}):")
+            for c in gate["decision"]["checks"]:
+                lines.append(f"    {c['metric']:<10} candidate {c['candidate']:.5f}  champion {c['champion']:.5f}  "
+                             f"{'ok' if c['passed'] else 'FAIL'}")
+        lines.append(f"  decision: {(gate.get('decision') or {}).get('reason', '-')}")
+        pre = m.get("prequential") or {}
+        for role in ROLES:
+            if role_metrics(pre, role):
+                lines.append(f"  next-day {role:<10} " + "  ".join(
+                    f"{k}@{pre.get('k')} {v:.4f}" for k, v in role_metrics(pre, role).items()))
+        cfgd = out["config"]
+        lines.append(f"  config: model {cfgd.get('model')}; train lr {cfgd.get('train', {}).get('lr')} "
+                     f"seed {cfgd.get('train', {}).get('seed')} backend {cfgd.get('train', {}).get('backend')}"
+                     "  (--json for all of it)")
+        for e in out["events"]:
+            lines.append(f"  event {e['at']} {e['action']}: {e['run_id']} (was {e['previous_champion']}) "
+                         f"by {e['by']}: {e['reason']}")
+        return "\n".join(lines)
+    if action in ("promote", "rollback"):
+        return (f"{action}: champion of {model!r} is now {out['champion']} (was "
+                f"{out['previous_champion']}); by {out['by']}: {out['reason']}")
+    lines = [f"reproduce {out['id']}: {'PASSED' if out['passed'] else 'FAILED'} (tolerance {out['tolerance']:g}; "
+             f"identical weights: {out['identical_weights']}; {out['files']} files of "
+             f"{out['examples_table']}@v{out['examples_version']}; retrained on {out['backend']} "
+             f"x{out['world_size']})"]
+    for c in out["comparisons"]:
+        lines.append(f"  {c['metric']:<14} recorded {c['recorded']:.6f}  rebuilt {c['rebuilt']:.6f}  "
+                     f"{'ok' if c['passed'] else 'DIFFERS'}")
+    return "\n".join(lines)

@@ -68,13 +68,15 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _metrics(run: "RunRecord") -> dict[str, float]:
+    from ..evaluation.prequential import ROLES, role_metrics
+
     m = run.metrics
     out: dict[str, float] = {}
     pre = m.get("prequential") or {}
     k = pre.get("k")
-    for role in ("model", "candidate", "stale", "popularity"):
-        for name, v in (pre.get(role) or {}).items():
-            out[f"prequential.{'champion' if role == 'model' else role}.{name}_at_{k}"] = v
+    for role in ROLES:
+        for name, v in role_metrics(pre, role).items():
+            out[f"prequential.{role}.{name}_at_{k}"] = v
     gate = m.get("gate") or {}
     for role in ("candidate", "champion"):
         for name, v in (gate.get(role) or {}).items():
@@ -133,13 +135,3 @@ def set_champion_alias(cfg: "Config", lake: "LakeEngine", run: "RunRecord") -> d
     v = max(versions, key=lambda v: int(v.version))
     c.set_registered_model_alias(name, ALIAS, v.version)
     return {"registered_model": name, "version": str(v.version), "alias": ALIAS}
-
-
-def champion_version(cfg: "Config", lake: "LakeEngine") -> dict[str, Any] | None:
-    """The model version the alias points at, with its deltarec run id."""
-    _, c = client(cfg, lake)
-    try:
-        v = c.get_model_version_by_alias(registered_model(cfg), ALIAS)
-    except Exception:
-        return None
-    return {"version": str(v.version), "run_id": v.tags.get(RUN_TAG)}

@@ -3,11 +3,13 @@
 The run row records (metrics["inputs"]) the version the examples table had
 when the run committed and the exact parquet files it trained on, in order,
 and (metrics["train_spec"]) the training spec: seed, optimizer, epochs,
-parent checkpoint. Reproduction time-travels the examples table to that
-version, checks that every file is part of that snapshot (and still on
-disk: not vacuumed), retrains on one local process from the recorded parent,
-then scores the rebuilt model on the run's held-out rows of that snapshot
-with the gate's metrics, and compares.
+parent checkpoint; metrics["train"] the backend and the number of workers
+that trained it. Reproduction time-travels the examples table to that
+version, checks that every file is part of that snapshot (and still on disk:
+not vacuumed), retrains from the recorded parent on the same backend with
+the same number of workers (the shard each worker reads, and so the order of
+the updates, depends on it), then scores the rebuilt model on the run's
+held-out rows of that snapshot with the gate's metrics, and compares.
 """
 from __future__ import annotations
 
@@ -26,18 +28,9 @@ if TYPE_CHECKING:
 
     from ..config import Config
     from ..lake.engine import LakeEngine
+    from ..lake.ledger import RunRecord
 
 log = logging.getLogger("deltarec.registry")
-
-
-def files_at_version(lake: "LakeEngine", table: str, version: int) -> set[str]:
-    """Data files of ``table``'s snapshot at ``version`` (Delta time travel)."""
-    if lake.name == "delta-rs":
-        from deltalake import DeltaTable
-
-        return set(DeltaTable(lake.uri(table), version=version).file_uris())
-    spark = lake._require_spark()
-    return set(spark.read.format("delta").option("versionAsOf", version).load(lake.uri(table)).inputFiles())
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -52,9 +45,8 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
     one. ``keep``: directory for the rebuilt checkpoint (default: a temporary
     one, deleted)."""
     from ..evaluation.gate import evaluate_models
-    from ..pipeline.nightly import _load_model
-    from ..train.backends import LocalBackend
-    from ..train.checkpoint import verify_checkpoint
+    from ..evaluation.prequential import catalog_indices
+    from ..train.checkpoint import load_model, verify_checkpoint
     from ..train.loop import TrainSpec
 
     ledger = Ledger(lake, cfg.lake.runs_table)
@@ -64,7 +56,7 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
         raise LakeError(f"run {run_id} records no lineage inputs/train_spec (committed by an older deltarec): "
                         "it cannot be reproduced")
     table, version = inputs["examples_table"], inputs["examples_version"]
-    snapshot = files_at_version(lake, table, version)
+    snapshot = lake.snapshot_files(table, version)
     missing = [f for f in inputs["files"] if not any(_same_file(f, s) for s in snapshot)]
     if missing:
         raise LakeError(f"run {run_id}: {len(missing)} of its {len(inputs['files'])} training files are not in "
@@ -77,9 +69,10 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
     spec = TrainSpec(**{k: v for k, v in spec_d.items() if k in known},
                      files=list(inputs["files"]), checkpoint_dir=f"{out_dir}/checkpoint", resume_dir=None,
                      progress=False, meta={"reproduction_of": run_id})
+    backend = recorded_backend(spark, run)
     try:
         try:
-            result = LocalBackend().run(spec)
+            result = backend.run(spec)
         except FileNotFoundError as e:
             raise LakeError(f"run {run_id}: a training file of {table} version {version} is gone from storage "
                             f"(vacuumed?): {e}") from None
@@ -92,30 +85,44 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
         gate = run.metrics.get("gate") or {}
         recorded = gate.get("candidate") or {}
         if recorded:
-            from ..pipeline.nightly import _catalog_idx
-
             rows = lake.read_arrow(table, version=version, filters=[("run_id", "=", run_id)])
             if "holdout" in rows.column_names and "holdout" in gate.get("scored_on", ""):
                 import pyarrow.compute as pc
 
                 rows = rows.filter(pc.equal(rows["holdout"], True))
             items = lake.read(inputs["items_table"], version=inputs.get("items_version"))
-            rebuilt = evaluate_models({"candidate": _load_model(ck["path"], ck["sha256"])},
+            rebuilt = evaluate_models({"candidate": load_model(ck)},
                                       # the columns the nightly gate scored with (histories need the time order)
                                       rows.select(["user_idx", "item_idx", "label"] + [
                                           c for c in ("history_idx", "event_time", "event_id")
                                           if c in rows.column_names]),
-                                      _catalog_idx(cfg, items), sorted(recorded))
+                                      catalog_indices(items, cfg.features), sorted(recorded))
             for m, v in sorted(recorded.items()):
                 comparisons.append(_compare(f"gate.{m}", v, rebuilt["candidate"].get(m, float("nan")), tolerance))
         passed = bool(comparisons) and all(c["passed"] for c in comparisons)
         return {"id": run_id, "passed": passed, "tolerance": tolerance, "identical_weights": same_weights,
                 "examples_table": table, "examples_version": version, "files": len(inputs["files"]),
-                "parent": run.parent_run_id, "seed": spec.seed, "comparisons": comparisons,
+                "parent": run.parent_run_id, "seed": spec.seed, "backend": backend.name,
+                "world_size": result.get("world_size"), "comparisons": comparisons,
                 "checkpoint": ck["path"] if keep else None, "recorded_checkpoint": run.checkpoint_path}
     finally:
         if keep is None:
             shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def recorded_backend(spark: "SparkSession | None", run: "RunRecord"):
+    """The backend that trained ``run``, with as many workers: its
+    ``metrics["train"]`` (backend, world_size, launcher), else what its config
+    asked for (runs committed before the launcher was recorded)."""
+    from ..train.backends import make_backend
+
+    train = run.metrics.get("train") or {}
+    asked = (run.config or {}).get("train", {})
+    name = train.get("backend") or asked.get("backend", "local")
+    world = int(train.get("world_size") or asked.get("num_proc") or 1)
+    launcher = train.get("launcher") or asked.get("launcher") or "spark"
+    use_gpu = bool((run.metrics.get("train_spec") or {}).get("use_gpu", False))
+    return make_backend(name, spark, world, use_gpu, launcher)
 
 
 def _compare(name: str, recorded: float, rebuilt: float, tol: float) -> dict[str, Any]:

@@ -156,3 +156,22 @@ def load_checkpoint(path: str, expected_sha256: str | None = None) -> LoadedChec
         pass
     extras = {name: _read(fs, f"{root}/{name}") for name in files if name not in STANDARD_FILES}
     return LoadedCheckpoint(path, model_state, opt_state, train_state, meta, extras)
+
+
+def load_model(source: Any, sha256: str | None = None) -> torch.nn.Module:
+    """The model of a checkpoint, verified and in eval mode. ``source``: a
+    checkpoint path (with ``sha256``, the manifest's recorded digest), a
+    ``{"path", "sha256"}`` dict as a training result gives it, or a ledger
+    ``RunRecord`` (its recorded path and digest)."""
+    from ..models import build_model
+
+    if hasattr(source, "checkpoint_path"):  # a RunRecord (not imported: the lake needs no torch)
+        path, sha256 = source.checkpoint_path, source.checkpoint_sha256
+    elif isinstance(source, dict):
+        path, sha256 = source["path"], source.get("sha256")
+    else:
+        path = source
+    ck = load_checkpoint(path, sha256)
+    model = build_model(ck.meta["model"], **ck.meta["model_params"])
+    model.load_state_dict(ck.model_state)
+    return model.eval()

@@ -70,11 +70,10 @@ def keeps_sparse(optimizer) -> bool:
     """Whether ``optimizer`` takes sparse embedding gradients as they are and
     gets the same result it would from the dense ones (or, LazyAdam, is
     meant for them)."""
-    opt = getattr(optimizer, "_opt", optimizer)  # our synchronising wrappers
-    if isinstance(opt, LazyAdam):
+    if isinstance(optimizer, LazyAdam):
         return True
-    if isinstance(opt, torch.optim.Adagrad):
-        return all(g.get("weight_decay", 0) == 0 for g in opt.param_groups)
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return all(g.get("weight_decay", 0) == 0 for g in optimizer.param_groups)
     return False
 
 
@@ -87,7 +86,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
             continue
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()
-            grads.append(p.grad._values())
+            grads.append(p.grad.values())
         else:
             grads.append(p.grad)
     if not grads:

@@ -1,0 +1,103 @@
+"""Stage 4 of a night: score what serves now on the new day, before anything
+trains on it (prequential evaluation).
+
+Reads tonight's examples (label-1 events), the ledger, the checkpoints of the
+champion, the newest rejected candidate and the lineage's first model, and
+(for the popularity baseline) committed runs' positives through the engine's
+``lookup``. Writes ``lake.metrics_table`` rows of phase ``prequential``. The
+metric code itself is ``evaluation/prequential.py``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..lake.ledger import CANDIDATE, Ledger, RunRecord
+
+if TYPE_CHECKING:
+    import numpy as np
+    from pyspark.sql import DataFrame
+
+    from ..config import Config
+    from ..lake.engine import LakeEngine
+
+log = logging.getLogger("deltarec.nightly")
+
+
+def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_examples: "DataFrame",
+                      items: "DataFrame", parent: RunRecord, run_id: str | None = None, first: int = 0,
+                      last: int = 0) -> dict[str, Any]:
+    """HR@K/NDCG@K on the new positives, before anything trains on them, for:
+    the champion (key 'champion': the warm-start parent), the newest
+    candidate the gate did not promote since ('candidate'), the first model
+    of the lineage never updated ('stale'), and the most popular items of the
+    last ``eval.popularity_days`` days ('popularity'); ``runs`` names the run
+    scored in each role. Stored in ``lake.metrics_table`` when ``run_id`` is
+    given. ``{}`` when tonight has no positives."""
+    from pyspark.sql import functions as F
+
+    from ..evaluation.prequential import catalog_indices, evaluate, metric_rows, store_metrics, user_histories
+    from ..train.checkpoint import load_model
+
+    pos = new_examples.where(F.col("label") == 1)
+    if "kind" in new_examples.columns:  # contract 1: retractions are label 0 anyway; events only
+        pos = pos.where(F.col("kind") == "event")
+    # histories (and the event id that orders same-time rows as the delta job did) for models that read them
+    pos = pos.select("user_idx", "item_idx", "event_time",
+                     *[c for c in ("history_idx", "event_id") if c in new_examples.columns]).toArrow()
+    if pos.num_rows == 0:
+        return {}
+    k = cfg.eval.k
+    start = min(pos["event_time"].to_pylist())
+    runs = ledger.runs(cfg.model.name)
+    since = start - dt.timedelta(days=cfg.eval.popularity_days)
+    top = popular(lake, cfg.lake.examples_table, [r.run_id for r in runs], since, start, k)
+
+    challenger = max((r for r in runs if r.status == CANDIDATE and r.source_first > parent.source_last),
+                     key=lambda r: r.source_last, default=None)
+    run_ids = {"champion": parent.run_id, "stale": runs[0].run_id if runs else parent.run_id}
+    models = {"champion": load_model(parent)}
+    if challenger is not None:
+        try:
+            models["candidate"] = load_model(challenger)
+            run_ids["candidate"] = challenger.run_id
+        except Exception as e:  # a corrupt candidate is reported, not fatal: it does not serve
+            log.error("prequential: cannot load candidate %s: %s", challenger.run_id, e)
+    models["stale"] = load_model(runs[0]) if len(runs) > 1 else models["champion"]
+    histories = None
+    if "history_idx" in pos.column_names:  # each user's items before tonight, for models that read them
+        width = max([int(getattr(m, "history_length", 0) or 0) for m in models.values()] + [1])
+        histories = user_histories(pos, width)
+    out = evaluate(models, top, pos["user_idx"].to_numpy(), pos["item_idx"].to_numpy(),
+                   catalog_indices(items, cfg.features), k, histories=histories)
+    out["runs"] = run_ids
+    if run_id is not None:
+        store_metrics(lake, cfg.lake.metrics_table, run_id, "prequential",
+                      metric_rows(run_id, cfg.model.name, first, last, "prequential", out, run_ids))
+    return out
+
+
+def popular(lake: "LakeEngine", table: str, committed: list[str], since: dt.datetime, until: dt.datetime,
+            k: int) -> "np.ndarray | None":
+    """The ``k`` items (hashed) with most positive examples of committed runs in
+    [since, until), most first (ties: smaller index); None if there are none.
+    The engine's ``lookup`` reads three columns of the committed runs' rows
+    (delta-rs: in Rust), so no history-sized Spark job runs every night."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ..features.examples import epoch_micros
+
+    if not committed:
+        return None
+    rows = lake.lookup(table, pa.table({"run_id": pa.array(committed, pa.string())}),
+                       ["item_idx", "event_time"], where="label = 1")
+    t = epoch_micros(rows["event_time"]).to_numpy(zero_copy_only=False)
+    lo, hi = (int((x if x.tzinfo else x.replace(tzinfo=dt.timezone.utc)).timestamp() * 1_000_000)
+              for x in (since, until))
+    items = rows["item_idx"].to_numpy(zero_copy_only=False)[(t >= lo) & (t < hi)]
+    if not len(items):
+        return None
+    ids, counts = np.unique(items, return_counts=True)
+    return ids[np.lexsort((ids, -counts))][:k]

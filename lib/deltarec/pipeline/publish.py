@@ -1,0 +1,114 @@
+"""Stage 7 of a night: the commit that makes the run exist, and what follows it.
+
+Reads the verified candidate checkpoint and the stages' results. Writes one
+MERGE into the run ledger (``lake.runs_table``: the watermark advance and, if
+the gate passed, the champion change, in one Delta commit), then the
+registry's audit event and, with ``mlflow.enabled``, the MLflow mirror. A
+failure after the commit is logged and never undoes it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..faults import crash_point
+from ..lake.ledger import CANDIDATE, CHAMPION, Ledger, RunRecord
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..lake.engine import LakeEngine
+    from .delta_job import PreparedNight
+    from .strategy import StrategyChoice
+    from .training import Trained
+
+log = logging.getLogger("deltarec.nightly")
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when run from a checkout."""
+    from .. import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def check_mlflow(cfg: "Config", lake: "LakeEngine") -> None:
+    """With ``mlflow.enabled``, fail before the night's work, not after it."""
+    if cfg.mlflow.enabled:
+        from ..registry.mlflow_sync import client
+
+        client(cfg, lake)
+
+
+def run_metrics(night: "PreparedNight", trained: "Trained", choice: "StrategyChoice", prequential: dict[str, Any],
+                gate: dict[str, Any], inputs: dict[str, Any], train_spec: dict[str, Any],
+                stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run's ledger ``metrics``: rows consumed / quarantined, examples,
+    training, prequential, gate, lineage inputs (what ``registry
+    show/reproduce`` time-travels to), the train spec, the delta job's counts
+    (``delta_job``: outcomes, example kinds, retractions, state rows updated)
+    and ``stages`` (``{stage: {"seconds", "spark_jobs"}}``)."""
+    return {
+        "rows": {"consumed": night.consumed, "accepted": night.accepted, "quarantined": night.quarantined,
+                 "quarantine_reasons": night.reasons},
+        "examples": night.examples,
+        "train": trained.record(choice.warm.run_id if choice.warm else None),
+        "prequential": prequential,
+        "gate": gate,
+        "inputs": inputs,
+        "train_spec": train_spec,
+        "delta_job": {k: v for k, v in night.stats.items() if not k.startswith("stage_")},
+        "stages": stages,
+    }
+
+
+def publish_run(cfg: "Config", lake: "LakeEngine", ledger: Ledger, *, run_id: str, first: int, last: int,
+                started: dt.datetime, choice: "StrategyChoice", trained: "Trained",
+                metrics: dict[str, Any]) -> RunRecord:
+    """Commit the run (champion if ``metrics["gate"]`` passed, else candidate)
+    against the champion the gate compared with (:func:`after_commit` follows)."""
+    crash_point("before_ledger_commit")
+    gate = metrics["gate"]["decision"]
+    ck = trained.checkpoint
+    parent = choice.parent
+    record = ledger.commit(RunRecord(
+        run_id=run_id, model=cfg.model.name, source_table=cfg.lake.events_table, source_first=first,
+        source_last=last, checkpoint_path=ck["path"], checkpoint_sha256=ck["sha256"], checkpoint_files=ck["files"],
+        config=cfg.to_dict(), code_version=code_version(), metrics=metrics, started_at=started,
+        strategy=choice.strategy, parent_run_id=parent.run_id if parent else None,
+        status=CHAMPION if gate["passed"] else CANDIDATE, status_reason=gate["reason"], status_by="gate",
+    ), expected_champion=choice.serving.run_id if choice.serving else None)
+    log.info("run %s committed as %s: watermark %d → %d; %s", run_id, record.status, first - 1, last,
+             gate["reason"])
+    return record
+
+
+def after_commit(cfg: "Config", lake: "LakeEngine", record: RunRecord, previous: RunRecord | None) -> dict[str, Any]:
+    """Audit trail and the MLflow mirror; the commit already happened, so a
+    failure here is logged loudly and never undoes it. Returns what MLflow
+    recorded (``{}`` when disabled, ``{"error": ...}`` when it failed)."""
+    from ..registry.core import record_event
+
+    action = ("first" if record.parent_run_id is None and previous is None
+              else "gate_promote" if record.status == CHAMPION else "gate_reject")
+    try:
+        record_event(lake, cfg, action, record.run_id, previous.run_id if previous else None, "gate",
+                     record.status_reason or "")
+    except Exception as e:
+        log.error("run %s committed, but its registry event was not written: %s", record.run_id, e)
+    if not cfg.mlflow.enabled:
+        return {}
+    try:
+        from ..registry.mlflow_sync import log_run
+
+        return log_run(cfg, lake, record)
+    except Exception as e:
+        log.error("run %s committed, but logging it to MLflow failed: %s: %s", record.run_id, type(e).__name__, e)
+        return {"error": f"{type(e).__name__}: {e}"}
