@@ -150,7 +150,7 @@ def _submit(cluster: Standalone, lake_root: Path, backend: str) -> subprocess.Co
     env = {k: v for k, v in _jvm_env().items() if k != "SPARK_NO_DAEMONIZE"}
     if "DELTAREC_VENV" in os.environ:
         env["DELTAREC_VENV"] = os.environ["DELTAREC_VENV"]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     (cluster.logs / f"driver-{backend}.log").write_text(f"{done.stdout}\n--- stderr\n{done.stderr}")
     return done
 
@@ -174,6 +174,9 @@ def test_two_nights_on_a_standalone_cluster(cluster, tmp_path, backend):
     assert [(r.source_first, r.source_last) for r in runs] == [(0, 1), (2, 2)]
     assert ledger.watermark("ranking") == lake.version("behavior_events") == 2
     assert runs[1].parent_run_id == runs[0].run_id and runs[1].strategy == "incremental"
+    # each night's examples: Parquet parts the executors wrote, committed by the driver in one transaction
+    written = [m for _, m in lake.commit_metadata("training_examples")]
+    assert [(m["run_id"], m["writer"]) for m in written] == [(r.run_id, "executors") for r in runs], written
     for r in runs:
         verify_checkpoint(r.checkpoint_path, r.checkpoint_sha256)  # written by rank 0 on an executor
         train = r.metrics["train"]

@@ -51,7 +51,7 @@ def add_files(uri: str, partition: dict[str, str] | None = None, version: int | 
 
     name = table or uri
     try:
-        dt = DeltaTable(delta_rs_uri(uri), version=version, skip_stats=True)
+        dt = DeltaTable(delta_rs_uri(uri), version=version)
     except TableNotFoundError:
         raise LakeError(f"Delta table {name!r} does not exist at {uri}") from None
     proto = dt.protocol()
