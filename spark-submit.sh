@@ -11,16 +11,20 @@
 # What it does:
 #   1. creates .venv on first use (lib/bootstrap_env.sh; quiet afterwards;
 #      DELTAREC_NO_BOOTSTRAP=1 skips it and uses the python on PATH);
-#   2. zips lib/deltarec into build/deltarec.zip and ships it with --py-files;
+#   2. zips lib/deltarec into build/deltarec.zip and ships it with --py-files,
+#      also on the executors' PYTHONPATH (for the training ranks' processes);
 #   3. takes --master from your flags, else from the config's spark.master, and
 #      tells the job the same master (--set spark.master=...);
 #   4. with lake.engine=delta-spark adds the Delta SQL extension/catalog and
 #      --packages io.delta:delta-spark_2.13:$DELTA_VERSION (or --jars
-#      $DELTAREC_DELTA_JARS when set: no download);
+#      $DELTAREC_DELTA_JARS when set: every jar --packages would fetch,
+#      comma-separated; conf/CLUSTER.md lists them);
 #   5. prints the exact spark-submit command, then runs it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DELTA_VERSION="${DELTA_VERSION:-4.4.1}"  # keep in step with the delta-spark pin in setup.py
+# Keep in step with the delta-spark pin in setup.py. delta-spark 4.4.x requires
+# pyspark>=4.0.1,<=4.2.0: pyspark stays at 4.2.x (setup.py) while this is 4.4.x.
+DELTA_VERSION="${DELTA_VERSION:-4.4.1}"
 
 if [ $# -eq 0 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0
