@@ -175,7 +175,7 @@ def summary(row) -> dict:
                rerun_s=round(best["s"], 2) if best else None,
                rerun_cpu_s=round(min(r["cpu_s"] for r in reruns), 2) if reruns else None,
                night_s_all=[round(r["s"], 2) for r in runs], load1_all=[round(r["load1"], 1) for r in runs],
-               driver_peak_mb=max(r["driver_peak_mb"] for r in runs),
+               driver_peak_mb=max((r["driver_peak_mb"] for r in runs if "driver_peak_mb" in r), default=None),
                stage_s=first["stages"], stage_spark_jobs=first["jobs"])
     return out
 
