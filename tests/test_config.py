@@ -32,7 +32,7 @@ def all_keys(key: str = ""):
 def test_shipped_configs_load():
     local = load_config(LOCAL, environ={})
     assert (local.spark.master, local.lake.engine, local.train.backend, local.train.num_proc) == (
-        "local[2]", "delta-rs", "horovod", 2)
+        "local[2]", "delta-rs", "auto", 2)
     assert local.demo.enabled
     cluster = load_config(ROOT / "conf" / "cluster.yaml", environ={})
     assert cluster.lake.engine == "delta-spark" and cluster.train.use_gpu and cluster.spark.master is None
@@ -88,7 +88,7 @@ def test_overrides_env_then_set_win(tmp_path):
     ("train.epochs=1.5", "train.epochs = 1.5 (--set train.epochs=1.5): must be an integer >= 1"),
     ("lake.engine=parquet",
      "lake.engine = 'parquet' (--set lake.engine=parquet): must be one of auto, delta-rs, delta-spark"),
-    ("train.backend=mpi", "train.backend = 'mpi' (--set train.backend=mpi): must be one of horovod, torch, local"),
+    ("train.backend=mpi", "train.backend = 'mpi' (--set train.backend=mpi): must be one of auto, horovod, torch, local"),
     ("train.batch_size=1001", "train.batch_size = 1001 (--set train.batch_size=1001) is invalid: the global "
                               "batch must divide evenly across train.num_proc=2 workers"),
     ("validation.max_quarantine_fraction=2",

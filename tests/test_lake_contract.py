@@ -354,6 +354,30 @@ def test_delete_removes_matching_rows_and_counts_them(lake):
     assert lake.delete("events", "event_id = 'zz'") == 0 and ids(lake.read("events")) == ["c"]
 
 
+def test_delete_keys_is_one_commit_with_an_app_transaction_and_vacuum_removes_the_old_files(lake, tmp_path):
+    """The erasure primitives of privacy/: rows of the given keys go in one
+    commit that records the app transaction; VACUUM (retention 0, check off)
+    then deletes the files that still held them."""
+    from pathlib import Path
+
+    lake.write("events", events(["a", "b"], user="u-gone"))
+    lake.write("events", events(["c"], user="u-kept"))
+    old = set(lake.data_files("events"))
+    v = lake.version("events")
+    out = lake.delete_keys("events", pa.table({"user_id": ["u-gone", "u-unknown"]}), txn=("erase-app", 3),
+                           commit_metadata={"forget_batch": 3})
+    assert out["rows"] == 2 and out["files_removed"] >= 1 and lake.version("events") == v + 1
+    assert ids(lake.read("events")) == ["c"]
+    assert lake.app_version("events", "erase-app") == 3 and lake.app_version("events", "other-app") is None
+    assert (lake.version("events"), {"forget_batch": 3}) in lake.commit_metadata("events")
+    gone = old - set(lake.data_files("events"))
+    assert gone and all(Path(f.removeprefix("file://")).exists() for f in gone)  # kept for time travel
+    removed = lake.vacuum("events", 0, enforce_retention=False)
+    assert removed and not any(Path(f.removeprefix("file://")).exists() for f in gone)
+    on_disk = [p.read_bytes() for p in Path(lake.uri("events").removeprefix("file://")).rglob("*.parquet")]
+    assert on_disk and not any(b"u-gone" in d for d in on_disk) and ids(lake.read("events")) == ["c"]
+
+
 # ------------------------------------------------------------ one lake, either engine
 @pytest.mark.skipif(not DELTA_JARS, reason=NO_JARS)
 def test_each_engine_reads_what_the_other_wrote(spark, delta_session, tmp_path):

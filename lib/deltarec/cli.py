@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", metavar="DIR", default="report", help="output directory (default: ./report)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    from .privacy.cli import add_parser as add_forget_parser
+
+    add_forget_parser(sub, _common)
     return ap
 
 
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
-        "registry": cmd_registry, "report": cmd_report,
+        "registry": cmd_registry, "report": cmd_report, "forget": cmd_forget,
     }
     return commands[args.command](args, cfg)
 
@@ -178,7 +181,9 @@ def cmd_status(args, cfg: Config) -> int:
     entries = []
     for r in runs:
         d = r.to_json_dict()
-        if args.verify:
+        if args.verify and not r.checkpoint_path:  # deleted by privacy.keep_checkpoints (a registry event says so)
+            d["checkpoint"]["deleted"] = True
+        elif args.verify:
             try:
                 verify_checkpoint(r.checkpoint_path, r.checkpoint_sha256)
                 d["checkpoint"]["verified"] = True
@@ -253,6 +258,12 @@ def cmd_report(args, cfg: Config) -> int:
     out = write_report(_lake(cfg), cfg, args.out)
     print(json.dumps(out, indent=1) if args.json else f"wrote {out['png']} and {out['html']}")
     return 0
+
+
+def cmd_forget(args, cfg: Config) -> int:
+    from .privacy.cli import run
+
+    return run(args, cfg, lambda spark: _lake(cfg, spark=spark))
 
 
 def _spark_lake(cfg: Config):

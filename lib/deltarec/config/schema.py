@@ -290,9 +290,19 @@ class ForgettingConfig(Section):
 class TrainConfig(Section):
     """Distributed training of one night's model."""
 
-    backend: Literal["horovod", "torch", "local"] = Field("horovod", description=(
+    backend: Literal["auto", "horovod", "torch", "local"] = Field("auto", description=(
+        "auto: local below auto_min_examples examples to train tonight, the distributed backend above; "
         "horovod: Horovod over Gloo (NCCL on GPU); torch: torch.distributed; both on the executors or as "
-        "local processes, see launcher; local: one process, no collective."))
+        "local processes, see launcher; local: one process in the driver, no collective."))
+    distributed: Literal["horovod", "torch"] = Field("horovod", description=(
+        "The backend auto picks for a night of at least auto_min_examples examples."))
+    auto_min_examples: int = Field(2_000_000, ge=0, description=(
+        "backend=auto: the night's examples (tonight's, replay and, on a full retrain, all history) from "
+        "which the distributed backend pays for its launch and exchange. Measured with "
+        "benchmarks/train_throughput.py on the 2-core machine (2026-11-30): 2 workers ran at 0.36-0.66x "
+        "one worker at 60k examples, and at 0.05x one whole night with the launch, so no size measured "
+        "there pays; 2M is above every night of the demo. On a machine with a core (or GPU) per worker "
+        "measure it there and lower it. 0: always distributed."))
     launcher: Literal["spark", "processes"] = Field("spark", description=(
         "horovod and torch: spark runs the ranks on the executors (horovod.spark.run, TorchDistributor), "
         "processes as local processes on this machine, without Spark, started once and kept warm for the "
@@ -392,6 +402,52 @@ class MlflowConfig(Section):
         "Registered model name. null: deltarec-<model.name>."))
 
 
+class PrivacyConfig(Section):
+    """The right to be forgotten (``deltarec forget``, privacy/): a request
+    erases a user from every derived table, the model and its retained
+    checkpoints; the files go ``retention_hours`` after the erasure."""
+
+    requests_table: str = Field("forget_requests", description=(
+        "The forget request queue (user_id, requested_at, requested_by, reason, request_id); upstream "
+        "systems may append to it."))
+    log_table: str = Field("forget_log", description=(
+        "The proof: one row per request with a salted hash of the user (never the id), times, rows removed "
+        "per table, checkpoints rewritten, files vacuumed."))
+    retention_hours: int = Field(168, ge=0, description=(
+        "Hours between a batch's erasure and its VACUUM (and log expiry). 168: Delta's own 7 days; below "
+        "that only with enforce_retention=false."))
+    enforce_retention: bool = Field(True, description=(
+        "Delta's retention check on VACUUM. false: retention_hours may be below 168 (0 in tests)."))
+    keep_checkpoints: int = Field(-1, ge=-1, description=(
+        "-1: every retained checkpoint is rewritten without the users. N >= 0: keep (rewritten) the champion, "
+        "the first run and the N newest others; delete the rest."))
+    unlearning: Literal["rows", "retrain"] = Field("rows", description=(
+        "rows: reset (or re-train from the other users) the users' rows in each checkpoint. retrain: that, and "
+        "the next night is a full retrain over the erased examples (exact unlearning)."))
+    retrain_epochs: int = Field(3, ge=0, description=(
+        "Epochs over the remaining users' examples when a hashed row the user shared is re-trained. 0: reset only."))
+    pseudonymize: bool = Field(False, description=(
+        "true: derived tables and the model hold HMAC-SHA256(secret, user_id), not the id; the secret comes "
+        "from secret_env or secret_file."))
+    secret_env: str = Field("DELTAREC_PRIVACY_SECRET", min_length=1, description=(
+        "Environment variable holding the pseudonym secret (never put the secret itself in a config)."))
+    secret_file: str | None = Field(None, description="A file holding the pseudonym secret instead. null: none.")
+    deadline_days: int = Field(30, ge=1, description=(
+        "deltarec forget --status flags (exit 1) requests pending longer than this."))
+    erase_source: bool = Field(True, description=(
+        "true: a forget also deletes the user's rows from lake.events_table (the demo's source lives in the "
+        "lake). false: its owner erases them there; the night drops them as they come."))
+    extra_tables: list[str] = Field([], description="More tables with a user_id column to erase users from.")
+
+    @model_validator(mode="after")
+    def _retention(self):
+        if self.retention_hours < 168 and self.enforce_retention:
+            raise invalid("retention_hours", self.retention_hours, "is below Delta's 7-day retention check "
+                          "(168 hours), which VACUUM would refuse; set privacy.enforce_retention=false to allow it "
+                          "on purpose")
+        return self
+
+
 class Config(Section):
     """The whole config tree."""
 
@@ -407,6 +463,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description=MlflowConfig.__doc__)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description=PrivacyConfig.__doc__)
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 

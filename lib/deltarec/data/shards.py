@@ -20,6 +20,8 @@ import torch
 
 from ..lake.uri import filesystem
 
+from ..lake.engine import plain_strings
+
 COLUMNS = ("user_idx", "item_idx", "label", "weight")
 # Optional columns: read when a model asks for them and the file has them.
 OPTIONAL = ("holdout", "history_idx", "history_ids", "user_id", "item_id")
@@ -97,7 +99,9 @@ def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS, drop_hol
         lo, hi = max(start, offset), min(end, offset + n)
         if lo < hi:
             names = set(handles[f].schema_arrow.names)
-            t = handles[f].read_row_group(rg, columns=[c for c in want if c in names])
+            # files a Delta DML rewrote (delta-rs MERGE/DELETE) come back as string_view, which Arrow's
+            # filter and concat reject next to plain strings
+            t = plain_strings(handles[f].read_row_group(rg, columns=[c for c in want if c in names]))
             t = t.slice(lo - offset, hi - lo)
             if drop_holdout and "holdout" in t.column_names:
                 t = t.filter(pc.invert(pc.fill_null(t["holdout"], False)))

@@ -44,6 +44,17 @@ def _literal(v) -> str:
     return repr(v)
 
 
+def _hours(interval: str) -> float:
+    """Hours of a Delta interval such as 'interval 30 days' (unknown units: infinity)."""
+    units = {"hour": 1, "hours": 1, "day": 24, "days": 24, "week": 168, "weeks": 168, "minute": 1 / 60,
+             "minutes": 1 / 60, "second": 1 / 3600, "seconds": 1 / 3600}
+    parts = interval.lower().split()
+    try:
+        return float(parts[1]) * units[parts[2]]
+    except (IndexError, KeyError, ValueError):
+        return float("inf")
+
+
 def _arrow_schema(dt) -> pa.Schema:
     return plain_strings(pa.schema(dt.schema()).empty_table()).schema
 
@@ -189,6 +200,49 @@ class DeltaRsEngine(LakeEngine):
 
     def delete(self, table: str, predicate: str) -> int:
         return int(self._table(table).delete(predicate).get("num_deleted_rows", 0))
+
+    def delete_keys(self, table: str, keys: pa.Table, *, txn: tuple[str, int] | None = None,
+                    commit_metadata: dict | None = None) -> dict[str, int]:
+        from deltalake import CommitProperties, Transaction
+        from deltalake.exceptions import CommitFailedError
+
+        predicate = " AND ".join(f't."{c}" = s."{c}"' for c in keys.column_names)
+        props = CommitProperties(
+            custom_metadata={METADATA_KEY: json.dumps(commit_metadata)} if commit_metadata else None,
+            app_transactions=[Transaction(txn[0], txn[1])] if txn else None)
+        try:
+            m = self._table(table).merge(plain_strings(keys), predicate, source_alias="s", target_alias="t",
+                                         commit_properties=props).when_matched_delete().execute()
+        except CommitFailedError as e:
+            raise ConcurrentRunError(f"erasing keys from {table!r} lost to a concurrent commit: {e}") from e
+        return {"rows": int(m.get("num_target_rows_deleted", 0)),
+                "files_removed": int(m.get("num_target_files_removed", 0))}
+
+    def app_version(self, table: str, app_id: str) -> int | None:
+        v = self._table(table).transaction_version(app_id)
+        return None if v is None else int(v)
+
+    def vacuum(self, table: str, retention_hours: int, *, enforce_retention: bool = True,
+               full: bool = True) -> list[str]:
+        from deltalake.exceptions import DeltaError
+
+        try:
+            return list(self._table(table).vacuum(retention_hours, dry_run=False,
+                                                  enforce_retention_duration=enforce_retention, full=full))
+        except DeltaError as e:
+            raise LakeError(f"VACUUM {table!r} with retention {retention_hours} hours failed: {e}") from e
+
+    def set_log_retention(self, table: str, hours: int) -> None:
+        dt = self._table(table)
+        key = "delta.logRetentionDuration"
+        current = dt.metadata().configuration.get(key)
+        if current is None or _hours(current) > hours:
+            dt.alter.set_table_properties({key: f"interval {int(hours)} hours"}, raise_if_not_exists=False)
+
+    def expire_log(self, table: str, version: int | None = None) -> None:
+        dt = self._table(table, version)
+        dt.create_checkpoint()
+        dt.cleanup_metadata()
 
     def commit_metadata(self, table: str) -> list[tuple[int, dict[str, str]]]:
         out = []

@@ -278,6 +278,74 @@ class DeltaSparkEngine(LakeEngine):
             raise
         return int(n["num_affected_rows"]) if n else 0
 
+    # ------------------------------------------------------------ erasure (privacy/)
+    def delete_keys(self, table: str, keys: pa.Table, *, txn: tuple[str, int] | None = None,
+                    commit_metadata: dict | None = None) -> dict[str, int]:
+        """The app transaction goes through Delta's idempotent-DML session
+        settings (``spark.databricks.delta.write.txnAppId/txnVersion``): a
+        repeat with the same pair is skipped by Delta itself. It is also kept
+        in the commit's userMetadata, where ``app_version`` reads it back."""
+        import json
+
+        cond = " AND ".join(f"t.`{c}` = s.`{c}`" for c in keys.column_names)
+        settings = {}
+        meta = dict(commit_metadata or {})
+        if txn:
+            meta.update(app_id=txn[0], app_version=int(txn[1]))
+            settings.update({"spark.databricks.delta.write.txnAppId": txn[0],
+                             "spark.databricks.delta.write.txnVersion": str(int(txn[1]))})
+        if meta:
+            settings["spark.databricks.delta.commitInfo.userMetadata"] = json.dumps(meta)
+        before = self.version(table)
+        for k, v in settings.items():  # session-wide: reset right after
+            self.spark.conf.set(k, v)
+        try:
+            self._dt(table).alias("t").merge(self._to_df(keys).alias("s"), cond).whenMatchedDelete().execute()
+        except Exception as e:
+            if "Concurrent" in type(e).__name__ or "Concurrent" in str(e):
+                raise ConcurrentRunError(f"erasing keys from {table!r} lost to a concurrent commit: {e}") from e
+            raise
+        finally:
+            for k in settings:
+                self.spark.conf.unset(k)
+        if self.version(table) == before:
+            return {"rows": 0, "files_removed": 0}
+        metrics = self._dt(table).history(1).select("operationMetrics").first()[0] or {}
+        return {"rows": int(metrics.get("numTargetRowsDeleted", 0)),
+                "files_removed": int(metrics.get("numTargetFilesRemoved", 0))}
+
+    def app_version(self, table: str, app_id: str) -> int | None:
+        found = [int(m["app_version"]) for _, m in self.commit_metadata(table)
+                 if m.get("app_id") == app_id and "app_version" in m]
+        return max(found) if found else None
+
+    def vacuum(self, table: str, retention_hours: int, *, enforce_retention: bool = True,
+               full: bool = True) -> list[str]:
+        key = "spark.databricks.delta.retentionDurationCheck.enabled"
+        sql = f"VACUUM delta.`{self.uri(table)}`{'' if full else ' LITE'} RETAIN {int(retention_hours)} HOURS"
+        if not enforce_retention:
+            self.spark.conf.set(key, "false")
+        try:
+            files = [r[0] for r in self.spark.sql(sql + " DRY RUN").collect()]
+            self.spark.sql(sql)
+        except Exception as e:
+            raise LakeError(f"{sql} failed: {e}") from e
+        finally:
+            if not enforce_retention:
+                self.spark.conf.unset(key)
+        return files
+
+    def set_log_retention(self, table: str, hours: int) -> None:
+        self.spark.sql(f"ALTER TABLE delta.`{self.uri(table)}` SET TBLPROPERTIES "
+                       f"('delta.logRetentionDuration' = 'interval {int(hours)} hours')")
+
+    def expire_log(self, table: str, version: int | None = None) -> None:
+        """Nothing to call: Delta drops expired log entries itself when it
+        writes a checkpoint (every 10 commits), by age alone, so ``version``
+        cannot hold it back; keep privacy.retention_hours above the longest
+        gap between nights, or a change feed not consumed yet loses its log."""
+        return None
+
 
 def _raise_if_conflict(e: Exception, what: str) -> None:
     kind = delta_conflict(e)

@@ -167,6 +167,41 @@ class LakeEngine(abc.ABC):
         (delta-spark: -1 when Delta dropped whole files whose row counts it did
         not know)."""
 
+    # ------------------------------------------------------------ erasure (privacy/)
+    def delete_keys(self, table: str, keys: pa.Table, *, txn: tuple[str, int] | None = None,
+                    commit_metadata: dict | None = None) -> dict[str, int]:
+        """Delete the rows whose key columns (the columns of ``keys``) equal a
+        row of ``keys``, in one commit: a MERGE whose predicate names only the
+        columns, so the values never enter the transaction log (a DELETE's
+        predicate would). ``txn=(app_id, version)`` records a Delta app
+        transaction in the same commit (see ``app_version``). Returns
+        {"rows": deleted, "files_removed": n}; nothing matched: no commit."""
+        raise NotImplementedError(f"the {self.name} engine cannot delete by keys")
+
+    def app_version(self, table: str, app_id: str) -> int | None:
+        """The latest app transaction version ``app_id`` committed to ``table`` (None: none)."""
+        raise NotImplementedError(f"the {self.name} engine cannot read app transactions")
+
+    def vacuum(self, table: str, retention_hours: int, *, enforce_retention: bool = True,
+               full: bool = True) -> list[str]:
+        """Physically delete files the table no longer references that were
+        removed more than ``retention_hours`` ago (``full``: also change-data
+        and untracked files; else only removed data files). Returns the files
+        deleted. ``enforce_retention=False`` turns Delta's retention check off."""
+        raise NotImplementedError(f"the {self.name} engine cannot vacuum")
+
+    def set_log_retention(self, table: str, hours: int) -> None:
+        """Lower ``delta.logRetentionDuration`` to ``hours`` when it is longer
+        (one commit): old commits' file statistics hold column values too."""
+        raise NotImplementedError(f"the {self.name} engine cannot change its log retention")
+
+    def expire_log(self, table: str, version: int | None = None) -> None:
+        """Write a log checkpoint at ``version`` (default: the latest) and drop
+        the log entries before it that are older than the table's log
+        retention as of that version. Versions after it stay readable (a
+        change feed not consumed yet)."""
+        raise NotImplementedError(f"the {self.name} engine cannot expire its log")
+
 
 def _normalise_root(root: str) -> str:
     if "://" in root:

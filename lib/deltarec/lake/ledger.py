@@ -215,6 +215,18 @@ class Ledger:
                                      f"0 and {len(rows)}; the ledger changed underneath, check `deltarec registry list`")
         return rows[0], rows[1] if old is not None else None
 
+    def set_checkpoints(self, records: list[RunRecord]) -> None:
+        """Record rewritten checkpoints of committed runs (a forget resets a
+        user's rows): new path, sha256 and files, everything else unchanged;
+        one MERGE (one Delta commit) for all of them."""
+        if not records:
+            return
+        result = self.lake.merge(self.table, self.to_rows(records), on=["model", "source_first"], update=True)
+        if result["inserted"] or result["updated"] != len(records):
+            raise ConcurrentRunError(f"recording {len(records)} rewritten checkpoints: MERGE inserted "
+                                     f"{result['inserted']} and updated {result['updated']} rows; the ledger "
+                                     "changed underneath, run again")
+
     @staticmethod
     def _restatus(r: RunRecord, status: str, reason: str | None, by: str | None, at: dt.datetime) -> RunRecord:
         from dataclasses import replace

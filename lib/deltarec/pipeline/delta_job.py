@@ -94,11 +94,10 @@ def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine"
     raw = lake.read_changes(table, first, last)
     before = lake.scan(table, where="1 = 0", version=first - 1).schema if first > 0 else None
     m = cfg.source.columns
-    if m is None:
-        check_drift(table, raw.schema, before)
-        return raw
-    check_drift(table, raw.schema, before, read=mapped_columns(m))
-    return map_source(raw, m)
+    check_drift(table, raw.schema, before, **({} if m is None else {"read": mapped_columns(m)}))
+    from ..privacy import ingest  # forgotten users' changes stay out; pseudonyms in
+
+    return ingest(spark, cfg, lake, raw if m is None else map_source(raw, m))
 
 
 def _tonight_keys(changes: "DataFrame"):

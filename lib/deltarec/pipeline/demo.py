@@ -84,7 +84,9 @@ def run_demo(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResul
                          f"the {len(days)} days in {what}")
     out(f"demo: {what}; lake {lake.root} ({lake.name})")
     out(f"loading {n_hist} days of history ({days[0][0]} .. {days[n_hist - 1][0]}), one Delta commit per day")
-    for _, ev in tqdm(days[:n_hist], desc="load history", unit="day", mininterval=2.0):
+    # disable=None: tqdm's rule, a bar only on a terminal; in a log file the
+    # nights' table rows are the progress.
+    for _, ev in tqdm(days[:n_hist], desc="load history", unit="day", mininterval=2.0, disable=None):
         append_day(lake, cfg, ev, items)
     results = [run_nightly(spark, cfg, lake=lake)]
     out(describe(results[0]))

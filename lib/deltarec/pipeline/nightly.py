@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..lake import LakeError, open_lake
 from ..lake.ledger import Ledger, RunRecord
+from ..privacy import apply_pending
 from ..train.checkpoint import verify_checkpoint
 from .delta_job import PreparedNight, prepare_night
 from .gating import gate_candidate
@@ -106,6 +107,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     lake = lake or open_lake(cfg.lake, spark)
     ledger = Ledger(lake, cfg.lake.runs_table)
     ledger.ensure()
+    apply_pending(cfg, lake)  # forget requests first: tonight's inputs and parent no longer hold those users
     model = cfg.model.name
     span = next_range(cfg, lake, ledger)
     if span is None:

@@ -105,6 +105,12 @@ def choose_strategy(cfg: "Config", ledger: Ledger) -> StrategyChoice:
             log.warning("train.strategy=%s needs a parent checkpoint and there is none: training from scratch",
                         asked)
         strategy = "incremental" if parent else "full"
+    from ..privacy import full_retrain_due  # privacy.unlearning=retrain after a forget
+
+    unlearn = full_retrain_due(cfg, ledger.lake, ledger, model) if parent is not None else None
+    if unlearn and strategy != "full":
+        log.warning("%s: this night trains from scratch (full)", unlearn)
+        strategy = "full"
     moved = rehashed(cfg, parent) if strategy != "full" else {}
     choice = StrategyChoice(strategy, parent, serving, moved)
     if moved:

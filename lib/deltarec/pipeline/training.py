@@ -9,6 +9,8 @@ touches the ledger.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,8 +21,11 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from ..config import Config
+    from ..config import TrainConfig
     from .inputs import TrainingInputs
     from .strategy import StrategyChoice
+
+log = logging.getLogger("deltarec.nightly")
 
 # TrainSpec fields that are per attempt, not part of what a run was trained with
 PER_ATTEMPT = ("files", "checkpoint_dir", "resume_dir", "meta", "progress")
@@ -35,6 +40,7 @@ class Trained:
     seconds: float
     backend: str  # the backend's name
     launcher: str | None  # torch only: "processes" (local) or "spark" (TorchDistributor)
+    choice: dict[str, Any] | None = None  # train.backend=auto: what it chose, on how many examples
 
     @property
     def checkpoint(self) -> dict[str, Any]:
@@ -46,7 +52,7 @@ class Trained:
         return {"seconds": round(self.seconds, 3), "loss": r.get("train_loss"), "steps": r.get("steps"),
                 "world_size": r.get("world_size"), "backend": self.backend, "launcher": self.launcher,
                 "ranks": r.get("ranks"), "examples_trained": r.get("examples"), "epochs_run": r.get("epochs_run"),
-                "val_history": r.get("val_history"), "warm_start": warm_start}
+                "val_history": r.get("val_history"), "warm_start": warm_start, "backend_choice": self.choice}
 
 
 def history_length(cfg: "Config") -> int:
@@ -119,7 +125,35 @@ def train_candidate(spark: "SparkSession | None", cfg: "Config", spec: TrainSpec
     from ..train.backends import make_backend
 
     t = cfg.train
-    backend = backend or make_backend(t.backend, spark, t.num_proc, t.use_gpu, t.launcher)
+    choice = None
+    if backend is None:
+        name, choice = t.backend, None
+        if name == "auto":
+            choice = auto_backend(t, count_rows(spec.files + list(spec.replay_files or [])))
+            name = choice["chose"]
+        backend = make_backend(name, spark, t.num_proc, t.use_gpu, t.launcher)
     started = time.perf_counter()
     result = backend.run(spec)
-    return Trained(result, time.perf_counter() - started, backend.name, launcher_of(backend))
+    return Trained(result, time.perf_counter() - started, backend.name, launcher_of(backend), choice)
+
+
+def auto_backend(t: "TrainConfig", examples: int) -> dict[str, Any]:
+    """``train.backend=auto``: one in-process worker below
+    ``train.auto_min_examples`` examples (workers' launch and exchange cost
+    more than they save there), ``train.distributed`` from it on."""
+    chose = t.distributed if examples >= t.auto_min_examples else "local"
+    log.info("train.backend=auto: %d examples to train, threshold %d -> %s", examples, t.auto_min_examples, chose)
+    return {"requested": "auto", "examples": examples, "threshold": t.auto_min_examples, "chose": chose}
+
+
+def count_rows(files: list[str]) -> int:
+    """Rows of the Parquet ``files``, from their footers (no data read)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in files:
+        fs, path = pafs.FileSystem.from_uri(f if "://" in f else os.path.abspath(f))
+        with fs.open_input_file(path) as fh:
+            total += pq.ParquetFile(fh).metadata.num_rows
+    return total

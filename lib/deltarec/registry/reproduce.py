@@ -51,6 +51,11 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
 
     ledger = Ledger(lake, cfg.lake.runs_table)
     run = ledger.get(run_id)
+    from ..privacy import not_reproducible_reason
+
+    blocked = not_reproducible_reason(cfg, lake, run_id)
+    if blocked:
+        raise LakeError(f"run {run_id} is not reproducible: {blocked}")
     inputs, spec_d = run.metrics.get("inputs"), run.metrics.get("train_spec")
     if not inputs or not spec_d:
         raise LakeError(f"run {run_id} records no lineage inputs/train_spec (committed by an older deltarec): "

@@ -175,8 +175,9 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
     if spec.progress and rank == 0 and steps:
         from tqdm import tqdm
 
+        # disable=None: no bar when stderr is not a terminal (a log, CI).
         bar = tqdm(total=steps * spec.epochs, desc=f"train {spec.run_id} ×{world}", unit="step",
-                   mininterval=2.0, leave=False)
+                   mininterval=2.0, leave=False, disable=None)
     model.train()
     seen, compute_seconds = 0, 0.0
     # Steady state: examples/second after the first few steps, which pay
