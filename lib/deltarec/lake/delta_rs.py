@@ -1,7 +1,12 @@
 """Embedded lake engine: delta-rs (PyPI ``deltalake``), no JVM jars needed.
 
 Spark still does the transforms; Delta reads/writes go through Arrow on the
-driver, which is the right trade on one machine.
+driver, which is the right trade on one machine, except the night's training
+examples: the executors write their Parquet parts (``part_files.py``) and read
+them back, the driver only commits (``replace_partition``, ``read_partition``).
+
+Over 300 lines because it is one implementation of the whole ``LakeEngine``
+contract (tests/test_lake_contract.py), one method per operation.
 """
 from __future__ import annotations
 

@@ -9,6 +9,9 @@ Checked against delta-io/delta 4.4's Python sources (``delta/tables.py``,
 ``conflicts.py``, MERGE counts come from ``execute()``, commit metadata is
 the commit's ``userMetadata`` (what delta-rs writes too), and training files
 come from the Delta log (``delta_log.py``).
+
+Over 300 lines because it is one implementation of the whole ``LakeEngine``
+contract (tests/test_lake_contract.py), one method per operation.
 """
 from __future__ import annotations
 
