@@ -175,13 +175,16 @@ class DeltaRsEngine(LakeEngine):
         # The executors read the partition's Parquet files (listed from the Delta
         # log); scan() would read them into the driver first.
         from pyspark.sql import functions as F
+        from pyspark.sql.pandas.types import from_arrow_schema
 
         files = self.data_files(table, partition)
         if not files:
             return super().read_partition(table, partition)
-        names = _arrow_schema(self._table(table)).names
-        df = self._require_spark().read.parquet(*files)
-        return df.select(*[F.lit(partition[n]).alias(n) if n in partition else F.col(n) for n in names])
+        schema = _arrow_schema(self._table(table))
+        # the schema given, so Spark runs no job to read it from the files' footers
+        files_schema = from_arrow_schema(pa.schema([f for f in schema if f.name not in partition]))
+        df = self._require_spark().read.schema(files_schema).parquet(*files)
+        return df.select(*[F.lit(partition[n]).alias(n) if n in partition else F.col(n) for n in schema.names])
 
     def merge(self, table: str, data: Data, on: list[str], *, update: bool,
               commit_metadata: dict[str, str] | None = None) -> dict[str, int]:
