@@ -95,3 +95,20 @@ if results:
 runs = load_runs(nb.get_lake(cfg, spark), cfg)
 plot_png = plot_nights(runs, os.path.join(report_dir, f"{cfg.model.name}-nights.png"))
 display(nb.image(plot_png))
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Tomorrow's recommendations for a few customers
+# MAGIC The champion's top 5 from the `recommendations` Delta table, rewritten after the night's commit (and on every
+# MAGIC promote / rollback), for the three customers with the most history. `deltarec serve` answers the same over HTTP.
+
+# COMMAND ----------
+
+from deltarec.serving.table import tomorrow_rows
+
+tomorrow = tomorrow_rows(nb.get_lake(cfg, spark), cfg, customers=3, k=5)
+if tomorrow:
+    display(nb.table(tomorrow))
+else:
+    print(f"no {cfg.recommend.table} table yet: run the night (or `deltarec recommend`)")

@@ -25,6 +25,7 @@ def make_config(lake_root, *overrides: str, conf: str | None = None):
         "features.item_buckets=1024", "model.embedding_dim=8", "model.hidden=[16]",
         "spark.shuffle_partitions=2", "demo.enabled=true", "demo.max_days=5", "demo.nights=2",
         f"demo.data_path={REAL_DATA}",
+        "recommend.enabled=false",  # a table refresh per night costs seconds; its own tests turn it on
     ]
     return load_config(conf or ROOT / "conf" / "local.yaml", base + list(overrides), environ={})
 

@@ -1,7 +1,9 @@
 """`deltarec …` subcommands. jobs/*.py call the same functions.
 
 Every subcommand takes ``--conf FILE`` (default: conf/local.yaml when it
-exists) and repeated ``--set section.key=value`` overrides.
+exists) and repeated ``--set section.key=value`` overrides. Over 300 lines:
+each subcommand's arguments, help and printed output live here; the work is
+in the modules they call.
 """
 from __future__ import annotations
 
@@ -58,6 +60,32 @@ def parser() -> argparse.ArgumentParser:
                       help="describe a key or section, e.g. train.accumulation_steps or train")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     _registry_parser(sub)
+    p = sub.add_parser("recommend", help="refresh the recommendations table, or show one user's top-k",
+                       description="Without --user: score every user with the champion on the Spark executors "
+                                   "and commit the recommendations table (one Delta commit). With --user: that "
+                                   "user's top-k from the current table (popularity when the table does not "
+                                   "know them), without Spark.")
+    _common(p)
+    p.add_argument("--user", metavar="ID", help="a raw user id (e.g. an Online Retail CustomerID)")
+    p.add_argument("--k", type=int, default=None, help="how many items (default recommend.k; at most recommend.max_k)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("serve", help="HTTP service: recommendations, live scoring, health; follows the champion",
+                       description="FastAPI + uvicorn on serve.host:serve.port (127.0.0.1 by default): "
+                                   "GET /recommendations/{user_id}?k=, POST /score, GET /health. Polls the "
+                                   "ledger every serve.poll_seconds and swaps in a new champion with its "
+                                   "recommendations once both are loaded.")
+    _common(p)
+    p.add_argument("--host", default=None, help="bind address (default serve.host)")
+    p.add_argument("--port", type=int, default=None, help="port (default serve.port)")
+    p = sub.add_parser("maintain", help="OPTIMIZE / VACUUM deltarec's tables, drop uncommitted checkpoints",
+                       description="Lake upkeep: compact the tables deltarec grows by small appends and MERGEs, "
+                                   "VACUUM them (and the examples table) with maintain.retention_hours, and remove "
+                                   "checkpoint attempts no run committed. The source and items tables are never "
+                                   "touched. Safe beside a running night: a compaction loses to its MERGE.")
+    _common(p)
+    p.add_argument("--no-optimize", dest="optimize", action="store_false", help="skip OPTIMIZE")
+    p.add_argument("--no-vacuum", dest="vacuum", action="store_false", help="skip VACUUM")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("report", help="PNG + HTML of metrics over nights (champion, candidates, baselines)",
                        description="Write metrics_over_nights.png and index.html from the lake's metrics table.")
     _common(p)
@@ -116,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
-        "registry": cmd_registry, "report": cmd_report, "forget": cmd_forget,
+        "registry": cmd_registry, "report": cmd_report, "recommend": cmd_recommend, "serve": cmd_serve,
+        "forget": cmd_forget, "maintain": cmd_maintain,
     }
     return commands[args.command](args, cfg)
 
@@ -169,6 +198,7 @@ def cmd_plan(args, cfg: Config) -> int:
 
 def cmd_status(args, cfg: Config) -> int:
     from .lake.ledger import Ledger
+    from .maintain import owned_tables, table_sizes
     from .pipeline.console import status_header, status_line
     from .train.checkpoint import CheckpointError, verify_checkpoint
 
@@ -197,7 +227,7 @@ def cmd_status(args, cfg: Config) -> int:
                           "source_table": cfg.lake.events_table, "source_latest_version": latest_source,
                           "lake": lake.root, "engine": lake.name,
                           "current_checkpoint": current.to_json_dict()["checkpoint"] if current else None,
-                          "runs": entries}, indent=1))
+                          "tables": table_sizes(lake, owned_tables(cfg)), "runs": entries}, indent=1))
     else:
         print(f"lake {lake.root} ({lake.name}); model {cfg.model.name!r}")
         print(f"watermark: {watermark}   {cfg.lake.events_table} latest version: {latest_source}"
@@ -209,6 +239,8 @@ def cmd_status(args, cfg: Config) -> int:
             print(f"current checkpoint: {current.checkpoint_path}\n  sha256 {current.checkpoint_sha256}")
         else:
             print("no checkpoint yet: run `deltarec nightly`")
+        print("tables: " + ", ".join(f"{t} {s['files']} files {s['bytes'] / 1e6:.1f} MB"
+                                     for t, s in table_sizes(lake, owned_tables(cfg)).items()))
     bad = [d for d in entries if d["checkpoint"].get("verified") is False]
     return 1 if bad else 0
 
@@ -252,12 +284,74 @@ def cmd_registry(args, cfg: Config) -> int:
     return 0 if action != "reproduce" or out["passed"] else 1
 
 
+def cmd_maintain(args, cfg: Config) -> int:
+    from .maintain import describe, maintain
+
+    out = maintain(cfg, _lake(cfg), optimize=args.optimize, vacuum=args.vacuum)
+    print(json.dumps(out, indent=1) if args.json else describe(out))
+    return 0
+
+
 def cmd_report(args, cfg: Config) -> int:
     from .evaluation.report import write_report
 
     out = write_report(_lake(cfg), cfg, args.out)
     print(json.dumps(out, indent=1) if args.json else f"wrote {out['png']} and {out['html']}")
     return 0
+
+
+def cmd_recommend(args, cfg: Config) -> int:
+    if args.user is None:
+        from .pipeline.recommend import refresh_recommendations
+        from .registry.core import current_user
+        from .spark import build_spark
+
+        try:
+            out = refresh_recommendations(build_spark(cfg), cfg, reason="deltarec recommend", by=current_user())
+        except Exception as e:
+            log.debug("recommend failed", exc_info=True)
+            print(f"deltarec recommend: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(out, indent=1) if args.json else
+              f"{cfg.recommend.table} version {out.get('version')}: top {cfg.recommend.k} for {out.get('users')} "
+              f"users from champion {out['run_id']} in {out['seconds']:.1f}s" if "version" in out else
+              f"not written: {out.get('skipped')}")
+        return 0 if "version" in out else 1
+    from .serving.holder import answer_user
+
+    k = cfg.recommend.k if args.k is None else args.k
+    if not 1 <= k <= cfg.recommend.max_k:
+        print(f"deltarec recommend: --k {k} is out of range: 1..{cfg.recommend.max_k} (recommend.max_k)",
+              file=sys.stderr)
+        return 2
+    try:
+        out = answer_user(cfg, args.user, k)
+    except LookupError as e:
+        print(f"deltarec recommend: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    how = " (popularity: the table has no history for this user)" if out["fallback"] else ""
+    print(f"user {args.user}: top {k} from champion {out['run_id']}, {cfg.recommend.table} version "
+          f"{out['table_version']}{how}")
+    for e in out["items"]:
+        print(f"  {e['rank']:>3}. {e['item_id']:<14} {e['score']:.4f}")
+    return 0
+
+
+def cmd_serve(args, cfg: Config) -> int:
+    from .serving.app import run_server
+
+    try:  # validated like any other value (a port outside 1..65535 is a config error)
+        if args.host:
+            cfg.serve.host = args.host
+        if args.port is not None:
+            cfg.serve.port = args.port
+    except ConfigError as e:
+        print(f"deltarec serve: {e}", file=sys.stderr)
+        return 2
+    return run_server(cfg)
 
 
 def cmd_forget(args, cfg: Config) -> int:

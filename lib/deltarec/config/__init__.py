@@ -22,13 +22,14 @@ from .explain import KeyDoc, explain, explain_text, value_text
 from .load import DEFAULT_CONF, ENV_PREFIX, find_config_file, load_config
 from .schema import (
     GATE_METRICS, ColumnMapping, Config, DemoConfig, EvalConfig, FeaturesConfig, ForgettingConfig, GateConfig,
-    LakeConfig, MlflowConfig, ModelConfig, PrivacyConfig, SourceConfig, SparkConfig, TextConfig, TrainConfig,
-    ValidationConfig, VocabConfig,
+    LakeConfig, MaintainConfig, MlflowConfig, ModelConfig, PrivacyConfig, RecommendConfig, ServeConfig,
+    SourceConfig, SparkConfig, TextConfig, TrainConfig, ValidationConfig, VocabConfig,
 )
 
 __all__ = [
     "ConfigError", "Section", "invalid", "KeyDoc", "explain", "explain_text", "value_text", "DEFAULT_CONF",
     "ENV_PREFIX", "find_config_file", "load_config", "GATE_METRICS", "ColumnMapping", "Config", "DemoConfig",
-    "EvalConfig", "FeaturesConfig", "ForgettingConfig", "GateConfig", "LakeConfig", "MlflowConfig", "ModelConfig",
-    "PrivacyConfig", "SourceConfig", "SparkConfig", "TextConfig", "TrainConfig", "ValidationConfig", "VocabConfig",
+    "EvalConfig", "FeaturesConfig", "ForgettingConfig", "GateConfig", "LakeConfig", "MaintainConfig", "MlflowConfig",
+    "ModelConfig", "PrivacyConfig", "RecommendConfig", "ServeConfig", "SourceConfig", "SparkConfig", "TextConfig",
+    "TrainConfig", "ValidationConfig", "VocabConfig",
 ]

@@ -402,6 +402,84 @@ class MlflowConfig(Section):
         "Registered model name. null: deltarec-<model.name>."))
 
 
+class RecommendConfig(Section):
+    """The recommendations table (pipeline/recommend.py): each user's top k from
+    the champion, rewritten after every nightly commit and every registry
+    promote / rollback. Days count back from the newest event in the lake (the
+    data's clock, so replayed history works), not from the wall clock."""
+
+    enabled: bool = Field(True, description=(
+        "true: refresh the table after each nightly commit, and after promote / rollback where one exists."))
+    table: str = Field("recommendations", min_length=1, description=(
+        "Delta table of the recommendations (under lake.root)."))
+    k: int = Field(10, ge=1, description="Items stored per user.")
+    max_k: int = Field(100, ge=1, description=(
+        "Largest k a caller may ask for (serve, recommend --k); beyond k the model scores live. Also the depth of "
+        "the popularity list stored for users the table does not know."))
+    active_days: int = Field(0, ge=0, description=(
+        "0: every user with state. N: only users seen in the last N days."))
+    catalog_days: int = Field(90, ge=0, description=(
+        "Items seen in the last N days may be recommended (a retailer's current range); 0: every item ever seen."))
+    exclude: str = Field("none", description=(
+        "Items kept from a user: none (repeat purchases are the signal in retail), purchased (the stored history) "
+        "or last-N (its newest N items)."))
+    popularity_days: int = Field(7, ge=0, description=(
+        "Window of the popularity list given to users without history and to unknown users."))
+    partitions: int = Field(0, ge=0, description="Spark tasks that score; 0: one per executor core.")
+    block_pairs: int = Field(16384, ge=1, description=(
+        "User x bucket scores per block inside a task. Small blocks stay in cache: 1,000 Online Retail users "
+        "scored in 4 s with 16384, 6.6-8 s with 262144 (benchmarks/README.md)."))
+
+    @model_validator(mode="after")
+    def _depth(self):
+        if not re.fullmatch(r"none|purchased|last-[1-9][0-9]*", self.exclude):
+            raise invalid("exclude", self.exclude, "must be none, purchased or last-N with N >= 1 (e.g. last-5)")
+        if self.max_k < self.k:
+            raise invalid("max_k", self.max_k, f"must be >= recommend.k ({self.k})")
+        return self
+
+
+class ServeConfig(Section):
+    """``deltarec serve``: HTTP on the recommendations table and the champion."""
+
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "Bind address. 127.0.0.1 (loopback) by default: exposing it is a deliberate choice."))
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the server listens on (--port overrides it).")
+    poll_seconds: float = Field(5.0, gt=0, description=(
+        "How often the ledger and the table are read for a new champion or table version."))
+    max_items: int = Field(500, ge=1, description="Most item ids one POST /score may send.")
+
+
+def check_retention(section: Section, name: str) -> None:
+    """VACUUM below Delta's 7 days only when asked for on purpose."""
+    if section.retention_hours < 168 and section.enforce_retention:
+        raise invalid("retention_hours", section.retention_hours, "is below Delta's 7-day retention check "
+                      f"(168 hours), which VACUUM would refuse; set {name}.enforce_retention=false to allow it "
+                      "on purpose")
+
+
+class MaintainConfig(Section):
+    """Lake upkeep (``deltarec maintain``): OPTIMIZE of the tables deltarec
+    grows by small appends and MERGEs, VACUUM of their unreferenced files,
+    removal of checkpoint attempts no run committed."""
+
+    retention_hours: int = Field(168, ge=0, description=(
+        "VACUUM keeps files removed less than this many hours ago (readers time-travelling that far still "
+        "work), and uncommitted checkpoint attempts younger than this stay (a night may be writing one). 168: "
+        "Delta's own 7 days; below that only with enforce_retention=false."))
+    enforce_retention: bool = Field(True, description=(
+        "Delta's retention check on VACUUM. false: retention_hours may be below 168 (0 in tests, or when "
+        "nothing time-travels and no night runs during maintain)."))
+    every_nights: int = Field(0, ge=0, description=(
+        "Run maintain at the end of every Nth committed night (after the commit; a failure is logged, the "
+        "night stands). 0: only when `deltarec maintain` is run."))
+
+    @model_validator(mode="after")
+    def _retention(self):
+        check_retention(self, "maintain")
+        return self
+
+
 class PrivacyConfig(Section):
     """The right to be forgotten (``deltarec forget``, privacy/): a request
     erases a user from every derived table, the model and its retained
@@ -441,10 +519,7 @@ class PrivacyConfig(Section):
 
     @model_validator(mode="after")
     def _retention(self):
-        if self.retention_hours < 168 and self.enforce_retention:
-            raise invalid("retention_hours", self.retention_hours, "is below Delta's 7-day retention check "
-                          "(168 hours), which VACUUM would refuse; set privacy.enforce_retention=false to allow it "
-                          "on purpose")
+        check_retention(self, "privacy")
         return self
 
 
@@ -463,7 +538,10 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
     gate: GateConfig = Field(default_factory=GateConfig, description=GateConfig.__doc__)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description=MlflowConfig.__doc__)
+    recommend: RecommendConfig = Field(default_factory=RecommendConfig, description=RecommendConfig.__doc__)
+    serve: ServeConfig = Field(default_factory=ServeConfig, description=ServeConfig.__doc__)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description=PrivacyConfig.__doc__)
+    maintain: MaintainConfig = Field(default_factory=MaintainConfig, description=MaintainConfig.__doc__)
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 

@@ -209,6 +209,14 @@ class DeltaRsEngine(LakeEngine):
     def delete(self, table: str, predicate: str) -> int:
         return int(self._table(table).delete(predicate).get("num_deleted_rows", 0))
 
+    def optimize(self, table: str) -> dict[str, int]:
+        from deltalake.exceptions import CommitFailedError
+
+        try:
+            m = self._table(table).optimize.compact()
+        except CommitFailedError as e:
+            raise ConcurrentRunError(f"OPTIMIZE {table!r} lost to a concurrent commit: {e}") from e
+        return {"files_removed": int(m.get("numFilesRemoved", 0)), "files_added": int(m.get("numFilesAdded", 0))}
     def delete_keys(self, table: str, keys: pa.Table, *, txn: tuple[str, int] | None = None,
                     commit_metadata: dict | None = None) -> dict[str, int]:
         from deltalake import CommitProperties, Transaction

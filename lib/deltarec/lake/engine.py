@@ -167,6 +167,12 @@ class LakeEngine(abc.ABC):
         (delta-spark: -1 when Delta dropped whole files whose row counts it did
         not know)."""
 
+    @abc.abstractmethod
+    def optimize(self, table: str) -> dict[str, int]:
+        """Delta's OPTIMIZE (bin-packing compaction, no data change): small
+        files of each partition rewritten into few. Returns files removed and
+        added. It loses to a concurrent MERGE/DELETE on the same table
+        (:class:`ConcurrentRunError`), never the other way round."""
     # ------------------------------------------------------------ erasure (privacy/)
     def delete_keys(self, table: str, keys: pa.Table, *, txn: tuple[str, int] | None = None,
                     commit_metadata: dict | None = None) -> dict[str, int]:

@@ -97,4 +97,10 @@ def run_demo(spark: "SparkSession", cfg: "Config", out=print) -> list[NightResul
         results.append(res)
         out(table_row(str(day), res))
     out(summary(results, lake, cfg, time.perf_counter() - t0))
+    try:
+        from ..serving.table import tomorrow_text
+
+        out(tomorrow_text(lake, cfg))
+    except Exception as e:  # the nights committed; only the printout failed
+        log.error("cannot show tomorrow's recommendations: %s: %s", type(e).__name__, e)
     return results

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..lake import LakeError, open_lake
 from ..lake.ledger import Ledger, RunRecord
+from ..maintain import maybe_maintain
 from ..privacy import apply_pending
 from ..train.checkpoint import verify_checkpoint
 from .delta_job import PreparedNight, prepare_night
@@ -37,6 +38,7 @@ from .gating import gate_candidate
 from .inputs import lineage_inputs, select_inputs
 from .prequential import score_prequential
 from .publish import after_commit, check_mlflow, publish_run, run_metrics
+from .recommend import refresh_quietly
 from .stages import StageClock
 from .strategy import choose_strategy
 from .training import Trained, spec_record, train_candidate, train_spec
@@ -150,6 +152,8 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     record = publish_run(cfg, lake, ledger, run_id=run_id, first=first, last=last, started=started,
                          choice=choice, trained=trained, metrics=metrics)
     ml = after_commit(cfg, lake, record, choice.serving)
+    refresh_quietly(spark, cfg, lake, reason=f"nightly {run_id}", by="nightly")  # tomorrow's top-k
+    maybe_maintain(cfg, lake, ledger)  # maintain.every_nights: OPTIMIZE / VACUUM after the commit
     if spec.resume_dir:
         shutil.rmtree(spec.resume_dir, ignore_errors=True)  # in-run state is only for crashes
     return NightResult.committed(record, night, trained, mlflow=ml, seconds=time.perf_counter() - t_start)

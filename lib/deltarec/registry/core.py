@@ -143,6 +143,10 @@ def promote(ledger: Ledger, lake: "LakeEngine", cfg: "Config", run_id: str, *, b
         from .mlflow_sync import set_champion_alias
 
         out["mlflow"] = set_champion_alias(cfg, lake, new)
+    from ..pipeline.recommend import refresh_quietly  # the table follows the champion; errors logged, not raised
+
+    out["recommendations"] = refresh_quietly(None, cfg, lake, reason=f"{action} {run_id}", by=by,
+                                             only_if_exists=True)
     return out
 
 
@@ -207,8 +211,11 @@ def describe(action: str, out: Any, model: str) -> str:
                          f"by {e['by']}: {e['reason']}")
         return "\n".join(lines)
     if action in ("promote", "rollback"):
+        recs = out.get("recommendations") or {}
         return (f"{action}: champion of {model!r} is now {out['champion']} (was "
-                f"{out['previous_champion']}); by {out['by']}: {out['reason']}")
+                f"{out['previous_champion']}); by {out['by']}: {out['reason']}\n"
+                + (f"recommendations rewritten: {recs['table']} version {recs['version']}" if "version" in recs
+                   else f"recommendations NOT rewritten: {recs.get('error') or recs.get('skipped')}"))
     lines = [f"reproduce {out['id']}: {'PASSED' if out['passed'] else 'FAILED'} (tolerance {out['tolerance']:g}; "
              f"identical weights: {out['identical_weights']}; {out['files']} files of "
              f"{out['examples_table']}@v{out['examples_version']}; retrained on {out['backend']} "

@@ -105,16 +105,27 @@ def log_run(cfg: "Config", lake: "LakeEngine", run: "RunRecord") -> dict[str, An
         mlflow.log_metrics(_metrics(run), step=run.source_last)  # step = the night (last source version)
         if "://" not in run.checkpoint_path or run.checkpoint_path.startswith("file://"):
             mlflow.log_artifacts(run.checkpoint_path.removeprefix("file://"), artifact_path="checkpoint")
+        try:  # the version's model: a pyfunc (raw ids in, raw item ids out) loadable with mlflow + torch
+            from ..serving.pyfunc import log_model
+
+            info, pyfunc_error = log_model(lake, cfg, run), None
+        except Exception as e:
+            info, pyfunc_error = None, f"{type(e).__name__}: {e}"
+            log.error("run %s: no pyfunc model logged (%s); the version points at the checkpoint files",
+                      run.run_id, pyfunc_error)
         mlflow_run_id = active.info.run_id
     name = registered_model(cfg)
     try:
         c.get_registered_model(name)
     except Exception:
         c.create_registered_model(name)
-    mv = c.create_model_version(name, f"runs:/{mlflow_run_id}/checkpoint", run_id=mlflow_run_id,
+    source = info.model_uri if info else f"runs:/{mlflow_run_id}/checkpoint"
+    mv = c.create_model_version(name, source, run_id=mlflow_run_id, model_id=info.model_id if info else None,
                                 tags={RUN_TAG: run.run_id, "sha256": run.checkpoint_sha256})
     out = {"tracking_uri": tracking_uri(cfg, lake), "run_id": mlflow_run_id, "registered_model": name,
-           "version": str(mv.version)}
+           "version": str(mv.version), "model_uri": f"models:/{name}/{mv.version}"}
+    if pyfunc_error:
+        out["pyfunc_error"] = pyfunc_error
     if run.status == "champion":
         c.set_registered_model_alias(name, ALIAS, mv.version)
         out["alias"] = ALIAS
