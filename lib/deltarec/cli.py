@@ -242,7 +242,20 @@ def cmd_status(args, cfg: Config) -> int:
         print("tables: " + ", ".join(f"{t} {s['files']} files {s['bytes'] / 1e6:.1f} MB"
                                      for t, s in table_sizes(lake, owned_tables(cfg)).items()))
     bad = [d for d in entries if d["checkpoint"].get("verified") is False]
-    return 1 if bad else 0
+    orphans = _verify_orphans(cfg, ledger) if args.verify else {}
+    return 1 if bad or orphans else 0
+
+
+def _verify_orphans(cfg: Config, ledger) -> dict[str, list[str]]:
+    """Rows under run ids the ledger does not have, printed to stderr (#21)."""
+    from .pipeline.publish import attempt_tables
+
+    orphans = ledger.orphan_run_ids(attempt_tables(cfg))
+    for table, ids in orphans.items():
+        print(f"deltarec status --verify: {table} holds rows of {len(ids)} run id(s) no committed run has "
+              f"({', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}): a killed attempt's; the next commit of "
+              f"that range removes them, or delete them with `run_id = '<id>'`", file=sys.stderr)
+    return orphans
 
 
 def _lake(cfg: Config, spark: bool = False):
@@ -367,13 +380,31 @@ def _spark_lake(cfg: Config):
     return open_lake(cfg.lake, build_spark(cfg))
 
 
+def _stopped_by_signal(signum, frame) -> None:
+    """Every exit says why: a SIGTERM (a scheduler's timeout, a drain) ends
+    the process at once, as before, but with one line on stderr."""
+    import signal
+
+    name = signal.Signals(signum).name
+    try:
+        print(f"deltarec: stopped by {name}: nothing after the last ledger commit was recorded; run the same "
+              "command again to resume from the watermark", file=sys.stderr, flush=True)
+    finally:
+        os._exit(128 + signum)
+
+
 def entry(argv: list[str] | None = None) -> None:
     """Console-script / job entry: exit with main()'s code without running
     native-library teardown, which can abort a finished process (seen with
     deltalake 1.6.6 + pyarrow: "terminate called without an active exception")."""
     import signal
 
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `deltarec status | head` ends quietly
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["nightly"]:  # a night never dies silently: a closed pipe is an error with a message
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `deltarec status | head` ends quietly
+    signal.signal(signal.SIGTERM, _stopped_by_signal)
     rc = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -14,6 +14,7 @@ a ``Literal`` and a description; a cross-key rule goes in the section's
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -154,8 +155,29 @@ class ValidationConfig(Section):
     allowed_event_types: list[str] = Field(["purchase", "click", "rating"], description=(
         "Event types accepted (cancellations are recognised separately); others are quarantined."))
     max_id_length: int = Field(128, ge=1, description="Characters: longer event, user or item ids are malformed.")
+    min_event_time: str = Field("1970-01-01", description=(
+        "Events before this UTC date are quarantined as bad_timestamp (0001-01-01 or 1900 are valid "
+        "Delta timestamps a broken source writes)."))
+    max_event_time: str = Field("2200-01-01", description=(
+        "Events at or after this UTC date are quarantined as bad_timestamp (e.g. 9999-12-31), whatever "
+        "validation.future_tolerance_minutes says."))
+    max_price: float = Field(1e9, gt=0, description="Prices above this are quarantined as out_of_range.")
+    max_quantity: int = Field(1_000_000_000, ge=1, description=(
+        "Quantities above this are quarantined as out_of_range (2^63-1 is a source's overflow, not an order)."))
+    ids: Literal["normalized", "as_is"] = Field("normalized", description=(
+        "normalized: ids are trimmed of Unicode spaces and brought to NFC, and ids with bidi-override or "
+        "zero-width characters are quarantined as malformed_id (features/ids.py). as_is: byte for byte."))
     id_pattern: str = Field("", description=(
         "Full-match regular expression ids must satisfy. \"\": any id (without control characters)."))
+
+    @field_validator("min_event_time", "max_event_time")
+    @classmethod
+    def _iso_date(cls, v: str) -> str:
+        try:
+            dt.date.fromisoformat(str(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an ISO date (YYYY-MM-DD)") from None
+        return str(v)
 
     @field_validator("id_pattern")
     @classmethod

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from pyarrow import fs as pafs
+
+from ..lake.uri import filesystem
 
 from ..lake.engine import plain_strings
 
@@ -57,14 +58,6 @@ class Batch(dict):
 
 
 
-def _open(uri: str):
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" not in uri:
-        return None, uri  # local: let parquet open it
-    return pafs.FileSystem.from_uri(uri)
-
-
 def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
     """Contiguous [start, end) of ``total`` rows for ``rank``; sizes differ by at most one."""
     base, extra = divmod(total, size)
@@ -96,7 +89,7 @@ def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS, drop_hol
     pieces = []  # (file, row_group, rows)
     handles = {}
     for f in sorted(files):
-        fs, path = _open(f)
+        fs, path = filesystem(f)  # a local path, file:/, s3a://, abfss://, dbfs:/ ... (lake/uri.py)
         pf = pq.ParquetFile(path if fs is None else fs.open_input_file(path))
         handles[f] = pf
         for rg in range(pf.metadata.num_row_groups):

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 from ..lake import schemas
 from .cancellations import cancellation_matches
 from .examples import spark_type
+from .ids import invisible_id, normalize_ids
+from .values import BAD_TIMESTAMP, NON_FINITE_NUMBER, OUT_OF_RANGE, value_checks  # noqa: F401 (reason codes)
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -131,6 +133,8 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
 
     rows = changes.where(c("_change_type").isin(*CONSUMED_CHANGES)).withColumn(
         "source_version", c("_commit_version").cast("long"))
+    rows = normalize_ids(rows, cfg)
+    invisible, invisible_detail = invisible_id(cfg)
     is_delete = c("_change_type") == "delete"
     is_cancel = F.coalesce(c("event_type") == CANCEL, F.lit(False))
     tol = F.expr(f"INTERVAL {int(cfg.future_tolerance_minutes)} MINUTES")
@@ -138,16 +142,19 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     # in Online Retail every negative-quantity adjustment also lacks a customer,
     # and "adjustment" is the useful reason. A delete only needs its event id:
     # the row it removes was judged when it arrived.
+    values = value_checks(cfg, is_delete)
     checks = [
         (NULL_EVENT_ID, _blank(c("event_id"))),
         (TYPE_MISMATCH, ~is_delete & c("_bad").isNotNull()),
         (MALFORMED_ID, _malformed(c("event_id"), cfg)
-         | (~is_delete & (_malformed(c("user_id"), cfg) | _malformed(c("item_id"), cfg)))),
+         | (~is_delete & (_malformed(c("user_id"), cfg) | _malformed(c("item_id"), cfg))) | invisible),
+        *[(code, cond) for code, cond, _ in values[:2]],  # before the sign checks: -inf is not "non-positive"
         (NON_POSITIVE_QUANTITY, ~is_delete & ~is_cancel & c("quantity").isNotNull() & (c("quantity") <= 0)),
         (NON_POSITIVE_PRICE, ~is_delete & c("price").isNotNull() & (c("price") <= 0)),
         (NULL_USER_ID, ~is_delete & _blank(c("user_id"))),
         (NULL_ITEM_ID, ~is_delete & _blank(c("item_id"))),
         (NULL_EVENT_TIME, ~is_delete & c("event_time").isNull()),
+        (BAD_TIMESTAMP, values[2][1]),
         (UNKNOWN_EVENT_TYPE, ~is_delete & ~is_cancel
          & ~F.coalesce(c("event_type").isin(*cfg.allowed_event_types), F.lit(False))),
         # An event cannot happen after it was committed (plus clock skew).
@@ -157,7 +164,10 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         checks.append((TOO_LATE, ~is_delete & (
             c("event_time") < c("_commit_timestamp") - F.expr(f"INTERVAL {int(cfg.horizon_days)} DAYS"))))
     rows = rows.withColumn("_reason", _first_reason(checks))
-    rows = rows.withColumn("_detail", F.when(c("_reason") == TYPE_MISMATCH, c("_bad")))
+    detail = F.when(c("_reason") == TYPE_MISMATCH, c("_bad")).when(c("_reason") == MALFORMED_ID, invisible_detail)
+    for code, _, what in values:
+        detail = detail.when(c("_reason") == code, what)
+    rows = rows.withColumn("_detail", detail)
 
     # Duplicate inserts: within the night the first commit wins; an id consumed
     # by an earlier run is a duplicate too. (Update post-images reuse their

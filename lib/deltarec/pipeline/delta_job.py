@@ -6,7 +6,8 @@ Idempotent: running it twice for the same range leaves the lake as after one
 run, and a retry after a crash over a longer range (same ``first``) as one
 run over that range:
 
-- ``quarantine_events`` and ``training_examples``: ``replaceWhere`` on run_id;
+- ``quarantine_events``: ``replaceWhere`` on run_id; ``training_examples``: the
+  run's partition replaced in one commit (``LakeEngine.replace_partition``);
 - ``event_index``: ``replaceWhere source_version >= first`` (only earlier
   runs' rows, ``source_version < first``, count as "consumed before");
 - ``user_state`` / ``item_stats``: each MERGE commit records the source range
@@ -14,6 +15,15 @@ run over that range:
   travel as of the version just before the first commit that applied a
   version >= ``first``; tonight's rows are absolute values computed from it,
   so repeating the MERGE changes nothing.
+
+A run that lost a race changes nothing: before its first write and again
+before each state write it checks that no run committed a range from its
+``first`` on (``check_not_overtaken``); and as that check and the write are
+not one transaction, the writes themselves never take another run's place:
+the index replaces only this run's versions (``first..last``), and a state
+row is updated only by a row of the same or a later applied source version
+(``STATE_UPDATE_IF``), so a loser resumed after the winner's commit cannot
+move a row backwards.
 
 Cost follows the night, not the history: tonight's keys (one small collect)
 find their slice of the event index (duplicate ids; every row of the events
@@ -31,13 +41,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..faults import crash_point
 from ..features.changes import check_drift, map_source, mapped_columns
 from ..features.examples import build_examples, trained_types
 from ..features.state import next_item_stats, next_user_state
 from ..features.cancellations import match_cancellations
 from ..features.validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES, check_threshold, validate
 from ..lake import schemas
-from ..lake.engine import LakeError, plain_strings, to_arrow
+from ..lake.engine import ConcurrentRunError, LakeError, plain_strings, to_arrow
+from ..lake.ledger import Ledger
 from .stages import StageClock
 
 if TYPE_CHECKING:
@@ -51,8 +63,8 @@ if TYPE_CHECKING:
 EVENT_INDEX_TABLE = "event_index"
 USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
-EXAMPLES_PER_WRITE = 400_000  # rows per Arrow slice written by the driver (delta-rs), at history 20 or less
-# (a slice's bytes grow with the two history arrays of every row, so longer histories write smaller slices)
+# A state row moves only forward: never replaced by one computed from older source versions.
+STATE_UPDATE_IF = "t.source_version IS NULL OR s.source_version >= t.source_version"
 
 
 @dataclass
@@ -85,6 +97,18 @@ def base_version(lake: "LakeEngine", table: str, first: int) -> int | None:
         )
     mine = [v for v, m in metas if int(m.get("source_last", -1)) >= first]
     return min(mine) - 1 if mine else lake.version(table)
+
+
+def check_not_overtaken(cfg: "Config", lake: "LakeEngine", first: int, last: int, run_id: str) -> None:
+    """Raise ConcurrentRunError when a committed run already consumed version
+    ``first`` or later: this run lost the race and must write nothing more."""
+    watermark = Ledger(lake, cfg.lake.runs_table).watermark(cfg.model.name)
+    if watermark >= first:
+        raise ConcurrentRunError(
+            f"run {run_id}: another run of model {cfg.model.name!r} committed {cfg.lake.events_table} versions "
+            f"up to {watermark} while this one prepared {first}..{last}; it stops before writing "
+            "(the other run's state stands, nothing of this run was recorded). Run the nightly again to "
+            "consume what is new")
 
 
 def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int,
@@ -231,38 +255,36 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
                               item_stats=stats_after)
 
     # ---- writes, each idempotent (see the module docstring)
+    def guard():
+        check_not_overtaken(cfg, lake, first, last, run_id)
+
+    guard()
     lake.create(tables.quarantine_table, schemas.QUARANTINE_EVENTS)
     lake.write(tables.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
                schema=schemas.QUARANTINE_EVENTS)
     lake.create(index_table, schemas.EVENT_INDEX)
-    lake.write(index_table, v.index, mode="overwrite", replace_where=f"source_version >= {first}",
-               schema=schemas.EVENT_INDEX)
+    guard()
+    lake.write(index_table, v.index, mode="overwrite",  # only this run's versions: later ones are another run's
+               replace_where=f"source_version >= {first} AND source_version <= {last}", schema=schemas.EVENT_INDEX)
     n_users, n_items = new_users.num_rows, new_items.num_rows
     if n_users:
-        lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta)
+        guard()
+        lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
     if n_items:
-        lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta)
+        guard()
+        lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
     stage.mark("write_state")
-    lake.create(tables.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
-    # A big night (a first run over years of history) is written in slices, so
-    # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
-    # slice is a hash range of event ids, itself in the seeded shuffle order.
-    expected = outcomes.get("event", 0) * (1 + features.negatives) + sum(outcomes.values())
-    slices = 1 + expected // (EXAMPLES_PER_WRITE * 20 // max(20, features.history_length))
-    part = F.pmod(F.xxhash64(F.col("event_id"), F.lit(features.seed + 1)), F.lit(slices))
-    if slices > 1:  # computed once, not once per slice; on disk: the driver's heap is the executor's here
-        from pyspark import StorageLevel
-
-        examples = keep(examples.persist(StorageLevel.DISK_ONLY))
-    for k in range(slices):
-        lake.write(tables.examples_table, examples.where(part == k) if slices > 1 else examples,
-                   mode="overwrite" if k == 0 else "append", replace_where=f"run_id = '{run_id}'" if k == 0 else None,
-                   partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
+    crash_point("after_state_write")
+    # The executors write the examples' Parquet files and the driver commits them
+    # (one transaction, replacing this run's partition): no row passes through the
+    # driver, whatever the night's or the history's size. Rows per kind come back
+    # with the files written.
+    written = lake.replace_partition(tables.examples_table, examples, {"run_id": run_id},
+                                     schemas.TRAINING_EXAMPLES, count_by="kind")
+    kinds = written["counts"]
     stage.mark("examples")
 
-    this_run = pa.table({"run_id": [run_id]})
-    kinds = _counts(lake.lookup(tables.examples_table, this_run, ["kind"]), "kind")
-    new_examples = lake.scan(tables.examples_table, where=f"run_id = '{run_id}'")  # one partition
+    new_examples = lake.read_partition(tables.examples_table, {"run_id": run_id})  # read by the executors
     stage.mark("report")
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes,
              "users_updated": n_users, "items_updated": n_items,

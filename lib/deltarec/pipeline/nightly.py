@@ -37,7 +37,7 @@ from .delta_job import PreparedNight, prepare_night
 from .gating import gate_candidate
 from .inputs import lineage_inputs, select_inputs
 from .prequential import score_prequential
-from .publish import after_commit, check_mlflow, publish_run, run_metrics
+from .publish import after_commit, check_mlflow, publish_run, repair_audit, run_metrics
 from .recommend import refresh_quietly
 from .stages import StageClock
 from .strategy import choose_strategy
@@ -109,6 +109,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     lake = lake or open_lake(cfg.lake, spark)
     ledger = Ledger(lake, cfg.lake.runs_table)
     ledger.ensure()
+    repair_audit(cfg, lake, ledger)  # a night killed right after its commit
     apply_pending(cfg, lake)  # forget requests first: tonight's inputs and parent no longer hold those users
     model = cfg.model.name
     span = next_range(cfg, lake, ledger)

@@ -87,7 +87,59 @@ def publish_run(cfg: "Config", lake: "LakeEngine", ledger: Ledger, *, run_id: st
     ), expected_champion=choice.serving.run_id if choice.serving else None)
     log.info("run %s committed as %s: watermark %d → %d; %s", run_id, record.status, first - 1, last,
              gate["reason"])
+    crash_point("after_ledger_commit")
     return record
+
+
+def attempt_tables(cfg: "Config") -> tuple[str, ...]:
+    """The tables whose rows carry the run id of the attempt that wrote them."""
+    return cfg.lake.quarantine_table, cfg.lake.examples_table, cfg.lake.metrics_table
+
+
+def drop_uncommitted_attempts(cfg: "Config", lake: "LakeEngine", record: RunRecord) -> dict[str, int]:
+    """Delete the rows of earlier attempts at this run's range that never
+    committed: a night killed after writing, then a new source version, and the
+    rerun got another run id (3..8, not 3..7). Only after the commit: then no
+    other attempt starting at ``source_first`` can commit any more, so nothing
+    a live run still needs is removed. A kill before this runs leaves them for
+    ``deltarec status --verify`` to report."""
+    prefix = f"{record.model}-{record.source_first:06d}-"
+    where = f"run_id >= '{prefix}' AND run_id < '{prefix}~' AND run_id <> '{record.run_id}'"
+    dropped = {}
+    for table in attempt_tables(cfg):
+        try:
+            if lake.exists(table) and (n := lake.delete(table, where)):
+                dropped[table] = n
+        except Exception as e:  # the commit stands; the rows stay for status --verify
+            log.error("run %s committed, but removing earlier attempts' rows from %s failed: %s",
+                      record.run_id, table, e)
+    if dropped:
+        log.info("run %s: removed rows of uncommitted attempts at versions %d..: %s", record.run_id,
+                 record.source_first, dropped)
+    return dropped
+
+
+def _gate_action(record: RunRecord, previous: str | None) -> str:
+    return ("first" if record.parent_run_id is None and previous is None
+            else "gate_promote" if record.status == CHAMPION else "gate_reject")
+
+
+def repair_audit(cfg: "Config", lake: "LakeEngine", ledger: Ledger) -> dict[str, Any] | None:
+    """Write the gate's registry event of the newest committed run when it has
+    none: that night was killed between its ledger commit and its audit event,
+    and its rerun has nothing else to do. The champion it replaced is taken to
+    be its parent (the champion it was gated against)."""
+    from ..registry.core import events, record_event
+
+    latest = ledger.latest(cfg.model.name)
+    if latest is None or any(e["by"] == "gate" and e["run_id"] == latest.run_id
+                             for e in events(lake, cfg, latest.run_id)):
+        return None
+    log.warning("run %s was committed but has no registry event (killed after its commit): writing it now",
+                latest.run_id)
+    return record_event(lake, cfg, _gate_action(latest, latest.parent_run_id), latest.run_id, latest.parent_run_id,
+                        "gate", (latest.status_reason or "") + " (event written by a later night: the run was "
+                        "killed after its commit)")
 
 
 def after_commit(cfg: "Config", lake: "LakeEngine", record: RunRecord, previous: RunRecord | None) -> dict[str, Any]:
@@ -96,11 +148,10 @@ def after_commit(cfg: "Config", lake: "LakeEngine", record: RunRecord, previous:
     recorded (``{}`` when disabled, ``{"error": ...}`` when it failed)."""
     from ..registry.core import record_event
 
-    action = ("first" if record.parent_run_id is None and previous is None
-              else "gate_promote" if record.status == CHAMPION else "gate_reject")
+    drop_uncommitted_attempts(cfg, lake, record)
     try:
-        record_event(lake, cfg, action, record.run_id, previous.run_id if previous else None, "gate",
-                     record.status_reason or "")
+        record_event(lake, cfg, _gate_action(record, previous.run_id if previous else None), record.run_id,
+                     previous.run_id if previous else None, "gate", record.status_reason or "")
     except Exception as e:
         log.error("run %s committed, but its registry event was not written: %s", record.run_id, e)
     if not cfg.mlflow.enabled:

@@ -41,6 +41,7 @@ from .exchange import GradientExchange
 from .loss import loss_sum, mean_loss, step_loss_sum
 from .losses import LossSpec, Objective
 from .optim import clip_grad_norm
+from .placement import worker_placement
 from .regularizers import FISHER_FILE, ewc_penalty, fisher_diagonal, fisher_to_bytes, proximal_penalty
 from .resume import resume, save_inrun
 from .spec import TrainSpec, device_for, is_dynamic, lr_at
@@ -276,7 +277,8 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
             "loss_sum": float(loss_acc), "device": str(device),
             "comm": getattr(collective, "backend", collective.name),
             # this worker process's peak resident memory (Linux reports KiB), for cost benchmarks
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **worker_placement()}  # host, pid, Spark executor: where this rank ran
     return _finish(spec, collective, model, optimizer, state, warm, vocabs, fisher, mine, phases, steps,
                    resumed_from)
 
