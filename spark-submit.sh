@@ -11,16 +11,20 @@
 # What it does:
 #   1. creates .venv on first use (lib/bootstrap_env.sh; quiet afterwards;
 #      DELTAREC_NO_BOOTSTRAP=1 skips it and uses the python on PATH);
-#   2. zips lib/deltarec into build/deltarec.zip and ships it with --py-files;
+#   2. zips lib/deltarec into build/deltarec.zip and ships it with --py-files,
+#      also on the executors' PYTHONPATH (for the training ranks' processes);
 #   3. takes --master from your flags, else from the config's spark.master, and
 #      tells the job the same master (--set spark.master=...);
 #   4. with lake.engine=delta-spark adds the Delta SQL extension/catalog and
 #      --packages io.delta:delta-spark_2.13:$DELTA_VERSION (or --jars
-#      $DELTAREC_DELTA_JARS when set: no download);
+#      $DELTAREC_DELTA_JARS when set: every jar --packages would fetch,
+#      comma-separated; conf/CLUSTER.md lists them);
 #   5. prints the exact spark-submit command, then runs it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DELTA_VERSION="${DELTA_VERSION:-4.4.1}"  # keep in step with the delta-spark pin in setup.py
+# Keep in step with the delta-spark pin in setup.py. delta-spark 4.4.x requires
+# pyspark>=4.0.1,<=4.2.0: pyspark stays at 4.2.x (setup.py) while this is 4.4.x.
+DELTA_VERSION="${DELTA_VERSION:-4.4.1}"
 
 if [ $# -eq 0 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
   sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0
@@ -73,6 +77,12 @@ tmpzip="$(mktemp "$ROOT/build/.deltarec.XXXXXX.zip")"; rm -f "$tmpzip"
 cmd=("$SUBMIT")
 [ -n "$master" ] && cmd+=(--master "$master")
 cmd+=(--py-files "$ROOT/build/deltarec.zip" --conf "spark.pyspark.python=$PY")
+# --py-files reaches an executor's Python workers through their sys.path only, not
+# their environment, so the processes a training backend starts from them (horovod's
+# ranks, TorchDistributor's torchrun) would import whatever deltarec the machine has
+# installed, or none. Executors keep shipped files in their working directory, where
+# those processes start: a relative entry (made absolute by Python at start) finds it.
+cmd+=(--conf "spark.executorEnv.PYTHONPATH=deltarec.zip")
 # The driver JVM starts before the job's config is read: memory and log level go here.
 cmd+=(--driver-memory "$(cfg_get spark.driver_memory)"
       --driver-java-options "-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties")

@@ -17,7 +17,8 @@ first run pays the JVM's start-up alone. Then every size's night is timed in
 ``--repeat`` rounds (order reversed each round, so load that comes and goes
 weighs on all sizes alike): round 1 is each size's first run, the later rounds
 its reruns (the fastest counts). Wall and CPU seconds (Python + Spark's JVM),
-Spark jobs and seconds per stage go to the JSON rows. Prints a table and
+the driver's Python peak memory above its start, Spark jobs and seconds per
+stage go to the JSON rows. Prints a table and
 ``ratio_16x_1x_first=`` (first runs), ``ratio_16x_1x_rerun=`` (fastest reruns)
 and, as the last line, ``ratio_16x_1x=<float>``: the first runs' ratio.
 
@@ -120,6 +121,36 @@ def cpu_seconds(spark) -> float:
     return t
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class DriverPeak:
+    """The driver's Python process's peak resident memory above what it held
+    when the night started (sampled every 10 ms): what the night's rows cost the
+    driver (collected Arrow, pandas, Python objects). In local mode the JVM is
+    the executors' too, so it is not counted."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._sample, daemon=True)
+        self._t.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.mb = round(max(self.peak, rss_mb()) - self.base, 1)
+
+
 def time_night(spark, row) -> None:
     """One incremental run over the night (a rerun of the same range is
     idempotent, so every repetition is a fair measurement)."""
@@ -127,8 +158,10 @@ def time_night(spark, row) -> None:
 
     cfg, lake, first, last = row["_night"]
     c, t = cpu_seconds(spark), time.perf_counter()
-    res = J.prepare_night(spark, cfg, lake, first, last, "night")
+    with DriverPeak() as driver:
+        res = J.prepare_night(spark, cfg, lake, first, last, "night")
     row["_runs"].append({"s": time.perf_counter() - t, "cpu_s": cpu_seconds(spark) - c, "load1": os.getloadavg()[0],
+                         "driver_peak_mb": driver.mb,
                          "stages": res.stats["stage_seconds"], "jobs": res.stats["stage_spark_jobs"]})
     row.update(night_rows=res.consumed, examples=res.examples, quarantined=res.quarantined)
 
@@ -142,6 +175,7 @@ def summary(row) -> dict:
                rerun_s=round(best["s"], 2) if best else None,
                rerun_cpu_s=round(min(r["cpu_s"] for r in reruns), 2) if reruns else None,
                night_s_all=[round(r["s"], 2) for r in runs], load1_all=[round(r["load1"], 1) for r in runs],
+               driver_peak_mb=max((r["driver_peak_mb"] for r in runs if "driver_peak_mb" in r), default=None),
                stage_s=first["stages"], stage_spark_jobs=first["jobs"])
     return out
 
@@ -194,17 +228,18 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nnight of {night} events, {users} users, {items} items; spark {spark.conf.get('spark.master')}")
     print("| history | history events | index rows | night rows | examples | first run s | reruns s | "
-          "first run CPU s | Spark jobs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "first run CPU s | Spark jobs | driver peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['multiple']}x | {r['history_events']} | {r['index_rows']} | {r['night_rows']} | "
               f"{r['examples']} | {r['first_s']:.2f} | {', '.join(map(str, r['night_s_all'][1:])) or '–'} | "
-              f"{r['first_cpu_s']:.1f} | {sum(r['stage_spark_jobs'].values())} |")
+              f"{r['first_cpu_s']:.1f} | {sum(r['stage_spark_jobs'].values())} | {r['driver_peak_mb']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"ratio_16x_1x_rerun={ratio(rows, 'rerun_s'):.3f}  (fastest reruns; "
           f"CPU {ratio(rows, 'rerun_cpu_s'):.3f})")
     print(f"ratio_16x_1x_first={ratio(rows, 'first_s'):.3f}  (first runs; CPU {ratio(rows, 'first_cpu_s'):.3f})")
+    print(f"driver_peak_ratio_16x_1x={ratio(rows, 'driver_peak_mb'):.3f}  (the driver's Python, above its start)")
     print(f"ratio_16x_1x={ratio(rows, 'first_s'):.3f}")
     return 0
 

@@ -67,3 +67,55 @@ def test_als_implicit_learns_two_groups_on_spark(spark):
     # A customer ALS never saw gets the fallback (e.g. popularity) row.
     fb = np.arange(len(catalog), dtype=float)
     assert als.scores(["stranger"], catalog, fallback=fb)[0].tolist() == fb.tolist()
+
+
+def test_personal_with_a_half_life_counts_recent_purchases_more():
+    day = np.datetime64("2011-06-30T00:00", "us")
+    t = lambda d: np.datetime64(f"2011-06-{d:02d}T10:00", "us")  # noqa: E731
+    pop = item_counts(["e"] * 9, CATALOG)  # e is popular, never bought by u
+    # u bought a three times a month ago, c once yesterday
+    users, items = ["u", "u", "u", "u"], ["a", "a", "a", "c"]
+    times = [t(1), t(1), t(1), t(29)]
+    plain = personal_topk(users, items, ["u"], CATALOG, pop, k=3)[0].tolist()
+    assert plain == ["a", "c", "e"]  # by count
+    s = personal_scores(users, items, ["u"], CATALOG, pop, hist_times=times, now=day, half_life_days=7)
+    # a: 3 * 0.5 ** (28.58 / 7) ≈ 0.18 < c: 0.5 ** (0.58 / 7) ≈ 0.94
+    assert [CATALOG[j] for j in np.argsort(-s[0], kind="stable")[:3]] == ["c", "a", "e"]
+    age = (day - np.array(times, dtype="datetime64[us]")) / np.timedelta64(1, "D")
+    w = 0.5 ** (age / 7)
+    own_a, own_c = w[:3].sum(), w[3]
+    big = pop.max() + 1
+    assert s[0, 0] == pytest.approx(own_a / min(own_a, own_c) * big + pop[0])
+    assert s[0, 0] > s[0, 4]  # an own item, however old, above the popular one
+    with pytest.raises(ValueError, match="after now"):
+        personal_scores(users, items, ["u"], CATALOG, pop, hist_times=times, now=t(2), half_life_days=7)
+
+
+def test_tifu_knn_on_a_hand_computed_three_customer_example():
+    from deltarec.evaluation.tifu_knn import TifuParams, tifu_scores, tifu_vectors
+
+    cat = np.array(["a", "b", "c", "d"], dtype=object)
+    # X: baskets {a, b} then {a} then {c}; Y: one basket {a}; Z: {b} then {b, c} (b twice in the
+    # first basket counts once; "zz" is outside the catalogue)
+    lines = [("X", "a", 1), ("X", "b", 1), ("X", "a", 2), ("X", "c", 3), ("Y", "a", 5),
+             ("Z", "b", 1), ("Z", "b", 1), ("Z", "zz", 1), ("Z", "b", 4), ("Z", "c", 4)]
+    u, i, b = (np.array(x, dtype=object if k < 2 else np.int64) for k, x in enumerate(zip(*lines)))
+    p = TifuParams(groups=2, within_decay=0.5, group_decay=0.5, neighbours=2, alpha=0.5)
+    ids, V = tifu_vectors(u, i, b, cat, p)
+    assert ids.tolist() == ["X", "Y", "Z"]
+    # X, 3 baskets in 2 groups ({b1}, {b2, b3}); basket j weighs 0.5 ** (3 - j); group g 0.5 ** (1 - g):
+    #   (0.5 * (a .25 + b .25) + 1 * (a .5 + c 1) / 2) / 2 = a .1875, b .0625, c .25
+    # Y, 1 basket (fewer than the groups: its own group, g = 0): 0.5 * (a 1) / 1 = a .5
+    # Z, 2 baskets, a group each: (0.5 * (b .5) + 1 * (b 1 + c 1)) / 2 = b .625, c .5
+    want = np.array([[.1875, .0625, .25, 0], [.5, 0, 0, 0], [0, .625, .5, 0]])
+    np.testing.assert_allclose(V, want)
+    # X's nearest two (squared Euclidean): itself (0) and Y (.1641), not Z (.4141): blend X with their mean
+    exact = tifu_scores((ids, V), ["X"], p)
+    np.testing.assert_allclose(exact[0], 0.5 * want[0] + 0.5 * (want[0] + want[1]) / 2)
+    np.testing.assert_allclose(exact[0], [.265625, .046875, .1875, 0])
+    S = tifu_scores((ids, V), ["X", "W"], p, tie_break=[0, 0, 0, 5])
+    np.testing.assert_allclose(S[0][:3], exact[0][:3])
+    # the tie-break (d popular) orders only what TIFU-KNN leaves tied: d, never bought near X, comes last
+    # but above nothing; W, without history, gets the tie-break alone
+    assert np.argsort(-S[0]).tolist() == [0, 2, 1, 3] and S[0][3] > 0
+    assert np.argmax(S[1]) == 3 and S[1][:3].tolist() == [0, 0, 0]

@@ -203,6 +203,40 @@ def test_snapshot_files_are_the_files_of_a_past_version(lake):
     assert strip(lake.snapshot_files("ex", v2)) == strip(lake.data_files("ex")) != strip(then)
 
 
+def test_replace_partition_writes_from_the_executors_and_replaces_only_that_partition(lake, spark):
+    lake.create("ex", EXAMPLES, partition_by=["run_id"])
+    lake.write("ex", examples("r2", 2), partition_by=["run_id"])
+    night = spark.createDataFrame(examples("r1", 7)).repartition(3, "event_id").orderBy("event_id")
+    got = lake.replace_partition("ex", night, {"run_id": "r1"}, EXAMPLES, count_by="label")
+    assert got["rows"] == 7 and got["counts"] == {"1.0": 7} and got["version"] == lake.version("ex")
+    files = lake.data_files("ex", {"run_id": "r1"})
+    assert len(files) == got["files"] and got["files"] >= 1
+    # sorted file paths keep the DataFrame's order (a worker's shard is a contiguous slice of it)
+    assert [i for f in files for i in pq.read_table(f, columns=["event_id"])["event_id"].to_pylist()] == \
+        sorted(f"r1-{i}" for i in range(7))
+    assert rows(lake.read("ex"), "event_id", "history_idx")[:2] == [("r1-0", [0, 1]), ("r1-1", [1, 2])]
+    part = lake.read_partition("ex", {"run_id": "r1"})  # what the night hands on: read by the executors
+    assert part.columns == EXAMPLES.names and rows(part, "run_id", "event_id", "history_idx")[:2] == [
+        ("r1", "r1-0", [0, 1]), ("r1", "r1-1", [1, 2])] and part.count() == 7
+    # a rerun replaces the partition (fewer rows now), an empty one empties it; r2 is never touched
+    again = lake.replace_partition("ex", spark.createDataFrame(examples("r1", 2)), {"run_id": "r1"}, EXAMPLES)
+    assert again["rows"] == 2 and ids(lake.read_arrow("ex", filters=[("run_id", "=", "r1")])) == ["r1-0", "r1-1"]
+    lake.replace_partition("ex", spark.createDataFrame(examples("r1", 2)).limit(0), {"run_id": "r1"}, EXAMPLES)
+    assert lake.data_files("ex", {"run_id": "r1"}) == [] and ids(lake.read("ex")) == ["r2-0", "r2-1"]
+    assert lake.read_partition("ex", {"run_id": "r1"}).columns == EXAMPLES.names
+    assert lake.read_partition("ex", {"run_id": "r1"}).count() == 0
+    # rows of another partition are refused, not committed under this one
+    with pytest.raises(Exception, match="r9|partition"):
+        lake.replace_partition("ex", spark.createDataFrame(examples("r9", 1)), {"run_id": "r1"}, EXAMPLES)
+    assert ids(lake.read("ex")) == ["r2-0", "r2-1"]
+
+
+def test_replace_partition_creates_the_table(lake, spark):
+    got = lake.replace_partition("fresh", spark.createDataFrame(examples("r1", 3)), {"run_id": "r1"}, EXAMPLES)
+    assert got["rows"] == 3 and ids(lake.read("fresh")) == ["r1-0", "r1-1", "r1-2"]
+    assert [(f.name, f.type) for f in lake.read_arrow("fresh").schema] == [(f.name, f.type) for f in EXAMPLES]
+
+
 # ------------------------------------------------------------ MERGE
 def test_merge_inserts_new_keys_and_updates_only_when_asked(lake):
     lake.create("runs", KEYED)

@@ -52,7 +52,7 @@ def test_every_registered_model_is_a_config_choice():
     assert set(MODELS) == set(model_names()) == set(explain("model.name").choices)
 
 
-@pytest.mark.parametrize("name", ["ranking", "sequential"])
+@pytest.mark.parametrize("name", ["ranking", "sequential", "repeat_explore"])
 @pytest.mark.parametrize("embedding", ["hashed", "dynamic"])
 def test_shapes_loss_and_learning(name, embedding):
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_shapes_loss_and_learning(name, embedding):
     losses = steps(m, b)
     assert losses[-1] < 0.7 * losses[0]  # it fits the batch
     scores = m.score_all(torch.arange(4), torch.arange(I), **({"history_idx": b["history_idx"][:4]}
-                                                               if name == "sequential" else {}))
+                                                               if name != "ranking" else {}))
     assert scores.shape == (4, I) and torch.isfinite(scores).all()
 
 
@@ -85,13 +85,26 @@ def test_sequential_is_causal_in_the_history_and_uses_it():
     assert torch.isfinite(m({"user_idx": b["user_idx"], "item_idx": b["item_idx"]})).all()
 
 
-def test_dynamic_model_scores_hashed_indices_through_its_lookup():
-    m = build_model("ranking", **params("ranking", "dynamic")).eval()
-    m.item_lookup.copy_(torch.arange(I) % 10)
-    m.user_lookup.copy_(torch.arange(U) % 12)
-    b = batch(16, history=False)
-    exact = m({**b, "user_row": b["user_idx"] % 12, "item_row": b["item_idx"] % 10})
-    torch.testing.assert_close(m(b), exact)
+@pytest.mark.parametrize("name", ["ranking", "repeat_explore"])
+def test_dynamic_model_scores_hashed_indices_through_its_lookup(name):
+    from deltarec.models.vocab import Vocabulary
+
+    # a vocabulary of 20 items hashed into a space far wider than the table: rows 4.. are theirs
+    ids = pa.array([f"i{k}" for k in range(20)])
+    hashed = pa.array(np.arange(20) * 1_000_003 + 7, pa.int64())
+    v = Vocabulary("item", oov_buckets=4).update(ids, hashed)
+    users = Vocabulary("user", oov_buckets=4).update(pa.array([f"u{k}" for k in range(8)]),
+                                                     pa.array(np.arange(8) * 999_983, pa.int64()))
+    m = build_model(name, **params(name, "dynamic", user_rows=users.num_rows, item_rows=v.num_rows)).eval()
+    m.adopt_vocabulary("item", v)
+    m.adopt_vocabulary("user", users)
+    assert len(m.item_lookup_keys) == 20  # the lookup follows the vocabulary, not the hash space
+    b = {"user_idx": torch.from_numpy(np.arange(8) * 999_983), "item_idx": torch.from_numpy(np.array(hashed))[:8]}
+    exact = {**b, "user_row": torch.from_numpy(users.rows_for(users.ids, pa.array(np.arange(8) * 999_983))),
+             "item_row": torch.from_numpy(v.rows_for(ids, hashed))[:8]}
+    torch.testing.assert_close(m(b), m(exact))
+    # an index nobody was admitted with: the shared OOV row, index % oov_buckets
+    assert m.lookup("item", torch.tensor([5, -1])).tolist() == [5 % 4, -1]
 
 
 def test_shard_reads_columns_filters_holdout_and_pads_history(tmp_path):
@@ -156,8 +169,11 @@ def test_frozen_text_tower_reads_precomputed_embeddings(tmp_path):
     pq.write_table(pa.table({"item_idx": pa.array([2, 4, 7], pa.int64()), "embedding": emb}), tmp_path / "e.parquet")
     text = {"mode": "frozen", "dim": 6, "embeddings_path": str(tmp_path / "e.parquet")}
     m = build_model("ranking", **params("ranking", text=text))
-    torch.testing.assert_close(m.text.frozen_lookup[4], torch.from_numpy(vec[1]))
-    assert float(m.text.frozen_lookup[3].abs().sum()) == 0.0  # an item without text: zeros
+    with torch.no_grad():
+        torch.testing.assert_close(m.text(torch.tensor([4])), m.text.proj(torch.from_numpy(vec[1:2])))
+        torch.testing.assert_close(m.text(torch.tensor([3])), m.text.proj(torch.zeros(1, 6)))  # no text: zeros
+        # the inputs are kept for the items with a text only, whatever the hash space
+        assert m.text.keys_lookup.tolist() == [2, 4, 7] and tuple(m.text.frozen_lookup.shape) == (3, 6)
     trainable = {n for n, p in m.named_parameters() if n.startswith("text.")}
     assert trainable == {"text.proj.weight", "text.proj.bias"}  # the encoder is not even loaded
     assert steps(m, batch(history=False), n=5)[-1] < 1.0
@@ -205,8 +221,10 @@ def test_frozen_text_embeddings_with_spark_recompute_only_changed_texts(spark, l
 
     idx = {r["item_id"]: r["i"] for r in night2.select("item_id", bucket(F.col("item_id"), 64).alias("i")).collect()}
     m = build_model("ranking", **{**params("ranking", item_buckets=64), "text": text_params(cfg)})
-    torch.testing.assert_close(m.text.frozen_lookup[idx["B"]],
-                               torch.from_numpy(encode_texts(tok, enc, ["white mug"], 8)[0]), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(m.text(torch.tensor([idx["B"]])),
+                                   m.text.proj(torch.from_numpy(encode_texts(tok, enc, ["white mug"], 8)[:1])),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_first_histories_give_each_user_the_history_before_their_first_row():
@@ -220,3 +238,32 @@ def test_first_histories_give_each_user_the_history_before_their_first_row():
     users, hist = first_histories(t, 3)
     assert users.tolist() == [2, 7]
     assert hist.tolist() == [[-1, -1, -1], [-1, 1, 2]]  # user 7's earliest row is Jan 1
+
+
+def test_a_misspelled_model_parameter_is_an_error():
+    with pytest.raises(ValueError, match=r"model 'ranking' has no parameter\(s\) 'hiden'; its parameters: .*hidden"):
+        build_model("ranking", **{**params("ranking"), "hiden": [8]})
+    with pytest.raises(ValueError, match="'heads'"):  # another model's parameter
+        build_model("ranking", **params("ranking"), heads=2)
+
+
+def test_a_checkpoint_with_dense_per_bucket_inputs_loads_and_scores_as_before(tmp_path):
+    """Checkpoints written before the lookups were keyed by the catalogue held
+    one row per hash bucket (the dynamic id lookup, the frozen text vectors):
+    they load into today's model and give the same scores."""
+    vec = np.random.default_rng(1).normal(size=(I, 6)).astype(np.float32)
+    text = {"mode": "frozen", "dim": 6}
+    m = build_model("ranking", **params("ranking", "dynamic", text=text)).eval()
+    state = {k: v for k, v in m.state_dict().items() if "lookup" not in k}
+    state["user_lookup"] = torch.arange(U) % 12  # the old dense forms
+    state["item_lookup"] = (torch.arange(I) * 7) % 10
+    state["text.frozen_lookup"] = torch.from_numpy(vec)
+    old = build_model("ranking", **params("ranking", "dynamic", text=text)).eval()
+    old.load_state_dict(state)
+    b = {"user_idx": torch.arange(8), "item_idx": torch.arange(8) * 3 % I}
+    with torch.no_grad():  # what the old model scored: its dense rows, computed by hand
+        e_u, e_i = m.user_emb(b["user_idx"] % 12), m.item_emb((b["item_idx"] * 7) % 10) + m.text.proj(
+            torch.from_numpy(vec[b["item_idx"].numpy()]))
+        manual = m.bias + m.item_bias((b["item_idx"] * 7) % 10).squeeze(-1) + (e_u * e_i).sum(-1) + \
+            m.mlp(torch.cat([e_u, e_i, e_u * e_i], -1)).squeeze(-1)
+        torch.testing.assert_close(old(b), manual)

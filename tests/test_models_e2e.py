@@ -33,11 +33,14 @@ CONTROLS = ("train.forgetting.replay_ratio=0.5", "train.forgetting.proximal=0.01
 
 
 @pytest.mark.parametrize("name,embedding", [("ranking", "hashed"), ("ranking", "dynamic"),
-                                            ("sequential", "hashed"), ("sequential", "dynamic")])
+                                            ("sequential", "hashed"), ("sequential", "dynamic"),
+                                            ("repeat_explore", "dynamic")])
 def test_two_nights_per_model_and_embedding(spark, lake_root, real_data_path, tiny_bert, name, embedding):
     # riders, so each nightly wiring is covered without more nights: every forgetting control
     # on one combination, the text tower (frozen: Spark-computed embeddings; lora) on two others
     controls = CONTROLS if (name, embedding) == ("ranking", "dynamic") else ()
+    if name == "repeat_explore":  # a ranking loss, with the forgetting controls on its incremental night
+        controls = ("train.loss=sampled_softmax", *CONTROLS)
     text = {("sequential", "hashed"): "frozen", ("sequential", "dynamic"): "lora"}.get((name, embedding))
     if text:
         controls = ("model.text.enabled=true", f"model.text.model={tiny_bert}", f"model.text.mode={text}",
@@ -55,7 +58,7 @@ def test_two_nights_per_model_and_embedding(spark, lake_root, real_data_path, ti
         assert a.meta["model_params"]["item_rows"] == old.shape[0]
     else:
         assert b.model_state["item_emb.weight"].shape[0] == cfg.features.item_buckets
-    if name == "sequential":
+    if name in ("sequential", "repeat_explore"):
         assert b.meta["model_params"]["history_length"] == 4
     assert second.prequential  # the champion was scored on the new day before training
     if text == "frozen":  # the tower's buffer holds the lake table's vectors

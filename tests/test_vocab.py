@@ -119,7 +119,11 @@ def test_growth_keeps_old_rows_bit_identical_and_new_rows_get_the_defined_init(t
     second = LocalBackend().run(second_spec)
     b = load_checkpoint(second["checkpoint"]["path"])
     assert vocabs_from_bytes(b.extras[VOCAB_FILE])["user"].num_rows == 28
-    assert second["vocab"]["user"] == {"ids": 25, "rows": 28, "new_rows": 5}
+    buckets = [hash(u) % 97 for u in users + [f"new{i}" for i in range(5)]]  # as _night hashes them
+    shared = sum(buckets.count(h) > 1 for h in buckets)
+    assert second["vocab"]["user"] == {"ids": 25, "rows": 28, "new_rows": 5, "evicted": 0, "free_rows": 0,
+                                       "shared_hash": shared}
+    assert second["ids"] == second["vocab"]  # what the run metrics report
 
 
 def test_sequential_model_with_dynamic_vocabulary_trains(tmp_path):

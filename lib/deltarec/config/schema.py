@@ -343,8 +343,13 @@ class TextConfig(Section):
 class ModelConfig(Section):
     """The model trained each night."""
 
-    name: Literal["ranking", "sequential"] = Field("ranking", description=(
-        "ranking: embeddings + MLP; sequential: SASRec-style causal transformer over the user's recent items."))
+    name: Literal["ranking", "sequential", "repeat_explore"] = Field("ranking", description=(
+        "ranking: embeddings + MLP with an additive repeat term; sequential: SASRec-style causal transformer "
+        "over the user's recent items; repeat_explore: a learned per-customer gate between re-buying from the "
+        "history (time-decayed frequencies) and a two-tower explore score with the items' recent popularity "
+        "and age. ranking stays the default for now: repeat_explore with dynamic ids and sampled_softmax scored "
+        "0.188 NDCG@10 (incremental) vs ranking's 0.174 over 3 loaded-machine Online Retail nights, both below "
+        "personal (0.220); not yet the 14-night run that decides (benchmarks/README.md, #17)."))
     embedding: Literal["hashed", "dynamic"] = Field("hashed", description=(
         "hashed: ids hashed into features.*_buckets rows; dynamic: a vocabulary that grows (admission) "
         "and forgets (eviction), see model.vocab."))
@@ -356,6 +361,11 @@ class ModelConfig(Section):
     layers: int = Field(1, ge=1, description="sequential: transformer layers.")
     vocab: VocabConfig = Field(default_factory=VocabConfig, description="model.embedding=dynamic only.")
     text: TextConfig = Field(default_factory=TextConfig, description="The optional item-text tower.")
+    item_half_lives: list[Annotated[float, Field(gt=0)]] = Field([3.0, 21.0], min_length=1, description=(
+        "repeat_explore: half-lives in days of the items' decayed recent purchases (its time-aware "
+        "popularity inputs, beside the item's age)."))
+    repeat_gate: bool = Field(True, description=(
+        "repeat_explore: a learned per-customer repeat/explore gate. false: an even mix (the ablation)."))
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -439,6 +449,19 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="Show the training progress bar.")
     forgetting: ForgettingConfig = Field(default_factory=ForgettingConfig, description=(
         "Incremental nights only: replay, proximal, EWC, distillation."))
+    loss: Literal["bce", "bpr", "sampled_softmax", "full_softmax"] = Field("bce", description=(
+        "The objective (train/losses.py). bce: pointwise log loss against the delta job's negatives; bpr / "
+        "sampled_softmax: each positive against candidate negatives (in-batch from the global batch, the "
+        "customer's own history, uniform; sampled_softmax with the log-Q correction); full_softmax: against "
+        "every item row (a few thousand items fit). Label-0 rows keep a pointwise term under every loss. "
+        "bce stays the default until a quiet 14-night benchmark says otherwise (benchmarks/README.md, #17)."))
+    loss_in_batch: bool = Field(True, description="bpr / sampled_softmax: the global batch's positives as negatives.")
+    loss_history_negatives: int = Field(8, ge=0, description=(
+        "bpr / sampled_softmax: distinct items of the row's own history drawn as negatives. 0: none."))
+    loss_uniform_negatives: int = Field(64, ge=0, description=(
+        "bpr / sampled_softmax: items drawn uniformly once per step for the whole batch. 0: none."))
+    loss_logq: bool = Field(True, description=(
+        "sampled_softmax: subtract log(expected draws) from each negative's logit (the sampling correction)."))
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -446,6 +469,10 @@ class TrainConfig(Section):
             raise invalid("batch_size", self.batch_size,
                           f"the global batch must divide evenly across train.num_proc={self.num_proc} workers "
                           f"× train.accumulation_steps={self.accumulation_steps}")
+        if self.loss in ("bpr", "sampled_softmax") and not (
+                self.loss_in_batch or self.loss_history_negatives or self.loss_uniform_negatives):
+            raise invalid("loss", self.loss, "needs negatives: set train.loss_in_batch, loss_history_negatives "
+                          "or loss_uniform_negatives")
         if self.freeze and self.strategy != "finetune":
             raise invalid("freeze", self.freeze, f"only applies with train.strategy=finetune (it is {self.strategy!r})")
         return self

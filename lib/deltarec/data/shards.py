@@ -17,16 +17,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from pyarrow import fs as pafs
+
+from ..lake.uri import filesystem
 
 from ..lake.engine import plain_strings
 
 COLUMNS = ("user_idx", "item_idx", "label", "weight")
 # Optional columns: read when a model asks for them and the file has them.
-OPTIONAL = ("holdout", "history_idx", "history_ids", "user_id", "item_id")
+OPTIONAL = ("holdout", "history_idx", "history_ids", "user_id", "item_id", "event_time")
 PAD = -1  # history padding (left): a position with no item
 
 _EMPTY_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "holdout": pa.bool_(),
+                "event_time": pa.timestamp("us", "UTC"),
                 "history_idx": pa.list_(pa.int64()), "history_ids": pa.list_(pa.string())}
 
 
@@ -56,14 +58,6 @@ class Batch(dict):
 
 
 
-def _open(uri: str):
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" not in uri:
-        return None, uri  # local: let parquet open it
-    return pafs.FileSystem.from_uri(uri)
-
-
 def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
     """Contiguous [start, end) of ``total`` rows for ``rank``; sizes differ by at most one."""
     base, extra = divmod(total, size)
@@ -79,6 +73,8 @@ def _fill_missing(t: pa.Table, columns: list[str]) -> pa.Table:
             arr = pa.array([[]] * t.num_rows, _empty_type(c))
         elif c == "holdout":
             arr = pa.array(np.zeros(t.num_rows, dtype=bool))
+        elif c == "event_time":  # undated rows: a model dates its items as of its own day
+            arr = pa.nulls(t.num_rows, _EMPTY_TYPES[c])
         else:
             raise KeyError(f"training examples have no column {c!r} (a model asked for it); "
                            f"columns present: {', '.join(t.column_names)}")
@@ -93,7 +89,7 @@ def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS, drop_hol
     pieces = []  # (file, row_group, rows)
     handles = {}
     for f in sorted(files):
-        fs, path = _open(f)
+        fs, path = filesystem(f)  # a local path, file:/, s3a://, abfss://, dbfs:/ ... (lake/uri.py)
         pf = pq.ParquetFile(path if fs is None else fs.open_input_file(path))
         handles[f] = pf
         for rg in range(pf.metadata.num_row_groups):
@@ -116,7 +112,17 @@ def read_shard(files: list[str], rank: int, size: int, columns=COLUMNS, drop_hol
         offset += n
     if not tables:
         return pa.table({c: pa.array([], _empty_type(c)) for c in columns})
-    return pa.concat_tables(tables)
+    # replay files (pipeline/inputs.py) may store event_time as another timestamp unit / zone: one type
+    return pa.concat_tables([_same_time(t) for t in tables])
+
+
+def _same_time(t: pa.Table) -> pa.Table:
+    if "event_time" not in t.column_names or t.schema.field("event_time").type == pa.timestamp("us", "UTC"):
+        return t
+    col = t["event_time"]
+    if col.type.tz is None:  # naive times are UTC in the lake
+        col = pc.assume_timezone(col, "UTC")
+    return t.set_column(t.column_names.index("event_time"), "event_time", pc.cast(col, pa.timestamp("us", "UTC")))
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:
@@ -159,13 +165,20 @@ def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | 
     buffers, which the loop only indexes, never writes.
 
     ``history_length`` > 0 adds ``history_idx`` (N, L). ``vocabs``
-    ({"user": Vocabulary, "item": Vocabulary}) adds the dynamic-vocabulary rows."""
+    ({"user": Vocabulary, "item": Vocabulary}) adds the dynamic-vocabulary rows.
+    An ``event_time`` column adds ``event_day`` (days since 1970-01-01, UTC),
+    for models whose item inputs depend on the day."""
     b = Batch(user_idx=_tensor(_np(table, "user_idx", np.int64)),
               item_idx=_tensor(_np(table, "item_idx", np.int64)),
               label=_tensor(_np(table, "label", np.float32)),
               weight=_tensor(_np(table, "weight", np.float32)))
     if history_length:
         b["history_idx"] = torch.from_numpy(pad_lists(table["history_idx"], history_length))
+    if "event_time" in table.column_names and table["event_time"].null_count < table.num_rows:
+        us = pc.cast(pc.cast(table["event_time"], pa.timestamp("us", "UTC")), pa.int64())
+        b["event_day"] = torch.from_numpy(np.floor_divide(
+            np.asarray(us.to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0), np.int64),
+            86_400_000_000))
     if vocabs:
         b["user_row"] = torch.from_numpy(vocabs["user"].rows_for(table["user_id"], table["user_idx"]))
         b["item_row"] = torch.from_numpy(vocabs["item"].rows_for(table["item_id"], table["item_idx"]))
@@ -179,10 +192,13 @@ def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | 
     return b
 
 
-def columns_for(history_length: int = 0, dynamic: bool = False) -> list[str]:
+def columns_for(history_length: int = 0, dynamic: bool = False, days: bool = False) -> list[str]:
+    """Columns a shard reads; ``days``: the event time too (a model's ``event_day`` input)."""
     cols = list(COLUMNS)
     if history_length:
         cols.append("history_idx")
+    if days:
+        cols.append("event_time")
     if dynamic:
         cols += ["user_id", "item_id"] + (["history_ids"] if history_length else [])
     return cols

@@ -4,7 +4,10 @@
   (the most-popular baseline ranks by it);
 - :func:`personal_scores`: each customer's own most-often-bought items first,
   topped up with the popular ones. Repeat purchases dominate retail data, so
-  this simple rule is the one to beat;
+  this simple rule is the one to beat; with ``half_life_days`` each purchase
+  counts ``0.5 ** (age / half_life)`` (recent ones more: what a user tries first);
+- TIFU-KNN (``tifu_knn.py``): time-decayed personal frequencies blended with
+  the nearest customers' (Hu et al., SIGIR 2020);
 - :class:`ImplicitALS`: Spark MLlib ALS with implicit feedback
   (``implicitPrefs=True``), fitted on all history: what many Spark users run today.
 
@@ -47,7 +50,8 @@ def item_counts(items: Any, catalog: Any) -> np.ndarray:
 
 
 def personal_scores(hist_users: Any, hist_items: Any, users: Any, catalog: Any,
-                    popularity: Any) -> np.ndarray:
+                    popularity: Any, *, hist_times: Any = None, now: Any = None,
+                    half_life_days: float = 0.0) -> np.ndarray:
     """(users × catalogue) scores of the personal-history baseline.
 
     ``score = own_count * (max(popularity) + 1) + popularity``: every item the
@@ -56,6 +60,11 @@ def personal_scores(hist_users: Any, hist_items: Any, users: Any, catalog: Any,
     popular items (``popularity``: one count per catalogue item, e.g.
     :func:`item_counts` over the last 7 days). A user without history gets the
     popularity ranking alone.
+
+    ``half_life_days`` > 0: each purchase counts ``0.5 ** (age_days /
+    half_life_days)`` instead of 1, its age measured from ``now`` back to
+    ``hist_times`` (both numpy datetime64 or anything numpy converts to it).
+    Own items still rank above every item the user never bought.
     """
     hist_users, hist_items = np.asarray(hist_users), np.asarray(hist_items)
     if hist_users.shape != hist_items.shape:
@@ -69,8 +78,19 @@ def personal_scores(hist_users: Any, hist_items: Any, users: Any, catalog: Any,
     u = _positions(hist_users, users, "users")
     i = _positions(hist_items, catalog, "catalog")
     keep = (u >= 0) & (i >= 0)
+    weight = np.ones(len(u))
+    if half_life_days:
+        if half_life_days < 0 or hist_times is None or now is None:
+            raise ValueError(f"half_life_days={half_life_days}: needs to be > 0, with hist_times and now")
+        age = (np.datetime64(now, "us") - np.asarray(hist_times, dtype="datetime64[us]")) / np.timedelta64(1, "D")
+        if (age[keep] < 0).any():
+            raise ValueError("hist_times holds purchases after now: the history must precede the scored time")
+        weight = 0.5 ** (age / half_life_days)
     own = np.zeros((len(users), len(catalog)))
-    np.add.at(own, (u[keep], i[keep]), 1.0)
+    np.add.at(own, (u[keep], i[keep]), weight[keep])
+    if half_life_days:  # own items first however old: scale so the smallest own weight beats any popularity
+        smallest = own[own > 0].min() if (own > 0).any() else 1.0
+        own = own / smallest
     big = (pop.max() if len(pop) else 0.0) + 1.0
     return own * big + pop[None, :]
 

@@ -14,13 +14,14 @@ __all__ = ["open_lake", "resolve_engine_name", "LakeEngine", "LakeError", "Concu
 
 
 def resolve_engine_name(engine: str, spark: "SparkSession | None") -> str:
-    """``auto`` → delta-spark when the Delta JVM classes load in ``spark``, else delta-rs."""
+    """``auto`` → delta-spark when Delta Lake works in ``spark`` (its JVM
+    classes load; on Spark Connect, the server has Delta), else delta-rs."""
     if engine != "auto":
         return engine
     if spark is not None:
-        from .delta_spark import delta_jvm_available
+        from .delta_spark import delta_available
 
-        if delta_jvm_available(spark):
+        if delta_available(spark):
             return "delta-spark"
     return "delta-rs"
 

@@ -1,7 +1,12 @@
 """Embedded lake engine: delta-rs (PyPI ``deltalake``), no JVM jars needed.
 
 Spark still does the transforms; Delta reads/writes go through Arrow on the
-driver, which is the right trade on one machine.
+driver, which is the right trade on one machine, except the night's training
+examples: the executors write their Parquet parts (``part_files.py``) and read
+them back, the driver only commits (``replace_partition``, ``read_partition``).
+
+Over 300 lines because it is one implementation of the whole ``LakeEngine``
+contract (tests/test_lake_contract.py), one method per operation.
 """
 from __future__ import annotations
 
@@ -107,8 +112,9 @@ class DeltaRsEngine(LakeEngine):
         return self._to_spark(plain_strings(cdf))
 
     def data_files(self, table: str, partition: dict[str, str] | None = None) -> list[str]:
-        filters = [(k, "=", v) for k, v in (partition or {}).items()] or None
-        return self._table(table).file_uris(file_pruning_predicate=filters)
+        from .delta_log import add_files
+
+        return add_files(self.uri(table), partition, table=table)
 
     def snapshot_files(self, table: str, version: int) -> list[str]:
         return self._table(table, version).file_uris()
@@ -136,6 +142,49 @@ class DeltaRsEngine(LakeEngine):
             predicate=replace_where, configuration=configuration,
         )
         return self._table(table).version()
+
+    def replace_partition(self, table: str, data: "DataFrame", partition: dict[str, str], schema: pa.Schema,
+                          count_by: str | None = None) -> dict[str, Any]:
+        # The executors write Parquet files into the table's directory
+        # (part_files.py); the driver commits their add actions in one
+        # transaction that also removes the partition's previous files.
+        import uuid
+
+        from deltalake import CommitProperties, DeltaTable
+
+        from .part_files import add_actions, write_files
+
+        keys = list(partition)
+        self.create(table, schema, partition_by=keys)
+        file_schema = pa.schema([f for f in schema if f.name not in partition])
+        files = write_files(data, self.uri(table), partition, file_schema, uuid.uuid4().hex, count_by)
+        dt = self._table(table)
+        dt.create_write_transaction(
+            add_actions(files, partition), mode="overwrite", schema=schema, partition_by=keys,
+            partition_filters=[(k, "=", v) for k, v in partition.items()],
+            commit_properties=CommitProperties(custom_metadata={
+                METADATA_KEY: json.dumps({**partition, "writer": "executors", "files": str(len(files))})}))
+        counts: dict[str, int] = {}
+        for f in files:
+            for k, n in json.loads(f["counts"]).items():
+                counts[k] = counts.get(k, 0) + n
+        return {"version": self._table(table).version(), "rows": sum(int(f["rows"]) for f in files),
+                "files": len(files), "counts": counts}
+
+    def read_partition(self, table: str, partition: dict[str, str]) -> "DataFrame":
+        # The executors read the partition's Parquet files (listed from the Delta
+        # log); scan() would read them into the driver first.
+        from pyspark.sql import functions as F
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        files = self.data_files(table, partition)
+        if not files:
+            return super().read_partition(table, partition)
+        schema = _arrow_schema(self._table(table))
+        # the schema given, so Spark runs no job to read it from the files' footers
+        files_schema = from_arrow_schema(pa.schema([f for f in schema if f.name not in partition]))
+        df = self._require_spark().read.schema(files_schema).parquet(*files)
+        return df.select(*[F.lit(partition[n]).alias(n) if n in partition else F.col(n) for n in schema.names])
 
     def merge(self, table: str, data: Data, on: list[str], *, update: bool,
               commit_metadata: dict[str, str] | None = None, update_if: str | None = None) -> dict[str, int]:

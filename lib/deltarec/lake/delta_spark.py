@@ -1,14 +1,27 @@
 """Cluster lake engine: delta-spark (the Delta JVM extension on Spark's classpath).
 
 Reads and writes go through Spark executors; nothing is collected to the
-driver except the small tables read with ``read_arrow``.
+driver except the small tables read with ``read_arrow``. Works with classic
+sessions and with Spark Connect ones (Databricks shared clusters and
+serverless: no JVM gateway; Delta's Python client is ``delta.connect``).
+Checked against delta-io/delta 4.4's Python sources (``delta/tables.py``,
+``delta/exceptions``, ``delta/connect``): conflicts are classified in
+``conflicts.py``, MERGE counts come from ``execute()``, commit metadata is
+the commit's ``userMetadata`` (what delta-rs writes too), and training files
+come from the Delta log (``delta_log.py``).
+
+Over 300 lines because it is one implementation of the whole ``LakeEngine``
+contract (tests/test_lake_contract.py), one method per operation.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from . import delta_log
+from .conflicts import delta_conflict
 from .engine import ConcurrentRunError, Data, LakeEngine, LakeError, plain_strings
 
 if TYPE_CHECKING:
@@ -16,39 +29,52 @@ if TYPE_CHECKING:
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
-
-
-# Delta's commit conflicts (io.delta.exceptions.*). In Python they are siblings,
-# not subclasses of DeltaConcurrentModificationException: name each one.
-CONFLICTS = ("DeltaConcurrentModificationException", "ConcurrentWriteException", "MetadataChangedException",
-             "ProtocolChangedException", "ConcurrentAppendException", "ConcurrentDeleteReadException",
-             "ConcurrentDeleteDeleteException", "ConcurrentTransactionException")
 USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"  # the session conf MERGE records
 
+log = logging.getLogger("deltarec.lake")
 
-def delta_jvm_available(spark: "SparkSession") -> bool:
-    """True when the Delta Lake JVM classes are loadable in this session.
 
-    Looked up through py4j's JVM view, which uses the context class loader:
-    jars from ``--packages``/``--jars``/``spark.jars`` live there, not in the
-    application class loader that ``Class.forName`` would ask."""
-    from py4j.java_gateway import JavaClass
+def is_connect(spark: "SparkSession") -> bool:
+    """A Spark Connect session (Databricks shared clusters, serverless): no JVM
+    gateway, no SparkContext; Delta's Python API goes through delta.connect."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
 
+
+def _delta_table_class(spark: "SparkSession"):
+    if is_connect(spark):
+        import delta.connect.exceptions  # noqa: F401 - installs Delta's conversion of Connect errors
+        from delta.connect.tables import DeltaTable
+    else:
+        import delta.exceptions  # noqa: F401 - installs Delta's conversion of py4j errors (before any MERGE)
+        from delta.tables import DeltaTable
+    return DeltaTable
+
+
+def delta_available(spark: "SparkSession") -> bool:
+    """True when Delta Lake works in this session.
+
+    Classic sessions: the class is looked up through py4j's JVM view, which
+    uses the context class loader: jars from ``--packages``/``--jars``/
+    ``spark.jars`` live there, not in the application class loader that
+    ``Class.forName`` would ask. Spark Connect: the server has no gateway to
+    ask; Delta's Python client answers (a path that is no table is simply not
+    a Delta table on a server with Delta, an error on one without)."""
     jvm = getattr(spark, "_jvm", None)
-    if jvm is None:  # Spark Connect: no gateway (not supported yet)
+    if jvm is not None:
+        from py4j.java_gateway import JavaClass
+
+        try:
+            return isinstance(jvm.io.delta.tables.DeltaTable, JavaClass)
+        except Exception:
+            return False
+    if not is_connect(spark):
         return False
     try:
-        return isinstance(jvm.io.delta.tables.DeltaTable, JavaClass)
-    except Exception:
+        _delta_table_class(spark).isDeltaTable(spark, "/__deltarec_probe_no_table__")
+        return True
+    except Exception as e:  # no delta package, or a server without Delta
+        log.debug("Delta is not available through this Spark Connect session: %s", e)
         return False
-
-
-def conflict_classes() -> tuple[type, ...]:
-    """Delta's conflict exceptions as Python raises them (classic and Connect
-    clients both raise subclasses of these)."""
-    import delta.exceptions as dx
-
-    return tuple(getattr(dx, name) for name in CONFLICTS)
 
 
 class DeltaSparkEngine(LakeEngine):
@@ -57,24 +83,22 @@ class DeltaSparkEngine(LakeEngine):
     def __init__(self, root: str, spark: "SparkSession | None" = None):
         super().__init__(root, spark)
         spark = self._require_spark()
-        if not delta_jvm_available(spark):
-            raise LakeError(
-                "lake.engine=delta-spark but the Delta Lake jars are not on Spark's classpath: "
-                "start Spark with --packages io.delta:delta-spark_2.13:<version> (or --jars), "
-                "or set lake.engine=delta-rs"
-            )
+        if not delta_available(spark):
+            where = ("this Spark Connect session has no Delta Lake (pip install delta-spark on this side; the "
+                     "server needs Delta's Connect plugin)" if is_connect(spark) else
+                     "the Delta Lake jars are not on Spark's classpath: start Spark with --packages "
+                     "io.delta:delta-spark_2.13:<version> (or --jars with Delta's jars, comma-separated, and "
+                     "pip install delta-spark)")
+            raise LakeError(f"lake.engine=delta-spark but {where}, or set lake.engine=delta-rs")
+        self._DeltaTable = _delta_table_class(spark)
 
     def _dt(self, table: str):
-        from delta.tables import DeltaTable
-
         if not self.exists(table):
             raise LakeError(f"Delta table {table!r} does not exist at {self.uri(table)}")
-        return DeltaTable.forPath(self.spark, self.uri(table))
+        return self._DeltaTable.forPath(self.spark, self.uri(table))
 
     def exists(self, table: str) -> bool:
-        from delta.tables import DeltaTable
-
-        return DeltaTable.isDeltaTable(self.spark, self.uri(table))
+        return bool(self._DeltaTable.isDeltaTable(self.spark, self.uri(table)))
 
     def version(self, table: str) -> int | None:
         if not self.exists(table):
@@ -115,10 +139,31 @@ class DeltaSparkEngine(LakeEngine):
         )
 
     def data_files(self, table: str, partition: dict[str, str] | None = None) -> list[str]:
+        # From the Delta log's add actions of the partition (delta_log.py). Not
+        # DataFrame.inputFiles(): it lists every file of the table unless Delta's SQL
+        # extension pruned the scan, and a night would train on every run's examples.
+        try:
+            return delta_log.add_files(self.uri(table), partition, table=table)
+        except LakeError:
+            raise
+        except Exception as e:  # delta-rs cannot open it here (credentials only Spark has, a newer protocol)
+            log.warning("listing %s through delta-rs failed (%s: %s); asking Delta through Spark instead",
+                        table, type(e).__name__, e)
+        return self._files_through_spark(table, partition)
+
+    def _files_through_spark(self, table: str, partition: dict[str, str] | None) -> list[str]:
+        """Delta's own snapshot: the files holding the partition's rows (the partition
+        filter prunes Delta's file index; only those files' footers are read)."""
+        from pyspark.sql import functions as F
+
+        detail = self._dt(table).detail().first().asDict()
+        problem = delta_log.raw_parquet_problem(detail.get("properties"), detail.get("tableFeatures"))
+        if problem:
+            raise LakeError(f"training workers read {table!r} ({self.uri(table)}) as plain Parquet, but {problem}")
         df = self.read(table)
         for k, v in (partition or {}).items():
-            df = df.where(df[k] == v)
-        return sorted(df.inputFiles())
+            df = df.where(F.col(k) == v)
+        return sorted(r[0] for r in df.select(F.col("_metadata.file_path")).distinct().collect())
 
     def snapshot_files(self, table: str, version: int) -> list[str]:
         return sorted(self.read(table, version).inputFiles())
@@ -143,9 +188,7 @@ class DeltaSparkEngine(LakeEngine):
         self._create(table, self._to_df(schema.empty_table()).schema, partition_by, enable_cdf)
 
     def _create(self, table, spark_schema, partition_by, enable_cdf) -> None:
-        from delta.tables import DeltaTable
-
-        builder = DeltaTable.createIfNotExists(self.spark).location(self.uri(table)).addColumns(spark_schema)
+        builder = self._DeltaTable.createIfNotExists(self.spark).location(self.uri(table)).addColumns(spark_schema)
         if partition_by:
             builder = builder.partitionedBy(*partition_by)
         if enable_cdf:
@@ -166,6 +209,23 @@ class DeltaSparkEngine(LakeEngine):
         writer.save(self.uri(table))
         return int(self.version(table))
 
+    def replace_partition(self, table: str, data: "DataFrame", partition: dict[str, str], schema: pa.Schema,
+                          count_by: str | None = None) -> dict[str, Any]:
+        # Delta's own writer runs on the executors; the counts are one more job over the cached rows.
+        keys = list(partition)
+        self.create(table, schema, partition_by=keys)
+        df = self._to_df(data, schema).persist()
+        try:
+            where = " AND ".join(f"`{k}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for k, v in partition.items())
+            df.write.format("delta").mode("overwrite").option("replaceWhere", where).partitionBy(*keys) \
+                .save(self.uri(table))
+            counts = {str(r[0]): int(r[1]) for r in df.groupBy(count_by).count().collect()} if count_by else {}
+            rows = sum(counts.values()) if count_by else df.count()
+        finally:
+            df.unpersist()
+        return {"version": self._latest(table), "rows": rows, "files": len(self.data_files(table, partition)),
+                "counts": counts}
+
     def merge(self, table: str, data: Data, on: list[str], *, update: bool,
               commit_metadata: dict[str, str] | None = None, update_if: str | None = None) -> dict[str, int]:
         import json
@@ -179,8 +239,9 @@ class DeltaSparkEngine(LakeEngine):
         try:
             # Delta 4.x returns this MERGE's own counts (history(1) could be another writer's commit).
             counts = builder.whenNotMatchedInsertAll().execute().first()
-        except conflict_classes() as e:
-            raise ConcurrentRunError(f"MERGE into {table!r} lost to a concurrent commit: {e}") from e
+        except Exception as e:
+            _raise_if_conflict(e, f"MERGE into {table!r}")
+            raise
         finally:
             if commit_metadata:
                 self.spark.conf.unset(USER_METADATA)
@@ -215,8 +276,9 @@ class DeltaSparkEngine(LakeEngine):
         path = self.uri(table).replace("`", "``")
         try:
             n = self.spark.sql(f"DELETE FROM delta.`{path}` WHERE {predicate}").first()
-        except conflict_classes() as e:
-            raise ConcurrentRunError(f"DELETE from {table!r} lost to a concurrent commit: {e}") from e
+        except Exception as e:
+            _raise_if_conflict(e, f"DELETE from {table!r}")
+            raise
         return int(n["num_affected_rows"]) if n else 0
 
     def optimize(self, table: str) -> dict[str, int]:
@@ -296,6 +358,12 @@ class DeltaSparkEngine(LakeEngine):
         cannot hold it back; keep privacy.retention_hours above the longest
         gap between nights, or a change feed not consumed yet loses its log."""
         return None
+
+
+def _raise_if_conflict(e: Exception, what: str) -> None:
+    kind = delta_conflict(e)
+    if kind:
+        raise ConcurrentRunError(f"{what} lost to a concurrent commit ({kind}): {e}") from e
 
 
 def _filter_expr(col: str, op: str, value: Any):

@@ -97,6 +97,23 @@ class LakeEngine(abc.ABC):
         table is created."""
 
     @abc.abstractmethod
+    def replace_partition(self, table: str, data: "DataFrame", partition: dict[str, str], schema: pa.Schema,
+                          count_by: str | None = None) -> dict[str, Any]:
+        """Make ``data`` (a Spark DataFrame whose ``partition`` columns hold
+        exactly ``partition``'s values) the rows of that partition of ``table``
+        (partitioned by ``partition``'s keys; created with ``schema`` if
+        missing): one commit, rerunnable. The executors write the rows; the
+        driver sees a row per file written. Returns ``{"version", "rows",
+        "files", "counts"}``, counts being rows per value of column
+        ``count_by``, keyed by ``str(value)`` (empty without it)."""
+
+    def read_partition(self, table: str, partition: dict[str, str]) -> "DataFrame":
+        """The rows of one partition (``partition``'s columns equal its values)
+        as a Spark DataFrame, all of the table's columns in its order."""
+        where = " AND ".join(f"`{k}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for k, v in partition.items())
+        return self.scan(table, where=where)
+
+    @abc.abstractmethod
     def create(self, table: str, schema: pa.Schema, partition_by: list[str] | None = None,
                enable_cdf: bool = False) -> None:
         """Create an empty table if it does not exist (idempotent)."""

@@ -15,6 +15,12 @@ committed run the gate did not promote) or ``retired`` (a former champion).
 Every status change of the champion pointer is one MERGE into this table, so
 readers see either the old champion or the new one, never both or neither.
 The watermark counts every committed run, whatever its status.
+
+Paths inside the lake (the checkpoint, the training files and the parent
+checkpoint a run records) are stored relative to the lake root and resolved
+against the root the ledger is opened with, so a lake that is copied or moved
+(another bucket, a restored backup) still finds its own files. Paths outside
+the root stay absolute.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import pyarrow as pa
 
 from .. import jsonout
 from . import schemas
+from . import uri as lake_uri
 from .engine import ConcurrentRunError, LakeEngine, LakeError
 
 CHAMPION, CANDIDATE, RETIRED = "champion", "candidate", "retired"
@@ -104,7 +111,7 @@ class Ledger:
             return []
         filters = [("model", "=", model)] if model else None
         rows = self.lake.read_arrow(self.table, filters=filters).to_pylist()
-        out = [self._from_row(r) for r in rows]
+        out = [self._lake_paths(self._from_row(r), self._resolve) for r in rows]
         return sorted(out, key=lambda r: (r.model, r.source_first, r.committed_at or r.started_at))
 
     def watermark(self, model: str) -> int:
@@ -192,7 +199,7 @@ class Ledger:
         if record.status == CHAMPION and current is not None:
             rows.append(self._restatus(current, RETIRED, f"superseded by {record.run_id}",
                                        record.status_by, now))
-        result = self.lake.merge(self.table, self.to_rows(rows), on=["model", "source_first"],
+        result = self.lake.merge(self.table, self._stored(rows), on=["model", "source_first"],
                                  update=len(rows) > 1)
         if result["inserted"] != 1 or result["updated"] != len(rows) - 1:
             raise ConcurrentRunError(
@@ -217,7 +224,7 @@ class Ledger:
         rows = [self._restatus(new, CHAMPION, reason, by, now)]
         if old is not None:
             rows.append(self._restatus(old, RETIRED, f"{verb} by {by}: {reason}", by, now))
-        result = self.lake.merge(self.table, self.to_rows(rows), on=["model", "source_first"], update=True)
+        result = self.lake.merge(self.table, self._stored(rows), on=["model", "source_first"], update=True)
         if result["inserted"] or result["updated"] != len(rows):
             raise ConcurrentRunError(f"changing the champion of {model!r} to {run_id!r}: MERGE inserted "
                                      f"{result['inserted']} and updated {result['updated']} rows, expected "
@@ -241,6 +248,29 @@ class Ledger:
         from dataclasses import replace
 
         return replace(r, status=status, status_reason=reason, status_by=by, status_at=at)
+
+    # ------------------------------------------------------------ lake paths
+    def _relative(self, path: str) -> str:
+        return lake_uri.relative_to(self.lake.root, path) or path if path else path
+
+    def _resolve(self, path: str) -> str:
+        return lake_uri.resolve(self.lake.root, path) if path else path
+
+    @staticmethod
+    def _lake_paths(r: RunRecord, convert) -> RunRecord:
+        """``r`` with ``convert`` applied to every lake path it records."""
+        from dataclasses import replace
+
+        metrics = dict(r.metrics)
+        inputs, spec = metrics.get("inputs"), metrics.get("train_spec")
+        if isinstance(inputs, dict) and isinstance(inputs.get("files"), list):
+            metrics["inputs"] = {**inputs, "files": [convert(f) for f in inputs["files"]]}
+        if isinstance(spec, dict) and spec.get("parent_path"):
+            metrics["train_spec"] = {**spec, "parent_path": convert(spec["parent_path"])}
+        return replace(r, checkpoint_path=convert(r.checkpoint_path), metrics=metrics)
+
+    def _stored(self, records: list[RunRecord]) -> pa.Table:
+        return self.to_rows([self._lake_paths(r, self._relative) for r in records])
 
     # ------------------------------------------------------------ rows
     @staticmethod

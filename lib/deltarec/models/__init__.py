@@ -10,7 +10,7 @@ import importlib
 from typing import Any, Callable
 
 MODELS: dict[str, Callable[..., Any]] = {}
-MODULES = ("ranking", "sequential")  # each registers itself on import
+MODULES = ("ranking", "sequential", "repeat_explore")  # each registers itself on import
 
 
 def register(name: str):
@@ -33,4 +33,11 @@ def build_model(name: str, **params: Any):
     _load_all()
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not a known model; known: {', '.join(sorted(MODELS))}")
+    import inspect
+
+    known = inspect.signature(MODELS[name]).parameters
+    unknown = sorted(set(params) - set(known))
+    if unknown:  # a misspelled or another model's parameter is an error, never silently dropped
+        raise ValueError(f"model {name!r} has no parameter(s) {', '.join(map(repr, unknown))}; "
+                         f"its parameters: {', '.join(known)}")
     return MODELS[name](**params)

@@ -62,7 +62,7 @@ def repeat_features_all(hist: torch.Tensor, item_idx: torch.Tensor, buckets: int
 class RankingModel(IdModel):
     id_tables = {"user": ["user_emb.weight", "user_repeat_bias.weight"],
                  "item": ["item_emb.weight", "item_bias.weight", "item_repeat_bias.weight"]}
-    optional_state = REPEAT_STATE  # common.load_grown: absent in a parent → kept at their (zero) init
+    optional_state = REPEAT_STATE  # IdModel.upgrade_state: absent in a checkpoint → at their (zero) init
 
     def __init__(self, user_buckets: int, item_buckets: int, embedding_dim: int = 32,
                  hidden: list[int] | tuple[int, ...] = (64, 32), dropout: float = 0.0,
@@ -101,15 +101,6 @@ class RankingModel(IdModel):
 
             self.text = TextTower(item_buckets=item_buckets, out_dim=embedding_dim, **text)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """A checkpoint from before the repeat term loads with the term at zero,
-        so it scores as it always did."""
-        missing = [k for k in REPEAT_STATE if k not in state_dict]
-        if missing:
-            own = self.state_dict()
-            state_dict = {**state_dict, **{k: torch.zeros_like(own[k]) for k in missing}}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
     def _repeat(self, f: torch.Tensor, ur: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
         """The repeat term from features ``f`` (..., REPEAT_FEATURES) and the rows
         of user ``ur`` and item ``ir`` (broadcastable to f's leading shape)."""
@@ -130,8 +121,12 @@ class RankingModel(IdModel):
         deep = self.mlp(torch.cat([u, i, u * i], dim=-1)).squeeze(-1)
         out = self.bias + self.item_bias(ir).squeeze(-1) + dot + deep
         if self.history_length and "history_idx" in batch:  # without a history: as a user with none
-            hist = batch["history_idx"][:, -self.history_length:]
-            out = out + self._repeat(repeat_features(hist, batch["item_idx"]), ur, ir)
+            hist, item = batch["history_idx"][:, -self.history_length:], batch["item_idx"]
+            if self.embedding == "dynamic":  # compare vocabulary rows: exact
+                hist = batch["history_row"][:, -self.history_length:] if "history_row" in batch else \
+                    self.lookup("item", hist)
+                item = ir
+            out = out + self._repeat(repeat_features(hist, item), ur, ir)
         return out
 
     @torch.no_grad()
@@ -148,8 +143,10 @@ class RankingModel(IdModel):
         if self.history_length and history_idx is not None:
             if history_idx.shape[0] != U:
                 raise ValueError(f"history_idx has {history_idx.shape[0]} rows for {U} users: one row per user")
-            f = repeat_features_all(history_idx[:, -self.history_length:].long(), item_idx.long(),
-                                    self.buckets["item"])
+            hist, items, width = history_idx[:, -self.history_length:].long(), item_idx.long(), self.buckets["item"]
+            if self.embedding == "dynamic":  # compare vocabulary rows: exact, and as wide as the table only
+                hist, items, width = self.lookup("item", hist), self.lookup("item", items), self.rows_of["item"]
+            f = repeat_features_all(hist, items, width)
             ur = self.rows({"user_idx": user_idx}, "user").unsqueeze(1)
             ir = self.rows({"item_idx": item_idx}, "item").unsqueeze(0)
             out = out + self._repeat(f, ur, ir)
@@ -160,6 +157,6 @@ class RankingModel(IdModel):
 def _ranking(user_buckets: int, item_buckets: int, embedding_dim: int = 32,
              hidden: list[int] = (64, 32), dropout: float = 0.0, embedding: str = "hashed",
              user_rows: int = 0, item_rows: int = 0, text: dict[str, Any] | None = None,
-             history_length: int = 20, **_ignored) -> RankingModel:
+             history_length: int = 20) -> RankingModel:
     return RankingModel(user_buckets, item_buckets, embedding_dim, list(hidden), dropout, embedding,
                         user_rows, item_rows, text, history_length)

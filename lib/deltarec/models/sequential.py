@@ -102,6 +102,6 @@ class SequentialModel(IdModel):
 def _sequential(user_buckets: int, item_buckets: int, embedding_dim: int = 32, hidden: list[int] = (64,),
                 dropout: float = 0.0, embedding: str = "hashed", user_rows: int = 0, item_rows: int = 0,
                 history_length: int = 20, heads: int = 2, layers: int = 1,
-                text: dict[str, Any] | None = None, **_ignored) -> SequentialModel:
+                text: dict[str, Any] | None = None) -> SequentialModel:
     return SequentialModel(user_buckets, item_buckets, embedding_dim, list(hidden), dropout, embedding,
                            user_rows, item_rows, history_length, heads, layers, text)

@@ -118,6 +118,13 @@ def _encoder_layers(enc) -> nn.ModuleList:
 
 
 class TextTower(nn.Module):
+    """An item's text as a vector added to its embedding. The per-item inputs
+    (frozen: the precomputed vectors; top_k / lora: the tokens) are kept for
+    the items that have a text, keyed by their hashed index (``keys_lookup``,
+    sorted), so the table follows the catalogue, not the hash space; an index
+    without a text reads zeros. ``item_buckets`` is kept for the callers'
+    signature (it no longer sizes anything)."""
+
     def __init__(self, item_buckets: int, out_dim: int, mode: str = "frozen", encoder: str = "",
                  dim: int = 384, top_k: int = 1, lora_rank: int = 4, lora_alpha: float = 8.0,
                  max_length: int = 32, embeddings_path: str | None = None, texts_path: str | None = None):
@@ -125,8 +132,9 @@ class TextTower(nn.Module):
         if mode not in MODES:
             raise ValueError(f"model.text.mode={mode!r}; choose one of {', '.join(MODES)}")
         self.mode, self.max_length = mode, max_length
+        self.register_buffer("keys_lookup", torch.zeros(0, dtype=torch.long))
         if mode == "frozen":
-            self.register_buffer("frozen_lookup", torch.zeros(item_buckets, dim))
+            self.register_buffer("frozen_lookup", torch.zeros(0, dim))
             if embeddings_path and os.path.exists(embeddings_path):
                 self._fill_frozen(embeddings_path)
         else:
@@ -141,47 +149,67 @@ class TextTower(nn.Module):
             else:
                 if add_lora(self.encoder, lora_rank, lora_alpha) == 0:
                     raise ValueError(f"model.text.mode=lora: no query/key/value linear layers in {encoder!r}")
-            self.register_buffer("tokens_lookup", torch.zeros(item_buckets, max_length, dtype=torch.long))
-            self.register_buffer("mask_lookup", torch.zeros(item_buckets, max_length, dtype=torch.long))
+            self.register_buffer("tokens_lookup", torch.zeros(0, max_length, dtype=torch.long))
+            self.register_buffer("mask_lookup", torch.zeros(0, max_length, dtype=torch.long))
             if texts_path and os.path.exists(texts_path):
                 self._fill_tokens(texts_path)
         self.proj = nn.Linear(dim, out_dim)
         nn.init.normal_(self.proj.weight, std=0.01)  # starts small: the id embedding leads at first
         nn.init.zeros_(self.proj.bias)
 
+    @staticmethod
+    def _keys(t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted distinct item indices, the position of each one's row in ``t``)."""
+        idx = np.asarray(t["item_idx"].to_numpy(), dtype=np.int64)
+        keys, first = np.unique(idx, return_index=True)
+        return torch.from_numpy(keys), torch.from_numpy(first)
+
     def _fill_frozen(self, path: str) -> None:
         import pyarrow.parquet as pq
 
         t = pq.read_table(path, columns=["item_idx", "embedding"])
-        idx = torch.from_numpy(np.asarray(t["item_idx"].to_numpy(), dtype=np.int64))
+        if not t.num_rows:
+            return
         flat = np.asarray(t["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
-        if len(idx):
-            vals = torch.from_numpy(flat.reshape(len(idx), -1))
-            if vals.shape[1] != self.frozen_lookup.shape[1]:
-                raise ValueError(f"text embeddings in {path} have {vals.shape[1]} dims, the tower expects "
-                                 f"{self.frozen_lookup.shape[1]} (model.text.model changed?)")
-            self.frozen_lookup[idx] = vals
+        vals = torch.from_numpy(flat.reshape(t.num_rows, -1))
+        if vals.shape[1] != self.frozen_lookup.shape[1]:
+            raise ValueError(f"text embeddings in {path} have {vals.shape[1]} dims, the tower expects "
+                             f"{self.frozen_lookup.shape[1]} (model.text.model changed?)")
+        self.keys_lookup, at = self._keys(t)
+        self.frozen_lookup = vals[at].clone()
 
     def _fill_tokens(self, path: str) -> None:
         import pyarrow.parquet as pq
 
         t = pq.read_table(path, columns=["item_idx", "text"])
-        idx = torch.from_numpy(np.asarray(t["item_idx"].to_numpy(), dtype=np.int64))
-        texts = [s or "" for s in t["text"].to_pylist()]
-        if not texts:
+        if not t.num_rows:
             return
+        self.keys_lookup, at = self._keys(t)
+        texts = [t["text"][int(i)].as_py() or "" for i in at]
         tok = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
-        self.tokens_lookup[idx] = tok["input_ids"]
-        self.mask_lookup[idx] = tok["attention_mask"]
+        self.tokens_lookup, self.mask_lookup = tok["input_ids"], tok["attention_mask"]
+
+    def _rows(self, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row of each index in the per-item inputs, and whether it has one."""
+        keys = self.keys_lookup
+        if not len(keys):
+            return torch.zeros_like(item_idx), torch.zeros_like(item_idx, dtype=torch.bool)
+        at = torch.searchsorted(keys, item_idx.contiguous()).clamp(max=len(keys) - 1)
+        return at, keys[at] == item_idx
 
     def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
+        at, has = self._rows(item_idx)
         if self.mode == "frozen":
-            return self.proj(self.frozen_lookup[item_idx])
+            if not len(self.frozen_lookup):
+                return self.proj(self.frozen_lookup.new_zeros(item_idx.shape + (self.frozen_lookup.shape[1],)))
+            return self.proj(self.frozen_lookup[at] * has.unsqueeze(-1))
         shape = item_idx.shape
-        flat = item_idx.reshape(-1)
-        uniq, inv = torch.unique(flat, return_inverse=True)  # each item through the encoder once per batch
-        mask = self.mask_lookup[uniq]
-        h = self.encoder(input_ids=self.tokens_lookup[uniq], attention_mask=mask).last_hidden_state
-        v = self.proj(mean_pool(h, mask))
+        uniq, inv = torch.unique(torch.where(has, at, torch.full_like(at, -1)).reshape(-1), return_inverse=True)
+        rows = uniq.clamp(min=0)  # -1: no text; all-zero mask, so it pools to zeros
+        tokens = self.tokens_lookup[rows] if len(self.tokens_lookup) else \
+            torch.zeros(len(uniq), self.max_length, dtype=torch.long, device=item_idx.device)
+        mask = self.mask_lookup[rows] * (uniq >= 0).unsqueeze(1) if len(self.mask_lookup) else torch.zeros_like(tokens)
+        h = self.encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
+        v = self.proj(mean_pool(h, mask))  # each item through the encoder once per batch
         return v[inv].reshape(*shape, -1)

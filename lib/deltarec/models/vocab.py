@@ -50,6 +50,7 @@ class Vocabulary:
     num_rows: int = 0  # embedding table size (oov rows included)
     free: list[int] = field(default_factory=list)  # rows of evicted ids, reused first
     fresh: list[int] = field(default_factory=list)  # rows (re)assigned by the last update: to initialise
+    evicted: int = 0  # ids the last update evicted
 
     def __post_init__(self):
         if self.oov_buckets < 1:
@@ -86,9 +87,11 @@ class Vocabulary:
         last = np.concatenate([last, np.full(int(new.sum()), night, np.int64)])
         hsh = np.concatenate([hsh, h_new[new]])
         free = list(self.free)
+        evicted = 0
         # evict: not seen for ttl nights
         if self.ttl_nights > 0:
             keep = last > night - self.ttl_nights
+            evicted = int((rows[~keep] >= 0).sum())
             free += [int(r) for r in rows[~keep] if r >= 0]
             all_ids, rows, cnt, last, hsh = (all_ids.filter(pa.array(keep)), rows[keep], cnt[keep], last[keep],
                                              hsh[keep])
@@ -107,7 +110,7 @@ class Vocabulary:
         all_ids, rows, hsh, cnt, last = (all_ids.take(pa.array(order)), rows[order], hsh[order], cnt[order],
                                          last[order])
         return Vocabulary(self.name, self.min_count, self.ttl_nights, self.oov_buckets, all_ids, rows, hsh,
-                          cnt, last, night, self.num_rows + len(appended), free, sorted(assigned.tolist()))
+                          cnt, last, night, self.num_rows + len(appended), free, sorted(assigned.tolist()), evicted)
 
     # ---------------------------------------------------------------- mapping
     def rows_for(self, ids, hashed) -> np.ndarray:
@@ -124,23 +127,35 @@ class Vocabulary:
         use = valid & (got >= 0)
         return np.where(use, got, oov)
 
-    def hashed_lookup(self, buckets: int) -> np.ndarray:
-        """hashed bucket → row, for callers that only have hashed indices (the
-        prequential evaluation): exact unless two admitted ids share a bucket
-        (then the one with the higher row wins)."""
-        out = np.arange(buckets, dtype=np.int64) % self.oov_buckets
+    def lookup_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(hashed indices sorted, their rows) of the admitted ids: the model's
+        lookup for callers that only have hashed indices (scoring). Exact
+        unless two admitted ids share a hashed index (see :meth:`shared`):
+        then the one with the higher row wins."""
         adm = self.rows >= 0
-        order = np.argsort(self.rows[adm], kind="stable")
-        h, r = self.hashed[adm][order], self.rows[adm][order]
-        ok = h < buckets
-        out[h[ok]] = r[ok]
-        return out
+        h, r = self.hashed[adm], self.rows[adm]
+        order = np.lexsort((r, h))
+        h, r = h[order], r[order]
+        last = np.r_[h[1:] != h[:-1], True] if len(h) else np.zeros(0, bool)
+        return np.ascontiguousarray(h[last]), np.ascontiguousarray(r[last])
+
+    def shared(self) -> int:
+        """Admitted ids whose hashed index another admitted id also has: the
+        ones a scorer with hashed indices only would confuse."""
+        h = self.hashed[self.rows >= 0]
+        _, counts = np.unique(h, return_counts=True)
+        return int(counts[counts > 1].sum())
+
+    def stats(self) -> dict[str, int]:
+        """What the run metrics report of this vocabulary."""
+        return {"ids": len(self), "rows": self.num_rows, "new_rows": len(self.fresh), "evicted": self.evicted,
+                "free_rows": len(self.free), "shared_hash": self.shared()}
 
     # ---------------------------------------------------------------- io
     def to_table(self) -> pa.Table:
         meta = {"name": self.name, "min_count": self.min_count, "ttl_nights": self.ttl_nights,
                 "oov_buckets": self.oov_buckets, "night": self.night, "num_rows": self.num_rows,
-                "free": self.free, "fresh": self.fresh}
+                "free": self.free, "fresh": self.fresh, "evicted": self.evicted}
         t = pa.table({"id": self.ids.cast(pa.string()), "row": self.rows, "hashed": self.hashed,
                       "count": self.counts, "last_seen": self.last_seen})
         return t.replace_schema_metadata({"deltarec.vocab": json.dumps(meta)})
@@ -151,7 +166,7 @@ class Vocabulary:
         col = lambda n: np.asarray(t[n].to_numpy(), dtype=np.int64)  # noqa: E731
         return cls(meta["name"], meta["min_count"], meta["ttl_nights"], meta["oov_buckets"],
                    _plain(t["id"]), col("row"), col("hashed"), col("count"), col("last_seen"), meta["night"],
-                   meta["num_rows"], list(meta["free"]), list(meta["fresh"]))
+                   meta["num_rows"], list(meta["free"]), list(meta["fresh"]), meta.get("evicted", 0))
 
     def with_policy(self, min_count: int, ttl_nights: int) -> "Vocabulary":
         """The same state under tonight's admission / eviction settings."""
@@ -183,3 +198,15 @@ def vocabs_from_bytes(data: bytes) -> dict[str, Vocabulary]:
         part = t.filter(pc.equal(t["table"], name)).drop_columns(["table"])
         out[name] = Vocabulary.from_table(part.replace_schema_metadata({"deltarec.vocab": json.dumps(meta)}))
     return out
+
+
+def hash_collisions(ids, hashed) -> dict[str, float]:
+    """Of the distinct ``ids`` (with their hashed indices): how many share their
+    index with another distinct id, and that share: what hashed embeddings
+    confuse (reported per night in the run metrics)."""
+    ids, hashed = _plain(ids), _plain(hashed)
+    t = pa.table({"id": ids, "h": hashed}).group_by(["id", "h"]).aggregate([])
+    per_h = t.group_by("h").aggregate([("id", "count")])
+    counts = np.asarray(per_h["id_count"].to_numpy(), dtype=np.int64)
+    shared = int(counts[counts > 1].sum())
+    return {"ids": t.num_rows, "shared": shared, "rate": round(shared / t.num_rows, 5) if t.num_rows else 0.0}

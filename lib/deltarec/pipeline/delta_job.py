@@ -6,7 +6,8 @@ Idempotent: running it twice for the same range leaves the lake as after one
 run, and a retry after a crash over a longer range (same ``first``) as one
 run over that range:
 
-- ``quarantine_events`` and ``training_examples``: ``replaceWhere`` on run_id;
+- ``quarantine_events``: ``replaceWhere`` on run_id; ``training_examples``: the
+  run's partition replaced in one commit (``LakeEngine.replace_partition``);
 - ``event_index``: ``replaceWhere source_version >= first`` (only earlier
   runs' rows, ``source_version < first``, count as "consumed before");
 - ``user_state`` / ``item_stats``: each MERGE commit records the source range
@@ -65,8 +66,6 @@ USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
 # A state row moves only forward: never replaced by one computed from older source versions.
 STATE_UPDATE_IF = "t.source_version IS NULL OR s.source_version >= t.source_version"
-EXAMPLES_PER_WRITE = 400_000  # rows per Arrow slice written by the driver (delta-rs), at history 20 or less
-# (a slice's bytes grow with the two history arrays of every row, so longer histories write smaller slices)
 
 
 @dataclass
@@ -294,26 +293,16 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
         lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
     stage.mark("write_state")
     crash_point("after_state_write")
-    lake.create(tables.examples_table, schemas.TRAINING_EXAMPLES, partition_by=["run_id"])
-    # A big night (a first run over years of history) is written in slices, so
-    # the driver never holds more than ~EXAMPLES_PER_WRITE rows as Arrow. Each
-    # slice is a hash range of event ids, itself in the seeded shuffle order.
-    expected = outcomes.get("event", 0) * (1 + features.negatives) + sum(outcomes.values())
-    slices = 1 + expected // (EXAMPLES_PER_WRITE * 20 // max(20, features.history_length))
-    part = F.pmod(F.xxhash64(F.col("event_id"), F.lit(features.seed + 1)), F.lit(slices))
-    if slices > 1:  # computed once, not once per slice; on disk: the driver's heap is the executor's here
-        from pyspark import StorageLevel
-
-        examples = keep(examples.persist(StorageLevel.DISK_ONLY))
-    for k in range(slices):
-        lake.write(tables.examples_table, examples.where(part == k) if slices > 1 else examples,
-                   mode="overwrite" if k == 0 else "append", replace_where=f"run_id = '{run_id}'" if k == 0 else None,
-                   partition_by=["run_id"], schema=schemas.TRAINING_EXAMPLES)
+    # The executors write the examples' Parquet files and the driver commits them
+    # (one transaction, replacing this run's partition): no row passes through the
+    # driver, whatever the night's or the history's size. Rows per kind come back
+    # with the files written.
+    written = lake.replace_partition(tables.examples_table, examples, {"run_id": run_id},
+                                     schemas.TRAINING_EXAMPLES, count_by="kind")
+    kinds = written["counts"]
     stage.mark("examples")
 
-    this_run = pa.table({"run_id": [run_id]})
-    kinds = _counts(lake.lookup(tables.examples_table, this_run, ["kind"]), "kind")
-    new_examples = lake.scan(tables.examples_table, where=f"run_id = '{run_id}'")  # one partition
+    new_examples = lake.read_partition(tables.examples_table, {"run_id": run_id})  # read by the executors
     stage.mark("report")
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes, "rewrites_cancelled": n_rewrites,
              "users_updated": n_users, "items_updated": n_items,

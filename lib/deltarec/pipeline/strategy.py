@@ -40,7 +40,8 @@ class StrategyChoice:
 
     @property
     def rehash_note(self) -> str:
-        return ", ".join(f"features.{k} {a} -> {b}" for k, (a, b) in self.rehashed.items())
+        return ", ".join(f"{'model' if k == 'embedding' else 'features'}.{k} {a} -> {b}"
+                         for k, (a, b) in self.rehashed.items())
 
     @property
     def comparable(self) -> bool:
@@ -78,15 +79,20 @@ def usable_parent(ledger: Ledger, model: str) -> RunRecord | None:
 
 
 def rehashed(cfg: "Config", parent: RunRecord | None) -> dict[str, tuple[Any, Any]]:
-    """Bucket counts that differ between ``parent``'s config and ``cfg`` when
-    ids are hashed: bucket = hash mod count, so a changed count sends every id
-    to another row, and the parent's rows (which load_grown would copy into a
-    bigger table) belong to other ids. A dynamic vocabulary keeps ids' rows."""
-    if parent is None or cfg.model.embedding != "hashed":
+    """How ``parent``'s ids map to rows differently from ``cfg``'s: bucket
+    counts (bucket = hash mod count, so a changed count sends every id to
+    another hashed row, and a dynamic vocabulary's scoring lookup holds the old
+    indices) or the embedding kind (hashed rows and vocabulary rows are
+    different tables). Either way the parent cannot be warm-started from."""
+    if parent is None:
         return {}
     before = (parent.config or {}).get("features", {})
-    return {k: (before[k], getattr(cfg.features, k)) for k in ("user_buckets", "item_buckets")
-            if k in before and before[k] != getattr(cfg.features, k)}
+    out = {k: (before[k], getattr(cfg.features, k)) for k in ("user_buckets", "item_buckets")
+           if k in before and before[k] != getattr(cfg.features, k)}
+    embedding = (parent.config or {}).get("model", {}).get("embedding", "hashed")
+    if embedding != cfg.model.embedding:
+        out["embedding"] = (embedding, cfg.model.embedding)
+    return out
 
 
 def choose_strategy(cfg: "Config", ledger: Ledger) -> StrategyChoice:

@@ -52,13 +52,14 @@ class Trained:
         return {"seconds": round(self.seconds, 3), "loss": r.get("train_loss"), "steps": r.get("steps"),
                 "world_size": r.get("world_size"), "backend": self.backend, "launcher": self.launcher,
                 "ranks": r.get("ranks"), "examples_trained": r.get("examples"), "epochs_run": r.get("epochs_run"),
-                "val_history": r.get("val_history"), "warm_start": warm_start, "backend_choice": self.choice}
+                "val_history": r.get("val_history"), "warm_start": warm_start, "backend_choice": self.choice,
+                "loss_name": r.get("loss_name"), "ids": r.get("ids")}
 
 
 def history_length(cfg: "Config") -> int:
     """Items of history a batch carries: only models that read one get it
     (the ranking model's repeat term; 0 turns it off)."""
-    if cfg.model.name == "sequential":
+    if cfg.model.name in ("sequential", "repeat_explore"):
         return max(cfg.features.history_length, 1)
     return cfg.features.history_length if cfg.model.name == "ranking" else 0
 
@@ -73,6 +74,9 @@ def model_params(cfg: "Config") -> dict[str, Any]:
         params.update(history_length=max(f.history_length, 1), heads=m.heads, layers=m.layers)
     elif m.name == "ranking":
         params.update(history_length=f.history_length)
+    elif m.name == "repeat_explore":
+        params.update(history_length=max(f.history_length, 1), item_half_lives=list(m.item_half_lives),
+                      repeat_gate=m.repeat_gate)
     if m.text.enabled:
         from .text_embeddings import text_params
 
@@ -102,6 +106,8 @@ def train_spec(cfg: "Config", run_id: str, first: int, last: int, inputs: "Train
         proximal=forgetting.proximal if warm else 0.0, ewc=forgetting.ewc if warm else 0.0,
         distill=forgetting.distill if warm else 0.0,
         fisher_batches=forgetting.fisher_batches if forgetting.ewc > 0 else 0,
+        loss={"name": t.loss, "in_batch": t.loss_in_batch, "history_negatives": t.loss_history_negatives,
+              "uniform_negatives": t.loss_uniform_negatives, "logq": t.loss_logq},
         meta={"parent_run_id": parent.run_id if parent else None, "strategy": choice.strategy,
               "warm_start": warm.run_id if warm else None,
               "source_versions": [first, last], "config": cfg.to_dict()},

@@ -94,10 +94,9 @@ def forget_rows(ck, forgotten: list[str], lineage: Callable[..., pa.Table], *, b
             actions[key] = "own row reset and removed from the vocabulary"
     if vocabs is not None:
         vocabs["user"] = _without(vocabs["user"], gone, own)
-        lookup = getattr(model, "user_lookup", None)
-        if lookup is not None:
+        if hasattr(model, "adopt_vocabulary"):  # the scoring lookup follows the vocabulary (models/common.py)
             with torch.no_grad():
-                lookup.copy_(torch.from_numpy(vocabs["user"].hashed_lookup(len(lookup))))
+                model.adopt_vocabulary("user", vocabs["user"])
     others = ~pc.is_in(known["user_id"], pa.array(sorted(gone), pa.string())).to_numpy(zero_copy_only=False)
     retrain: dict[int, list[str]] = {}
     for r, keys in sorted(shared.items()):

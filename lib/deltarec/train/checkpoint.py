@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pyarrow import fs as pafs
+
+from ..lake.uri import filesystem
 
 from .. import jsonout
 
@@ -50,11 +51,8 @@ class _LocalFS:
 
 
 def _fs(uri: str):
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    if "://" not in uri:
-        return _LocalFS(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+    fs, path = filesystem(uri)  # a local path, file:/, s3a://, abfss://, dbfs:/ ... (lake/uri.py)
+    return (_LocalFS(), os.path.abspath(path)) if fs is None else (fs, path)
 
 
 def sha256_bytes(b: bytes) -> str:

@@ -38,8 +38,10 @@ import torch
 from ..data.shards import Batch, columns_for, read_shard, to_shard
 from .checkpoint import save_checkpoint
 from .exchange import GradientExchange
-from .loss import loss_sum, mean_loss
+from .loss import loss_sum, mean_loss, step_loss_sum
+from .losses import LossSpec, Objective
 from .optim import clip_grad_norm
+from .placement import worker_placement
 from .regularizers import FISHER_FILE, ewc_penalty, fisher_diagonal, fisher_to_bytes, proximal_penalty
 from .resume import resume, save_inrun
 from .spec import TrainSpec, device_for, is_dynamic, lr_at
@@ -110,8 +112,8 @@ def _teacher(spec: TrainSpec, model, has_parent: bool):
     return teacher
 
 
-def _read(spec: TrainSpec, rank: int, world: int, vocabs) -> Batch:
-    cols = columns_for(spec.history_length, vocabs is not None)
+def _read(spec: TrainSpec, rank: int, world: int, vocabs, model) -> Batch:
+    cols = columns_for(spec.history_length, vocabs is not None, "event_day" in getattr(model, "inputs", ()))
     return to_shard(read_shard(list(spec.files) + list(spec.replay_files), rank, world, cols),
                     spec.history_length, vocabs)
 
@@ -121,6 +123,17 @@ def _penalties(spec: TrainSpec, model, anchor) -> torch.Tensor | None:
         return None
     loss = proximal_penalty(model, anchor, spec.proximal) if spec.proximal > 0 else 0.0
     return loss + ewc_penalty(model, anchor, spec.ewc) if spec.ewc > 0 else loss
+
+
+def _collisions(spec: TrainSpec) -> dict[str, Any]:
+    """Hashed ids: how many of tonight's distinct users and items share a row (models/vocab.py)."""
+    from ..models.vocab import hash_collisions
+
+    try:
+        t = read_shard(spec.files, 0, 1, ["user_id", "item_id", "user_idx", "item_idx"], drop_holdout=False)
+    except KeyError:  # files without ids (made by hand)
+        return {}
+    return {k: hash_collisions(t[f"{k}_id"], t[f"{k}_idx"]) for k in ("user", "item")}
 
 
 def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases: dict[str, float] | None = None) -> dict[str, Any]:
@@ -154,7 +167,7 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
     t_read = time.perf_counter()
     phases["build"] = t_read - t0
 
-    shard = _read(spec, rank, world, vocabs) if shard is None else shard
+    shard = _read(spec, rank, world, vocabs, model) if shard is None else shard
     # Early stopping: the head of each shard (stored in a seeded hash order, so a
     # uniform sample) is the validation slice.
     n_val = int(len(shard) * spec.validation_fraction)
@@ -169,6 +182,7 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
     local_bs = spec.batch_size // world
     micro_bs = math.ceil(local_bs / k_acc)
     steps = math.ceil(max(sizes) / local_bs) if max(sizes) else 0
+    objective = Objective(LossSpec(**{**spec.loss, "seed": spec.seed}), collective, device)
 
     bar = None
     if spec.progress and rank == 0 and steps:
@@ -209,15 +223,11 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(spec, world, state["global_step"])
             raw = torch.zeros((), device=device)
+            objective.begin_step(model, batch, state["global_step"])  # every rank, once per step
             for j in range(k_acc):  # gradients add up over the micro-batches; one averaged step
                 mb = batch.slice(j * micro_bs, (j + 1) * micro_bs)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 matmuls on GPU
-                    logits = model(mb)
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(mb)
-                part = loss_sum(logits, mb["label"], mb["weight"], t_logits, spec.distill)
+                    part = step_loss_sum(objective, model, mb, teacher, spec.distill)
                 (part * world / global_count).backward()
                 raw = raw + part.detach()
             exchange.average()
@@ -267,7 +277,8 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
             "loss_sum": float(loss_acc), "device": str(device),
             "comm": getattr(collective, "backend", collective.name),
             # this worker process's peak resident memory (Linux reports KiB), for cost benchmarks
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **worker_placement()}  # host, pid, Spark executor: where this rank ran
     return _finish(spec, collective, model, optimizer, state, warm, vocabs, fisher, mine, phases, steps,
                    resumed_from)
 
@@ -278,7 +289,7 @@ def _finish(spec: TrainSpec, collective, model, optimizer, state, warm, vocabs, 
     t_save = time.perf_counter()
     rank, world = collective.rank, collective.size
     result: dict[str, Any] = {"steps": steps * spec.epochs, "world_size": world, "resumed_from": resumed_from,
-                              "val_history": state["val_history"],
+                              "val_history": state["val_history"], "loss_name": spec.loss.get("name", "bce"),
                               "epochs_run": state["run_epoch"] if state["run_step"] == 0 else state["run_epoch"] + 1}
     if rank == 0:
         state["rng_torch"] = torch.get_rng_state()
@@ -290,8 +301,8 @@ def _finish(spec: TrainSpec, collective, model, optimizer, state, warm, vocabs, 
             from ..models.vocab import vocabs_to_bytes
 
             extra[VOCAB_FILE] = vocabs_to_bytes(vocabs)
-            result["vocab"] = {k: {"ids": len(v), "rows": v.num_rows, "new_rows": len(v.fresh)}
-                               for k, v in vocabs.items()}
+            result["vocab"] = {k: v.stats() for k, v in vocabs.items()}
+        result["ids"] = result.get("vocab") or _collisions(spec)
         if fisher is not None:
             extra[FISHER_FILE] = fisher_to_bytes(fisher)
         saved = save_checkpoint(spec.checkpoint_dir, model, optimizer,

@@ -72,6 +72,7 @@ class TrainSpec:
     ewc: float = 0.0
     distill: float = 0.0
     fisher_batches: int = 0  # 0: no Fisher saved; else batches of the shard used for it (EWC's next night)
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "bce"})  # train.loss: losses.LossSpec's fields
 
 
 def make_optimizer(spec: TrainSpec, model: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:

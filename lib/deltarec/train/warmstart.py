@@ -145,9 +145,13 @@ def build(spec: TrainSpec, device: torch.device | None = None, world: int = 1, v
                 weight = dict(model.named_parameters())[pname]
                 init_rows(weight, v.fresh, spec.seed + v.night, pname, zero="bias" in pname)
                 fresh[pname] = list(v.fresh)
-            lookup = getattr(model, f"{name}_lookup", None)
-            if lookup is not None:
-                lookup.copy_(torch.from_numpy(v.hashed_lookup(len(lookup))))
+            model.adopt_vocabulary(name, v)
+    if hasattr(model, "clock"):  # items' purchases as of each training day (every rank reads the same)
+        from ..models.item_clock import night_events
+
+        if vocabs:
+            model.clock.reset_rows(vocabs["item"].fresh)
+        model.clock.advance(**night_events(spec.files, vocabs["item"] if vocabs else None))
     if device is not None:
         model.to(device)  # before the optimizer loads its state, so the state lands on the device too
     freeze(model, spec.freeze)
