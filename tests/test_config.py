@@ -65,7 +65,7 @@ def test_every_key_is_documented_and_every_number_has_a_range():
     unbounded = [k.key for k in keys if k.allowed.startswith(("an integer", "a number", "null or an integer",
                                                                "null or a number"))
                  and not any(b in k.allowed for b in (">", "<", " in [", " in ("))]
-    assert unbounded == ["features.rating_threshold"]  # any finite rating scale
+    assert sorted(unbounded) == ["features.rating.max", "features.rating.min", "features.rating.threshold"]  # any scale
 
 
 def test_overrides_env_then_set_win(tmp_path):

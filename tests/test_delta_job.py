@@ -31,7 +31,9 @@ def table(rows):
 
 def setup(spark, lake_root, *overrides):
     cfg = make_config(lake_root, "demo.enabled=false", "features.negatives=0", "features.holdout_fraction=0.5",
-                      "features.retraction_weight=2.0", *overrides)
+                      "features.retraction_weight=2.0",
+                      "validation.max_change_fraction=1",  # tables of a few rows: any change is a big share
+                      *overrides)
     return cfg, open_lake(cfg.lake, spark)
 
 
@@ -200,7 +202,7 @@ def test_ratings_source_through_the_column_mapping(spark, lake_root):
     cfg, lake = setup(
         spark, lake_root, "source.columns.user_id=user", "source.columns.item_id=movie",
         "source.columns.event_time=ts", "source.columns.rating=stars", "source.columns.default_event_type=rating",
-        "features.rating_threshold=4")
+        "features.rating.threshold=4")
     ts = int((T0).timestamp())
     ratings = pa.table({"user": ["1", "1", "2", "3"], "movie": ["m1", "m2", "m1", "m3"],
                         "stars": ["5", "2", "4", "five"], "ts": pa.array([ts, ts + 60, ts + 120, ts + 180], pa.int64())})

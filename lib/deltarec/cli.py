@@ -8,12 +8,12 @@ in the modules they call.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from typing import Callable
 
+from . import jsonout
 from .config import DEFAULT_CONF, Config, ConfigError, find_config_file, load_config
 
 log = logging.getLogger("deltarec")
@@ -192,7 +192,7 @@ def cmd_plan(args, cfg: Config) -> int:
     from .spark import build_spark
 
     p = plan(build_spark(cfg), cfg)
-    print(json.dumps(p, indent=1) if args.json else describe_plan(p))
+    print(jsonout.dumps(p, indent=1) if args.json else describe_plan(p))
     return 0
 
 
@@ -223,7 +223,7 @@ def cmd_status(args, cfg: Config) -> int:
         entries.append(d)
     current = ledger.champion(cfg.model.name)  # what serves, not merely the newest run
     if args.json:
-        print(json.dumps({"model": cfg.model.name, "watermark": watermark,
+        print(jsonout.dumps({"model": cfg.model.name, "watermark": watermark,
                           "source_table": cfg.lake.events_table, "source_latest_version": latest_source,
                           "lake": lake.root, "engine": lake.name,
                           "current_checkpoint": current.to_json_dict()["checkpoint"] if current else None,
@@ -291,7 +291,7 @@ def cmd_registry(args, cfg: Config) -> int:
         print(f"deltarec registry {action}: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(out, indent=1, default=str))
+        print(jsonout.dumps(out, indent=1, default=str))
     else:
         print(registry.describe(action, out, cfg.model.name))
     return 0 if action != "reproduce" or out["passed"] else 1
@@ -309,7 +309,7 @@ def cmd_report(args, cfg: Config) -> int:
     from .evaluation.report import write_report
 
     out = write_report(_lake(cfg), cfg, args.out)
-    print(json.dumps(out, indent=1) if args.json else f"wrote {out['png']} and {out['html']}")
+    print(jsonout.dumps(out, indent=1) if args.json else f"wrote {out['png']} and {out['html']}")
     return 0
 
 

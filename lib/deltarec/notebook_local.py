@@ -10,7 +10,6 @@ outside Databricks (``deltarec.notebook.platform`` picks them):
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -151,5 +150,7 @@ def render(obj: Any, max_rows: int = 100) -> str:
         with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", None):
             return obj.head(max_rows).to_string(index=False)
     if isinstance(obj, dict):
-        return json.dumps(obj, indent=1, default=str)
+        from .jsonout import dumps
+
+        return dumps(obj, indent=1, default=str)
     return str(obj)

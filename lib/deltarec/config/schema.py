@@ -96,7 +96,7 @@ class ColumnMapping(Section):
     quantity: str | None = Field(None, description="Column with a quantity (cast to integer), or null.")
     price: str | None = Field(None, description="Column with a unit price (cast to double), or null.")
     rating: str | None = Field(None, description=(
-        "Column with an explicit rating (cast to double), or null; see features.rating_threshold."))
+        "Column with an explicit rating (cast to double), or null; see features.rating."))
     item_text: str | None = Field(None, description=(
         "Column with the item's text (demo loader: the items table's text), or null."))
     event_type: str | None = Field(None, description=(
@@ -106,13 +106,51 @@ class ColumnMapping(Section):
         "Order ids starting with this are cancellations (Online Retail: C). null: no cancellations by order id."))
 
 
+class ItemsMapping(Section):
+    """Columns of your items table (``lake.items_table``): the id, the text the
+    text tower reads, and optional category columns appended to that text."""
+
+    id: str = Field("item_id", min_length=1, description=(
+        "Column with the item id, the same ids as the events table's item column (cast to string)."))
+    text: list[str] = Field(["text"], description=(
+        "Columns joined (with ' | ', nulls skipped) into the item's text, e.g. [title]. []: no text."))
+    categories: list[str] = Field([], description=(
+        "Category columns (a genre, a department) appended to the text after the text columns. []: none."))
+
+
 class SourceConfig(Section):
-    """How the delta job reads ``lake.events_table``."""
+    """How the delta job reads ``lake.events_table`` (and ``lake.items_table``)."""
 
     columns: ColumnMapping | None = Field(None, description=(
         "null: the table already has deltarec's behaviour schema (what the demo loader writes). "
         "A mapping: the table is yours and each change-feed row is mapped in Spark; values that do not "
-        "cast to the behaviour type are quarantined. See conf/local.yaml for an example."))
+        "cast to the behaviour type are quarantined. See conf/examples/*.yaml and the README's "
+        "'Use your own table'."))
+    key: list[str] = Field([], description=(
+        "Natural key of your table: source column(s) that identify an event, composite allowed "
+        "([user, movie]). A change to a row with the same key is a correction whatever else changed "
+        "(a re-rating at a new time retracts the old rating). []: the event id is source.columns.event_id, "
+        "else a hash of user, item, time and order (an update that changes the time is then a new event "
+        "and the old one stays trained). Needs source.columns; not with source.columns.event_id."))
+    event_types: dict[str, str] = Field({}, description=(
+        "Your event-type values mapped onto deltarec's (purchase, click, rating, cancel), e.g. "
+        "{rated: rating, bought: purchase}. A value not listed is taken as written (and quarantined as "
+        "unknown_event_type unless validation.allowed_event_types has it). {}: values as written."))
+    items: ItemsMapping | None = Field(None, description=(
+        "null: lake.items_table (when it exists) has deltarec's columns item_id and text. A mapping: "
+        "your items table's id, text and category columns."))
+
+    @model_validator(mode="after")
+    def _key(self):
+        if self.key and self.columns is None:
+            raise invalid("key", self.key, "needs source.columns (the mapping of your own table); set both")
+        if self.event_types and self.columns is None:
+            raise invalid("event_types", self.event_types, "needs source.columns (the mapping of your own table); "
+                          "a table in deltarec's behaviour schema already uses deltarec's types")
+        if self.key and self.columns is not None and self.columns.event_id:
+            raise invalid("key", self.key, f"and source.columns.event_id={self.columns.event_id!r} both say what "
+                          "identifies an event; set one of them")
+        return self
 
 
 class DemoConfig(Section):
@@ -147,6 +185,10 @@ class ValidationConfig(Section):
         "Fail the run (no commit) when more than this share of consumed rows is quarantined. 0.8 for "
         "Online Retail, where ~25% of lines lack a customer and some days over half; a clean source "
         "wants far less (conf/cluster.yaml: 0.05)."))
+    max_change_fraction: float = Field(0.5, ge=0, le=1, description=(
+        "Stop the run (no commit) when tonight's deletes and updates touch more than this share of the "
+        "source table's rows, after a delete and an insert of the same unchanged event cancel out (an "
+        "overwrite). 1: never stop for this."))
     future_tolerance_minutes: int = Field(60, ge=0, description=(
         "Minutes an event time may lie after its commit time (clock skew) before it is quarantined."))
     horizon_days: int = Field(0, ge=0, description=(
@@ -189,6 +231,41 @@ class ValidationConfig(Section):
         return v
 
 
+class RatingConfig(Section):
+    """Explicit ratings (event type ``rating``): the scale, what is positive,
+    and whether the rating grades the label or weighs the example."""
+
+    min: float = Field(1.0, allow_inf_nan=False, description=(
+        "Lowest rating on your scale (1 for 1-5 stars, 0 for 0-10). A rating below it is quarantined "
+        "as rating_out_of_range."))
+    max: float = Field(5.0, allow_inf_nan=False, description=(
+        "Highest rating on your scale. A rating above it is quarantined as rating_out_of_range."))
+    threshold: float | None = Field(None, allow_inf_nan=False, description=(
+        "Rating at or above which a rating is positive (label 1; below: an explicit 0). null: the scale's "
+        "midpoint, (min + max) / 2 (3 on 1-5, 5 on 0-10)."))
+    label: Literal["binary", "graded"] = Field("binary", description=(
+        "binary: 1 at or above the threshold, else 0. graded: (rating - min) / (max - min), a label in "
+        "[0, 1] (a 9 on 0-10 is 0.9). Negatives are drawn for ratings at or above the threshold either way."))
+    weight: Literal["none", "rating"] = Field("none", description=(
+        "none: weight 1. rating: how far the rating is towards its end of the scale: (rating - min) / "
+        "(max - min) for a positive, (max - rating) / (max - min) for a negative (a 10 weighs more than a 6, "
+        "a 0 more than a 4)."))
+
+    @model_validator(mode="after")
+    def _scale(self):
+        if self.min >= self.max:
+            raise invalid("min", self.min, f"must be below features.rating.max={self.max}")
+        if self.threshold is not None and not self.min <= self.threshold <= self.max:
+            raise invalid("threshold", self.threshold, f"must lie on the scale [{self.min}, {self.max}] "
+                          "(features.rating.min / max)")
+        return self
+
+    @property
+    def cut(self) -> float:
+        """The threshold in force (the midpoint when unset)."""
+        return self.threshold if self.threshold is not None else (self.min + self.max) / 2
+
+
 class FeaturesConfig(Section):
     """Examples from events: hashed ids, labels, negatives, histories, weights.
     Changing the bucket counts or the salt makes the next run a full retrain
@@ -204,9 +281,9 @@ class FeaturesConfig(Section):
     salt: str = Field("", description="Salt of the user-id hash. \"\": none.")
     positive_event_types: list[str] = Field(["purchase", "click"], description=(
         "Event types whose events are positives (label 1). A rating event is positive when "
-        "rating >= rating_threshold, an explicit negative (label 0) below it."))
-    rating_threshold: float = Field(4.0, description=(
-        "Rating at or above which a rating event is positive (4.0: a 1-5 star scale)."))
+        "rating >= features.rating.threshold, an explicit negative (label 0) below it."))
+    rating: RatingConfig = Field(default_factory=lambda: RatingConfig(), description=(
+        "How a rating event becomes a label and a weight: its scale, threshold, label and weight."))
     negative_sampling: Literal["uniform", "popularity"] = Field("uniform", description=(
         "Negatives drawn uniformly over the catalogue, or by item_stats popularity."))
     history_negatives: int = Field(0, ge=0, description=(

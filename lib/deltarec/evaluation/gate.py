@@ -45,31 +45,46 @@ class GateDecision:
 def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateConfig") -> GateDecision:
     """Every metric in ``cfg.metrics``: candidate >= champion - tol (logloss:
     candidate <= champion + tol); tol is ``cfg.tolerance`` (absolute) or
-    ``cfg.tolerance * |champion|`` (relative). A metric the candidate could not
-    be scored on (nan, e.g. no held-out positives) fails: the gate never
-    promotes on missing evidence."""
-    checks, failed = [], []
+    ``cfg.tolerance * |champion|`` (relative).
+
+    NaN (a metric that cannot be computed on tonight's holdout: one class
+    only, no positives) is never compared, and each case says so: the
+    candidate's NaN where the champion has a value fails (no evidence to
+    promote on); a NaN of the champion leaves that metric undecided (passed
+    None, not counted); when no metric is decided the candidate is rejected,
+    the reason saying the holdout could not decide."""
+    checks, failed, undecided = [], [], []
     for m in cfg.metrics:
         base, _ = parse_metric(m)
         c, ch = candidate.get(m, float("nan")), champion.get(m, float("nan"))
         tol = cfg.tolerance * (abs(ch) if cfg.tolerance_kind == "relative" else 1.0)
-        if math.isnan(c) or math.isnan(ch):
-            ok, bound = False, float("nan")
-        elif base in LOWER_IS_BETTER:
-            bound = ch + tol
-            ok = c <= bound
+        op = "<=" if base in LOWER_IS_BETTER else ">="
+        if math.isnan(ch):
+            why = "for both models" if math.isnan(c) else f"for the champion (candidate {c:.5f})"
+            undecided.append(f"{m} cannot be computed on tonight's holdout {why}")
+            checks.append({"metric": m, "candidate": c, "champion": ch, "bound": None, "passed": None,
+                           "reason": undecided[-1]})
+            continue
+        if math.isnan(c):
+            ok, bound = False, None
+            failed.append(f"{m} cannot be computed for the candidate on tonight's holdout (champion {ch:.5f})")
         else:
-            bound = ch - tol
-            ok = c >= bound
+            bound = ch + tol if base in LOWER_IS_BETTER else ch - tol
+            ok = c <= bound if base in LOWER_IS_BETTER else c >= bound
+            if not ok:
+                failed.append(f"{m} {c:.5f} not {op} {bound:.5f} (champion {ch:.5f}, "
+                              f"{cfg.tolerance_kind} tolerance {cfg.tolerance:g})")
         checks.append({"metric": m, "candidate": c, "champion": ch, "bound": bound, "passed": bool(ok)})
-        if not ok:
-            op = "<=" if base in LOWER_IS_BETTER else ">="
-            failed.append(f"{m} {c:.5f} not {op} {bound:.5f} (champion {ch:.5f}, "
-                          f"{cfg.tolerance_kind} tolerance {cfg.tolerance:g})")
+    note = ("; undecided: " + "; ".join(undecided)) if undecided else ""
     if failed:
-        return GateDecision(False, "gate failed: " + "; ".join(failed), checks)
+        return GateDecision(False, "gate failed: " + "; ".join(failed) + note, checks)
+    if len(undecided) == len(checks):
+        return GateDecision(False, "gate failed: no metric decided: " + "; ".join(undecided)
+                            + " (the champion stays; a larger holdout, features.holdout_fraction, or other "
+                            "gate.metrics can decide)", checks)
     return GateDecision(True, "gate passed: " + ", ".join(
-        f"{c['metric']} {c['candidate']:.5f} vs champion {c['champion']:.5f}" for c in checks), checks)
+        f"{c['metric']} {c['candidate']:.5f} vs champion {c['champion']:.5f}" for c in checks
+        if c["passed"]) + note, checks)
 
 
 # ------------------------------------------------------------ scoring

@@ -11,9 +11,30 @@ Two things happen before validation, both pure DataFrame work:
   Values that do not cast to the behaviour type (a rating ``"five"``) are kept
   as null and described in ``_bad``: validation quarantines them as
   ``type_mismatch`` instead of the cast failing the job or dropping the row.
+- **What identifies an event.** ``source.key`` (a natural key, composite
+  allowed): the event id is a hash of the key's values, so any update of a
+  key — a re-rating at a new time too — is a correction of the same event.
+  Without a key (and without ``source.columns.event_id``) the id is a hash of
+  user, item, time and order, and an update's post-image takes the id of its
+  pre-image when they pair up unambiguously in their commit: the same
+  (user, item) with one pre- and one post-image, or the commit's only update.
+  What cannot be detected without a key: a commit that updates several rows of
+  one (user, item) and changes the time of each, or changes user or item of
+  several rows at once — each post-image is then a new event and the old one
+  stays trained; and a second change of an event's time (its pre-image then
+  hashes to an id never consumed).
+- **Event types.** ``source.event_types`` maps your values onto deltarec's.
+- **Rewrites.** A delete and an insert of the same event with the same
+  content within the consumed range (a table overwrite rewrites every row)
+  cancel out: the event stays as it was, nothing is retracted or quarantined
+  (:func:`cancel_rewrites`; the count is in the run's metrics). A night whose
+  remaining deletes and updates touch more than
+  ``validation.max_change_fraction`` of the table stops with the counts
+  (:func:`check_change_fraction`).
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from ..lake import schemas
@@ -27,9 +48,23 @@ if TYPE_CHECKING:
     from ..config import ColumnMapping
 
 
+log = logging.getLogger("deltarec.changes")
+
+
 class SchemaDriftError(RuntimeError):
     """A source column the job reads changed type."""
 
+
+class ChangeFractionExceeded(RuntimeError):
+    """Tonight's deletes and updates touch more of the table than allowed."""
+
+
+# (old, new) Spark types where every old value is exactly a new value: a mapped
+# column widened upstream reads the same (map_source casts to the behaviour type).
+_INTS = ("tinyint", "smallint", "int", "bigint")
+WIDENING = frozenset([(a, b) for i, a in enumerate(_INTS) for b in _INTS[i + 1:]]
+                     + [(a, "double") for a in ("tinyint", "smallint", "int", "float")]
+                     + [(a, "float") for a in ("tinyint", "smallint")])
 
 # Spark type names of the behaviour schema's columns.
 BEHAVIOR_TYPES = {f.name: spark_type(f.type) for f in schemas.BEHAVIOR_EVENTS}
@@ -38,15 +73,23 @@ BEHAVIOR_TYPES = {f.name: spark_type(f.type) for f in schemas.BEHAVIOR_EVENTS}
 def check_drift(table: str, current: "StructType", before: "StructType | None", read: set[str] | None = None) -> None:
     """Fail when a column the job reads (``read``; all when None) has a type in
     ``current`` different from ``before`` (the table's schema at the last
-    consumed version) — or, for a table in the behaviour schema, from that."""
+    consumed version) — or, for a table in the behaviour schema, from that.
+    A mapped table's lossless widening (:data:`WIDENING`: int → bigint or
+    double, float → double, ...) is accepted with a log line."""
     old = {f.name: f.dataType.simpleString() for f in before.fields} if before is not None else {}
+    mapped = read is not None  # your table: map_source casts each column to the behaviour type anyway
     if read is None:  # the table is in deltarec's behaviour schema: that is the contract
         old = {**old, **BEHAVIOR_TYPES}
         read = set(BEHAVIOR_TYPES)
     changed = []
     for f in current.fields:
         if f.name in read and f.name in old and f.dataType.simpleString() != old[f.name]:
-            changed.append(f"{f.name!r} was {old[f.name]} and is now {f.dataType.simpleString()}")
+            now = f.dataType.simpleString()
+            if mapped and (old[f.name], now) in WIDENING:  # every old value is exactly a new one
+                log.info("source table %r widened column %r from %s to %s: accepted (lossless, read as before)",
+                         table, f.name, old[f.name], now)
+                continue
+            changed.append(f"{f.name!r} was {old[f.name]} and is now {now}")
     if changed:
         raise SchemaDriftError(
             f"source table {table!r} changed the type of column(s) the delta job reads: {'; '.join(changed)}. "
@@ -60,15 +103,17 @@ def check_drift(table: str, current: "StructType", before: "StructType | None", 
         )
 
 
-def mapped_columns(m: "ColumnMapping") -> set[str]:
+def mapped_columns(m: "ColumnMapping", key: "list[str] | tuple[str, ...]" = ()) -> set[str]:
     names = [m.event_id, m.user_id, m.item_id, m.event_time, m.order_id, m.quantity, m.price, m.rating,
-             m.event_type]
+             m.event_type, *key]
     return {n for n in names if n}
 
 
-def map_source(changes: "DataFrame", m: "ColumnMapping") -> "DataFrame":
+def map_source(changes: "DataFrame", m: "ColumnMapping", *, key: "list[str] | tuple[str, ...]" = (),
+               event_types: "dict[str, str] | None" = None) -> "DataFrame":
     """Change rows of a source table → BEHAVIOR_EVENTS columns + CHANGE_COLUMNS
-    + ``_bad`` (null, or which values did not cast)."""
+    + ``_bad`` (null, or which values did not cast). ``key``: ``source.key``;
+    ``event_types``: ``source.event_types``."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import FloatType, DoubleType, NumericType, StringType, TimestampType
 
@@ -110,12 +155,20 @@ def map_source(changes: "DataFrame", m: "ColumnMapping") -> "DataFrame":
         "rating": cast("rating", m.rating, "double"),
     }
     etype = cast("event_type", m.event_type, "string") if m.event_type else F.lit(m.default_event_type)
+    if event_types:
+        lookup = F.create_map(*[F.lit(x) for kv in sorted(event_types.items()) for x in kv])
+        etype = F.coalesce(lookup[etype], etype)
     if m.cancel_prefix:
         etype = F.when(F.coalesce(cols["order_id"].startswith(m.cancel_prefix), F.lit(False)),
                        F.lit("cancel")).otherwise(etype)
     cols["event_type"] = etype
     if m.event_id:
         cols["event_id"] = cast("event_id", m.event_id, "string")
+    elif key:
+        # null is a value of its own here, so a row whose key lacks its user is
+        # quarantined for that (null_user_id), not for an id it never had.
+        whole = F.concat_ws("\u0001", *[F.coalesce(F.col(k).cast("string"), F.lit("\u0000")) for k in key])
+        cols["event_id"] = F.concat(F.lit("k"), F.lower(F.hex(F.xxhash64(whole))))
     else:
         # Derived from what identifies the event (who, what, when, which order), not
         # from measures like a rating: a corrected rating keeps its event id, so the
@@ -127,4 +180,68 @@ def map_source(changes: "DataFrame", m: "ColumnMapping") -> "DataFrame":
     detail = F.concat_ws("; ", *bad) if bad else F.lit("")
     out = changes.select(*[cols[n].cast(BEHAVIOR_TYPES[n]).alias(n) for n in schemas.BEHAVIOR_EVENTS.names],
                          *[F.col(c) for c in CHANGE_COLUMNS], detail.alias("_bad"))
-    return out.withColumn("_bad", F.when(F.col("_bad") == "", F.lit(None).cast("string")).otherwise(F.col("_bad")))
+    out = out.withColumn("_bad", F.when(F.col("_bad") == "", F.lit(None).cast("string")).otherwise(F.col("_bad")))
+    if m.event_id or key:
+        return out
+    return pair_updates(out)
+
+
+def pair_updates(rows: "DataFrame") -> "DataFrame":
+    """Without a key, give an update's post-image the event id of its
+    pre-image where the pair is unambiguous in its commit: the same
+    (user, item) with exactly one pre- and one post-image, else the commit's
+    only pre- and post-image. Other rows unchanged."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    c = F.col
+    is_upd = c("_change_type").isin("update_preimage", "update_postimage")
+    upd, rest = rows.where(is_upd), rows.where(~is_upd)
+    pre, post = (c("_change_type") == "update_preimage"), (c("_change_type") == "update_postimage")
+
+    def paired_id(w):
+        n_pre = F.sum(pre.cast("int")).over(w)
+        n_post = F.sum(post.cast("int")).over(w)
+        return F.when(post & (n_pre == 1) & (n_post == 1), F.max(F.when(pre, c("event_id"))).over(w))
+
+    by_pair = Window.partitionBy("_commit_version", "user_id", "item_id")
+    by_commit = Window.partitionBy("_commit_version")
+    upd = upd.withColumn("event_id", F.coalesce(paired_id(by_pair), paired_id(by_commit), c("event_id")))
+    return rest.unionByName(upd)
+
+
+def cancel_rewrites(changes: "DataFrame") -> "tuple[DataFrame, DataFrame]":
+    """(changes without the delete/insert pairs that rewrite an event unchanged,
+    the pairs: one row each). The k-th delete of a content pairs with its k-th
+    insert when the insert is not earlier; content is every behaviour column
+    (the event id included) and ``_bad``."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    c = F.col
+    content = [n for n in (*schemas.BEHAVIOR_EVENTS.names, "_bad") if n in changes.columns]
+    rows = changes.withColumn("_content", F.sha2(F.to_json(F.struct(*content)), 256))
+    w = Window.partitionBy("_content").orderBy("_commit_version")
+    dels = rows.where(c("_change_type") == "delete").withColumn("_k", F.row_number().over(w))
+    ins = rows.where(c("_change_type") == "insert").withColumn("_k", F.row_number().over(w))
+    pairs = (dels.select("_content", "_k", c("_commit_version").alias("_dv"))
+             .join(ins.select("_content", "_k", c("_commit_version").alias("_iv")), ["_content", "_k"])
+             .where(c("_dv") <= c("_iv")).select("_content", "_k"))
+    kept = (rows.where(~c("_change_type").isin("delete", "insert")).drop("_content")
+            .unionByName(dels.join(pairs, ["_content", "_k"], "left_anti").drop("_content", "_k"))
+            .unionByName(ins.join(pairs, ["_content", "_k"], "left_anti").drop("_content", "_k")))
+    return kept, pairs
+
+
+def check_change_fraction(table: str, rows_before: int, deletes: int, updates: int, rewrites: int,
+                          max_fraction: float) -> None:
+    """Stop a night whose deletes and updates (after rewrites cancelled) touch
+    more than ``max_fraction`` of the ``rows_before`` rows the table had."""
+    touched = deletes + updates
+    if rows_before and touched / rows_before > max_fraction:
+        raise ChangeFractionExceeded(
+            f"the versions to consume delete {deletes} and update {updates} rows of {table!r}, "
+            f"{touched / rows_before:.1%} of its {rows_before} rows ({rewrites} unchanged rewrites cancelled), "
+            f"above validation.max_change_fraction={max_fraction:.0%}. Nothing was trained or committed. "
+            "An overwrite or a type change by mistake: restore the table (RESTORE) and run again; intended "
+            "(a backfill, a re-labelling): run again with --set validation.max_change_fraction=1")

@@ -3,8 +3,11 @@ by event type, the user's history, seeded negatives, time-decayed weights and
 the holdout flag. Pure DataFrame → DataFrame; no I/O.
 
 - Labels: ``features.positive_event_types`` → 1; a ``rating`` event → 1 when
-  ``rating >= features.rating_threshold``, else an explicit 0; any other
-  accepted type teaches nothing (it still counts in the state).
+  ``rating >= features.rating.threshold`` (default: the scale's midpoint), else
+  an explicit 0 — or, with ``features.rating.label=graded``, its place on the
+  scale in [0, 1]; with ``features.rating.weight=rating`` its distance towards
+  its end of the scale is the weight. Any other accepted type teaches nothing
+  (it still counts in the state).
 - History: the user's last ``features.history_length`` items before the
   event's day (``features.history_before=day``: as a nightly model serves it)
   or strictly before its time (``=time``), oldest first: ``user_state`` as of
@@ -65,14 +68,40 @@ def catalog(items: "DataFrame", cfg: "FeaturesConfig") -> "DataFrame":
         bucket(F.col("_id.item_id"), cfg.item_buckets).alias("item_idx"))
 
 
+def positive(cfg: "FeaturesConfig") -> "Column":
+    """Whether an event is a positive (negatives are drawn for it; null: no example)."""
+    from pyspark.sql import functions as F
+
+    c = F.col
+    return (F.when(c("event_type") == "rating", c("rating") >= F.lit(cfg.rating.cut))
+            .when(c("event_type").isin(*cfg.positive_event_types), F.lit(True)))
+
+
 def label(cfg: "FeaturesConfig") -> "Column":
     """The label of an event by its type (null: no example)."""
     from pyspark.sql import functions as F
 
-    c = F.col
-    return (F.when(c("event_type") == "rating", (c("rating") >= F.lit(cfg.rating_threshold)).cast("float"))
+    c, r = F.col, cfg.rating
+    graded = (c("rating") - F.lit(r.min)) / F.lit(r.max - r.min)
+    rated = graded if r.label == "graded" else positive(cfg).cast("double")
+    return (F.when(c("event_type") == "rating", rated)
             .when(c("event_type").isin(*cfg.positive_event_types), F.lit(1.0))
             .cast("float"))
+
+
+def weight(cfg: "FeaturesConfig") -> "Column":
+    """An event example's weight before time decay: 1, or with
+    ``features.rating.weight=rating`` how far a rating lies towards its end of
+    the scale (a 10 on 0-10 weighs 1.0, a 6 weighs 0.6; a 0 weighs 1.0, a 4 0.6)."""
+    from pyspark.sql import functions as F
+
+    c, r = F.col, cfg.rating
+    if r.weight == "none":
+        return F.lit(1.0)
+    span = F.lit(r.max - r.min)
+    towards = F.when(c("rating") >= F.lit(r.cut), (c("rating") - F.lit(r.min)) / span).otherwise(
+        (F.lit(r.max) - c("rating")) / span)
+    return F.when(c("event_type") == "rating", towards).otherwise(F.lit(1.0))
 
 
 def trained_types(cfg: "FeaturesConfig") -> list[str]:
@@ -130,7 +159,7 @@ def _history_negatives(pos: "DataFrame", cfg: "FeaturesConfig", n_items: int) ->
     c = F.col
     past = F.filter(F.array_distinct(F.arrays_zip(c("history_ids"), c("history_idx"))),
                     lambda e: e["history_ids"] != c("item_id"))
-    draws = (pos.where(c("label") == 1)
+    draws = (pos.where(c("_positive"))
              .select("event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx", past.alias("_past"))
              .where(F.size("_past") > 0)
              .withColumn("j", F.explode(F.sequence(F.lit(0), F.lit(cfg.history_negatives - 1)))))
@@ -162,7 +191,8 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
     N = cfg.history_length
     if "new" in events.columns:
         events = events.where(c("new"))
-    ev = with_indices(events.withColumn("label", label(cfg)).where(c("label").isNotNull()), cfg)
+    ev = with_indices(events.withColumn("label", label(cfg)).withColumn("_positive", positive(cfg))
+                      .where(c("label").isNotNull()), cfg)
     empty_s, empty_l = F.array().cast("array<string>"), F.array().cast("array<bigint>")
     if history is None:
         history = spark.createDataFrame([], "user_id string, history_ids array<string>, history_idx array<bigint>")
@@ -198,8 +228,8 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
     cols = ["event_id", "user_id", "item_id", "user_idx", "item_idx", "label", "weight", "event_time",
             "kind", "history_ids", "history_idx", "src"]
     pos = ev.select(c("event_id"), c("user_id"), c("item_id"), c("user_idx"), c("item_idx"), c("label"),
-                    F.lit(1.0).alias("weight"), c("event_time"), F.lit("event").alias("kind"),
-                    "history_ids", "history_idx", c("event_id").alias("src"))
+                    weight(cfg).alias("weight"), c("event_time"), F.lit("event").alias("kind"),
+                    "history_ids", "history_idx", c("event_id").alias("src"), c("_positive"))
 
     ret = with_indices(retractions, cfg).join(history, "user_id", "left").select(
         F.concat(c("event_id"), F.lit(":r"), c("source_version").cast("string")).alias("event_id"),
@@ -208,10 +238,10 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
         (_last(F.coalesce(c("_h_ids"), empty_s), N) if N else empty_s).alias("history_ids"),
         (_last(F.coalesce(c("_h_idx"), empty_l), N) if N else empty_l).alias("history_idx"),
         c("event_id").alias("src"))
-    out = pos.unionByName(ret)
+    out = pos.drop("_positive").unionByName(ret)
 
     if cfg.negatives > 0:
-        draws = pos.where(c("label") == 1.0).select(
+        draws = pos.where(c("_positive")).select(
             "event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx",
             F.explode(F.sequence(F.lit(0), F.lit(cfg.negatives - 1))).alias("j"))
         h = F.xxhash64(c("event_id"), c("j"), F.lit(cfg.seed))

@@ -1,6 +1,8 @@
 """Validation and change semantics of a night's change feed. Every consumed row
 (insert, update post-image, delete) is accepted or quarantined with a reason,
-never dropped. Pure DataFrame → DataFrame; no I/O.
+never dropped. Pure DataFrame → DataFrame; no I/O. Longer than ~300 lines:
+the reasons, their details and the change semantics are one contract, read
+together.
 
 What each change means for training (a model already trained on an event
 cannot "untrain" it, so a change to the past reaches the trainer as a new,
@@ -54,6 +56,7 @@ NULL_USER_ID = "null_user_id"
 NULL_ITEM_ID = "null_item_id"
 NULL_EVENT_TIME = "null_event_time"
 UNKNOWN_EVENT_TYPE = "unknown_event_type"
+RATING_OUT_OF_RANGE = "rating_out_of_range"  # outside features.rating [min, max]
 FUTURE_TIMESTAMP = "future_timestamp"
 TOO_LATE = "too_late"
 DUPLICATE_EVENT_ID = "duplicate_event_id"  # within the night, or consumed by an earlier run
@@ -106,9 +109,66 @@ def _first_reason(checks: list) -> "Column":
     return reason
 
 
+def _rating_checks(is_delete: "Column", scale: "tuple[float, float] | None") -> list:
+    """A rating outside the configured scale (an 11 or a -1 on 0..10) would
+    become a label beyond [0, 1] or a silent positive: quarantined."""
+    from pyspark.sql import functions as F
+
+    if scale is None:
+        return []
+    r = F.col("rating")
+    return [(RATING_OUT_OF_RANGE, ~is_delete & r.isNotNull() & ((r < F.lit(scale[0])) | (r > F.lit(scale[1]))))]
+
+
+def _detail(cfg: "ValidationConfig", scale: "tuple[float, float] | None") -> "Column":
+    """What was wrong with which column, for every reason a row can get here
+    (the unmatched ones say theirs where they are decided)."""
+    from pyspark.sql import functions as F
+
+    c = F.col
+
+    def show(name):
+        return F.concat(F.lit(f"{name}="), F.coalesce(c(name).cast("string"), F.lit("null")))
+
+    def malformed_which():
+        parts = [F.when(_malformed(c(n), cfg), F.concat(show(n), F.lit(
+            f" is malformed (over {cfg.max_id_length} characters, a control character"
+            + (f", or not validation.id_pattern" if cfg.id_pattern else "") + ")")))
+            for n in ("event_id", "user_id", "item_id")]
+        return F.concat_ws("; ", *parts)
+
+    details = {
+        NULL_EVENT_ID: F.lit("event_id is null or blank (source.columns.event_id or a source.key column is null)"),
+        TYPE_MISMATCH: c("_bad"),
+        MALFORMED_ID: malformed_which(),
+        NON_POSITIVE_QUANTITY: F.concat(show("quantity"), F.lit(" is not positive (and the row is no cancellation)")),
+        NON_POSITIVE_PRICE: F.concat(show("price"), F.lit(" is not positive")),
+        NULL_USER_ID: F.lit("user_id is null or blank"),
+        NULL_ITEM_ID: F.lit("item_id is null or blank"),
+        NULL_EVENT_TIME: F.lit("event_time is null"),
+        UNKNOWN_EVENT_TYPE: F.concat(show("event_type"), F.lit(
+            f" is not in validation.allowed_event_types {list(cfg.allowed_event_types)} (map yours with "
+            "source.event_types)")),
+        FUTURE_TIMESTAMP: F.concat(show("event_time"), F.lit(" is after its commit at "),
+                                   c("_commit_timestamp").cast("string"),
+                                   F.lit(f" plus validation.future_tolerance_minutes={cfg.future_tolerance_minutes}")),
+        TOO_LATE: F.concat(show("event_time"), F.lit(f" is over validation.horizon_days={cfg.horizon_days} days "
+                                                     "before its commit at "), c("_commit_timestamp").cast("string")),
+        DUPLICATE_EVENT_ID: F.concat(show("event_id"), F.lit(" was inserted before (tonight or by an earlier run)")),
+    }
+    if scale is not None:
+        details[RATING_OUT_OF_RANGE] = F.concat(show("rating"), F.lit(
+            f" is outside features.rating [min={scale[0]}, max={scale[1]}]"))
+    out = F.lit(None).cast("string")
+    for code, text in details.items():
+        out = F.when(c("_reason") == code, text).otherwise(out)
+    return out
+
+
 def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
              trained_types: list[str] | tuple[str, ...] = ("purchase", "click", "rating"),
-             prior_ids: "DataFrame | None" = None, prior: "DataFrame | None" = None) -> Validated:
+             prior_ids: "DataFrame | None" = None, prior: "DataFrame | None" = None,
+             rating_scale: "tuple[float, float] | None" = None) -> Validated:
     """Split change-feed rows into accepted changes (and what they mean) and
     quarantined rows.
 
@@ -116,7 +176,9 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     change to them needs a retraction). ``prior_ids``: event ids consumed by
     earlier runs (column ``event_id``). ``prior``: EVENT_INDEX rows of earlier
     runs — at least every row of the event ids updated or deleted tonight and
-    of the events that ever held a (user, item) cancelled tonight."""
+    of the events that ever held a (user, item) cancelled tonight.
+    ``rating_scale``: (min, max) of ``features.rating``; a rating outside it is
+    quarantined (None: any rating)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -157,6 +219,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         (BAD_TIMESTAMP, values[2][1]),
         (UNKNOWN_EVENT_TYPE, ~is_delete & ~is_cancel
          & ~F.coalesce(c("event_type").isin(*cfg.allowed_event_types), F.lit(False))),
+        *_rating_checks(is_delete, rating_scale),
         # An event cannot happen after it was committed (plus clock skew).
         (FUTURE_TIMESTAMP, ~is_delete & (c("event_time") > c("_commit_timestamp") + tol)),
     ]
@@ -183,6 +246,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     rows = rows.withColumn("_reason", F.when(
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
         F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
+    rows = rows.withColumn("_detail", F.coalesce(c("_detail"), _detail(cfg, rating_scale)))  # theirs, else ours
     # Cached: `rows` and the lookup every output below shares (the earlier
     # state of changed events), so each is computed once however many outputs
     # are read — on a small night each Spark job is mostly fixed cost. (The

@@ -31,6 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .. import jsonout
 from . import schemas
 from . import uri as lake_uri
 from .engine import ConcurrentRunError, LakeEngine, LakeError
@@ -280,7 +281,7 @@ class Ledger:
             d = asdict(r)
             d["checkpoint_files"] = json.dumps(r.checkpoint_files, sort_keys=True)
             d["config"] = json.dumps(r.config, sort_keys=True)
-            d["metrics"] = json.dumps(r.metrics, sort_keys=True, default=str)
+            d["metrics"] = jsonout.dumps(r.metrics, sort_keys=True, default=str)  # NaN: null
             rows.append(d)
         return pa.Table.from_pylist(rows, schema=schemas.RUNS)
 

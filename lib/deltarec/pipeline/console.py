@@ -46,14 +46,53 @@ def night_row(night: Any) -> dict[str, Any]:
 
 
 def describe(r: "NightResult") -> str:
-    """One line: what a nightly run consumed and did (or that there was nothing new)."""
+    """What a nightly run consumed and did (or that there was nothing new):
+    one line, then :func:`night_summary`."""
     if r.status == "noop":
         return (f"nothing new for model {r.model!r}: watermark {r.watermark} is the latest version; "
                 "no run, no checkpoint written")
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.quarantine_reasons.items(), key=lambda kv: -kv[1]))
-    return (f"run {r.run_id} ({r.strategy}): versions {r.source_versions[0]}..{r.source_versions[1]}, "
+    head = (f"run {r.run_id} ({r.strategy}): versions {r.source_versions[0]}..{r.source_versions[1]}, "
             f"{r.rows_consumed} rows consumed = {r.rows_accepted} accepted + {r.rows_quarantined} quarantined"
             f"{' (' + reasons + ')' if reasons else ''}, {r.examples} examples, trained in {r.train_seconds:.1f}s")
+    lines = (r.metrics or {}).get("summary") or night_summary(r.metrics or {})
+    return "\n".join([head, *lines])
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None or v != v else f"{v:.4f}"  # v != v: NaN, not computable
+
+
+def _counts(d: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((d or {}).items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
+def night_summary(m: dict[str, Any]) -> list[str]:
+    """A night's readable summary from its run metrics (what the ledger
+    stores): quarantined by reason, examples by kind, retractions by cause,
+    seconds per stage, next-day metrics per role, the gate's decision. Stored
+    in the run's ``metrics["summary"]`` and printed for every night."""
+    rows, job = m.get("rows") or {}, m.get("delta_job") or {}
+    lines = [f"  quarantined by reason: {_counts(rows.get('quarantine_reasons'))}",
+             f"  examples by kind: {_counts(job.get('example_kinds'))}; retractions by cause: "
+             f"{_counts(job.get('retractions'))}; unchanged rewrites cancelled: {job.get('rewrites_cancelled', 0)}"]
+    stages = m.get("stages") or {}
+    if stages:
+        lines.append("  seconds per stage: " + ", ".join(
+            f"{k} {v.get('seconds', 0):.1f}" for k, v in stages.items() if isinstance(v, dict)))
+    pre = m.get("prequential") or {}
+    shown = [(role, role_metrics(pre, role)) for role in ("champion", "candidate", "stale", "popularity")]
+    shown = [(role, got) for role, got in shown if got]
+    if shown:
+        k = pre.get("k", "k")
+        lines.append(f"  next-day (before training on it) HR@{k} / NDCG@{k}: " + "; ".join(
+            f"{role} {_fmt(got.get('hr'))} / {_fmt(got.get('ndcg'))}" for role, got in shown))
+    else:
+        lines.append("  next-day metrics: not measured (no earlier model to score the new day)")
+    decision = (m.get("gate") or {}).get("decision") or {}
+    if decision:
+        lines.append(f"  gate: {'promoted' if decision.get('passed') else 'rejected'}: {decision.get('reason')}")
+    return lines
 
 
 def header(k: int) -> str:

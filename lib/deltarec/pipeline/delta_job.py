@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..faults import crash_point
-from ..features.changes import check_drift, map_source, mapped_columns
+from ..features.changes import cancel_rewrites, check_change_fraction, check_drift, map_source, mapped_columns
 from ..features.examples import build_examples, trained_types
+from ..features.items import read_items
 from ..features.state import next_item_stats, next_user_state
 from ..features.cancellations import match_cancellations
 from ..features.validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES, check_threshold, validate
@@ -119,10 +120,24 @@ def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine"
     raw = lake.read_changes(table, first, last)
     before = lake.scan(table, where="1 = 0", version=first - 1).schema if first > 0 else None
     m = cfg.source.columns
-    check_drift(table, raw.schema, before, **({} if m is None else {"read": mapped_columns(m)}))
+    check_drift(table, raw.schema, before, **({} if m is None else {"read": mapped_columns(m, cfg.source.key)}))
     from ..privacy import ingest  # forgotten users' changes stay out; pseudonyms in
 
-    return ingest(spark, cfg, lake, raw if m is None else map_source(raw, m))
+    mapped = raw if m is None else map_source(raw, m, key=cfg.source.key, event_types=cfg.source.event_types)
+    return ingest(spark, cfg, lake, mapped)
+
+
+def _check_change_fraction(cfg: "Config", lake: "LakeEngine", first: int, keys, rewrites: "DataFrame") -> int:
+    """Unchanged rewrites cancelled (counted); stop when the rest of the deletes
+    and updates touch more than validation.max_change_fraction of the table."""
+    n_rewrites = rewrites.count()
+    kinds = _counts(keys, "_change_type")
+    deletes, updates = kinds.get("delete", 0), kinds.get("update_postimage", 0)
+    if (deletes or updates) and first > 0:  # the table's size costs a Spark job: only on nights that need it
+        rows = lake.scan(cfg.lake.events_table, version=first - 1).count()
+        check_change_fraction(cfg.lake.events_table, rows, deletes, updates, n_rewrites,
+                              cfg.validation.max_change_fraction)
+    return n_rewrites
 
 
 def _tonight_keys(changes: "DataFrame"):
@@ -200,13 +215,17 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     stage = StageClock(spark)
     index_table, users_table, items_table = (  # this lineage's state tables
         cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.item_stats_table)
-    changes = keep(read_source_changes(spark, cfg, lake, first, last))
+    items = read_items(cfg, lake)  # (item_id, text) through source.items, checked first; None: no catalogue
+    changes, rewrites = cancel_rewrites(read_source_changes(spark, cfg, lake, first, last))
+    changes = keep(changes)
     keys = plain_strings(_tonight_keys(changes))
+    n_rewrites = _check_change_fraction(cfg, lake, first, keys, rewrites)
     stage.mark("read_changes")
     prior_ids, prior = _prior_index(lake, keys, first, index_table)
     stage.mark("index_lookup")
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(features),
-                 prior_ids=_df(spark, prior_ids), prior=_df(spark, prior))
+                 prior_ids=_df(spark, prior_ids), prior=_df(spark, prior),
+                 rating_scale=(features.rating.min, features.rating.max))
     for df in v.cached:
         keep(df)
     accepted = keep(v.accepted)
@@ -240,10 +259,9 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
                                              version=base_version(lake, users_table, first))))
     base_items = keep(lake.scan(items_table, version=base_version(lake, items_table, first)))  # catalogue-sized
 
-    items = lake.read(tables.items_table) if lake.exists(tables.items_table) else None
     new_users = to_arrow(next_user_state(base_users, events, retractions, features), schemas.USER_STATE)
     new_items = to_arrow(next_item_stats(base_items, events, retractions, features,
-                                         items.select("item_id", "text") if items is not None else None),
+                                         items),
                          schemas.ITEM_STATS)
     tonight_items = _df(spark, new_items)
     stats_after = base_items.join(tonight_items.select("item_id"), "item_id", "left_anti").unionByName(tonight_items)
@@ -286,7 +304,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
 
     new_examples = lake.read_partition(tables.examples_table, {"run_id": run_id})  # read by the executors
     stage.mark("report")
-    stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes,
+    stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes, "rewrites_cancelled": n_rewrites,
              "users_updated": n_users, "items_updated": n_items,
              "stage_seconds": stage.seconds, "stage_spark_jobs": stage.jobs}
     return PreparedNight(run_id, first, last, consumed, n_accepted, n_quarantined, reasons,

@@ -33,6 +33,7 @@ from ..lake.ledger import Ledger, RunRecord
 from ..maintain import maybe_maintain
 from ..privacy import apply_pending
 from ..train.checkpoint import verify_checkpoint
+from .console import night_summary
 from .delta_job import PreparedNight, prepare_night
 from .gating import gate_candidate
 from .inputs import lineage_inputs, select_inputs
@@ -150,6 +151,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
 
     metrics = run_metrics(night, trained, choice, pre, gate, lineage_inputs(cfg, lake, spec.files),
                           spec_record(spec), clock.record())
+    metrics["summary"] = night_summary(metrics)  # what every night prints, kept with the run
     record = publish_run(cfg, lake, ledger, run_id=run_id, first=first, last=last, started=started,
                          choice=choice, trained=trained, metrics=metrics)
     ml = after_commit(cfg, lake, record, choice.serving)

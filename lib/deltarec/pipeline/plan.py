@@ -30,6 +30,7 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
       (``rows``: their total);
     - ``cancellations``: inserted / updated rows that are cancellations (they
       become retractions of earlier purchases, not events);
+    - ``drift``: the schema-drift stop the night would hit, or None;
     - ``strategy``, ``parent``: what the night would train and from which run
       (the same :func:`~deltarec.pipeline.strategy.choose_strategy` the night
       calls: the usable champion, not merely the newest run), or ``error``
@@ -46,13 +47,15 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
     next_range = (watermark + 1, latest) if latest is not None and latest > watermark else None
     change_types: dict[str, int] = {}
     cancellations = 0
+    drift = None
     if next_range is not None:
         from ..features.changes import map_source
         from ..features.validate import CANCEL
 
         changes = lake.read_changes(tables.events_table, *next_range)
+        drift = schema_drift(cfg, lake, changes, next_range[0])
         if cfg.source.columns is not None:  # your own table: cancellations are known after the mapping
-            changes = map_source(changes, cfg.source.columns)
+            changes = map_source(changes, cfg.source.columns, key=cfg.source.key, event_types=cfg.source.event_types)
         is_cancel = F.col("_change_type").isin("insert", "update_postimage") & (F.col("event_type") == CANCEL)
         counts = (changes.groupBy("_change_type")
                   .agg(F.count(F.lit(1)).alias("n"), F.sum(is_cancel.cast("long")).alias("c")).collect())
@@ -71,8 +74,8 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
                    else "load data first or point lake.root at your lake"))
     elif next_range is None:
         note = f"nothing new: model {cfg.model.name!r} has consumed version {latest}"
-    elif error is not None:
-        note = f"the next run over versions {next_range[0]}..{next_range[1]} would fail: {error}"
+    elif error is not None or drift is not None:
+        note = f"the next run over versions {next_range[0]}..{next_range[1]} would fail: {error or drift}"
     else:
         note = f"the next run consumes versions {next_range[0]}..{next_range[1]} ({choice.describe()})"
     return {
@@ -91,8 +94,24 @@ def plan(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | None" = No
         "strategy": strategy,
         "parent": parent,
         "error": error,
+        "drift": drift,
         "note": note,
     }
+
+
+def schema_drift(cfg: "Config", lake: "LakeEngine", changes, first: int) -> str | None:
+    """The schema-drift stop the next night would hit (None: none), the same
+    check the delta job runs; a lossless widening is not one."""
+    from ..features.changes import SchemaDriftError, check_drift, mapped_columns
+
+    table = cfg.lake.events_table
+    before = lake.scan(table, where="1 = 0", version=first - 1).schema if first > 0 else None
+    m = cfg.source.columns
+    try:
+        check_drift(table, changes.schema, before, read=mapped_columns(m, cfg.source.key) if m else None)
+    except SchemaDriftError as e:
+        return str(e)
+    return None
 
 
 def describe_plan(p: dict[str, Any]) -> str:

@@ -46,6 +46,7 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
     one, deleted)."""
     from ..evaluation.gate import evaluate_models
     from ..evaluation.prequential import catalog_indices
+    from ..features.items import read_items
     from ..train.checkpoint import load_model, verify_checkpoint
     from ..train.loop import TrainSpec
 
@@ -95,7 +96,8 @@ def reproduce(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", run_id: 
                 import pyarrow.compute as pc
 
                 rows = rows.filter(pc.equal(rows["holdout"], True))
-            items = lake.read(inputs["items_table"], version=inputs.get("items_version"))
+            items = read_items(cfg.replace(lake=cfg.lake.replace(items_table=inputs["items_table"])), lake,
+                               version=inputs.get("items_version"))
             rebuilt = evaluate_models({"candidate": load_model(ck)},
                                       # the columns the nightly gate scored with (histories need the time order)
                                       rows.select(["user_idx", "item_idx", "label"] + [

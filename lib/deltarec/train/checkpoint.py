@@ -18,6 +18,8 @@ import torch
 
 from ..lake.uri import filesystem
 
+from .. import jsonout
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 
@@ -86,7 +88,7 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     fs.create_dir(root, recursive=True)
     blobs: dict[str, bytes] = {
         "model.safetensors": st_save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}),
-        "meta.json": json.dumps(meta, sort_keys=True, indent=1, default=str).encode(),
+        "meta.json": jsonout.dumps(meta, sort_keys=True, indent=1, default=str).encode(),
     }
     if optimizer is not None or train_state is not None:
         buf = io.BytesIO()
