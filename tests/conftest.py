@@ -89,3 +89,31 @@ def tiny_bert(tmp_path_factory):
     BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32, max_position_embeddings=64)).save_pretrained(d)
     return str(d)
+
+
+_DEMO_LAKES: dict[tuple[str, ...], tuple] = {}
+
+
+@pytest.fixture(scope="session")
+def demo_lake(spark, tmp_path_factory, real_data_path):
+    """``demo_lake(dest, *overrides) -> (results, printed)``: a demo lake with
+    ``make_config``'s settings plus ``overrides``, built once per session for
+    each set of overrides and copied to ``dest`` for each caller (the ledger
+    stores lake paths relative to the root, so a copy is a lake of its own
+    and a module may change it freely)."""
+    import shutil
+
+    from deltarec.pipeline.demo import run_demo
+
+    def build(dest, *overrides: str):
+        key = tuple(overrides)
+        if key not in _DEMO_LAKES:
+            root = tmp_path_factory.mktemp("demo-template") / "lake"
+            printed: list[str] = []
+            results = run_demo(spark, make_config(root, *overrides), out=printed.append)
+            _DEMO_LAKES[key] = (root, results, printed)
+        root, results, printed = _DEMO_LAKES[key]
+        shutil.copytree(root, dest)
+        return results, list(printed)
+
+    return build

@@ -21,7 +21,6 @@ import pytest
 from conftest import ROOT, make_config
 from deltarec.lake import open_lake
 from deltarec.lake.ledger import Ledger
-from deltarec.pipeline.demo import run_demo
 from deltarec.pipeline.recommend import refresh_recommendations
 from deltarec.serving.table import latest_refresh, recorded_versions
 
@@ -30,11 +29,10 @@ SAMPLE = 12  # users compared against the independent scoring
 
 
 @pytest.fixture(scope="module")
-def demo(spark, tmp_path_factory, real_data_path):
+def demo(spark, tmp_path_factory, demo_lake):
     root = tmp_path_factory.mktemp("recommend") / "lake"
     cfg = make_config(root, *BASE)
-    printed = []
-    results = run_demo(spark, cfg, out=printed.append)
+    results, printed = demo_lake(root, *BASE)  # the same lake as test_serve's, built once
     lake = open_lake(cfg.lake, spark)
     return dict(cfg=cfg, lake=lake, root=root, results=results, ledger=Ledger(lake, cfg.lake.runs_table),
                 printed=printed)

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, make_config
 from deltarec.lake import open_lake
 from deltarec.lake.ledger import Ledger
-from deltarec.pipeline.demo import append_day, demo_days, run_demo
+from deltarec.pipeline.demo import append_day, demo_days
 from deltarec.serving.table import latest_refresh
 from test_recommend import same_ranking, table_rows
 
@@ -45,10 +45,10 @@ def wait_for(check, seconds: float, what: str):
 
 
 @pytest.fixture(scope="module")
-def served(spark, tmp_path_factory, real_data_path):
+def served(spark, tmp_path_factory, demo_lake):
     root = tmp_path_factory.mktemp("serve") / "lake"
     cfg = make_config(root, *BASE)
-    run_demo(spark, cfg, out=lambda *_: None)
+    demo_lake(root, *BASE)  # the same lake as test_recommend's, built once
     lake = open_lake(cfg.lake, spark)
     port = free_port()
     log_path = root.parent / "serve.log"
