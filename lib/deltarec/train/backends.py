@@ -54,12 +54,11 @@ def _run_on_pool(kind: str, num_processes: int, spec: TrainSpec, use_gpu: bool, 
     return results[0]
 
 
-class HorovodBackend:
-    """Horovod. With a SparkSession the ranks run on the executors through
-    ``horovod.spark.run``; without one (``train.launcher=processes``) they are
-    local processes that start once (pool.py)."""
+class _DistributedBackend:
+    """What the Horovod and torch backends share: ranks on the executors (a
+    SparkSession) or as local processes started once and kept warm."""
 
-    name = "horovod"
+    name = "?"
 
     def __init__(self, spark: "SparkSession | None", num_processes: int, use_gpu: bool = False,
                  timeout_s: float = 24 * 3600, keep_warm: bool = True):
@@ -77,6 +76,14 @@ class HorovodBackend:
             from .pool import shared_pool
 
             shared_pool(self.name, self.num_processes, self.use_gpu).ensure_started()
+
+
+class HorovodBackend(_DistributedBackend):
+    """Horovod. With a SparkSession the ranks run on the executors through
+    ``horovod.spark.run``; without one (``train.launcher=processes``) they are
+    local processes that start once (pool.py)."""
+
+    name = "horovod"
 
     def run(self, spec: TrainSpec) -> dict[str, Any]:
         try:
@@ -102,29 +109,12 @@ class HorovodBackend:
         return results[0]
 
 
-class TorchBackend:
+class TorchBackend(_DistributedBackend):
     """torch.distributed. With a SparkSession the ranks run on the executors
     through TorchDistributor; without one (``train.launcher=processes``) they
     are local processes that start once (pool.py)."""
 
     name = "torch"
-
-    def __init__(self, spark: "SparkSession | None", num_processes: int, use_gpu: bool = False,
-                 timeout_s: float = 24 * 3600, keep_warm: bool = True):
-        self.spark = spark
-        self.num_processes = num_processes
-        self.use_gpu = use_gpu
-        self.timeout_s = timeout_s
-        self.keep_warm = keep_warm
-
-    def start(self) -> None:
-        """Local processes only (no SparkSession, kept warm): start them now, so
-        they import, join their group and warm up while the caller does other
-        work (a night's Spark stages, say) instead of when the first run comes."""
-        if self.spark is None and self.keep_warm:
-            from .pool import shared_pool
-
-            shared_pool(self.name, self.num_processes, self.use_gpu).ensure_started()
 
     def run(self, spec: TrainSpec) -> dict[str, Any]:
         if self.spark is None:
