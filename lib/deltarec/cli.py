@@ -301,7 +301,7 @@ def cmd_maintain(args, cfg: Config) -> int:
     from .maintain import describe, maintain
 
     out = maintain(cfg, _lake(cfg), optimize=args.optimize, vacuum=args.vacuum)
-    print(json.dumps(out, indent=1) if args.json else describe(out))
+    print(jsonout.dumps(out, indent=1) if args.json else describe(out))
     return 0
 
 
@@ -325,7 +325,7 @@ def cmd_recommend(args, cfg: Config) -> int:
             log.debug("recommend failed", exc_info=True)
             print(f"deltarec recommend: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-        print(json.dumps(out, indent=1) if args.json else
+        print(jsonout.dumps(out, indent=1) if args.json else
               f"{cfg.recommend.table} version {out.get('version')}: top {cfg.recommend.k} for {out.get('users')} "
               f"users from champion {out['run_id']} in {out['seconds']:.1f}s" if "version" in out else
               f"not written: {out.get('skipped')}")
@@ -343,7 +343,7 @@ def cmd_recommend(args, cfg: Config) -> int:
         print(f"deltarec recommend: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(out, indent=1))
+        print(jsonout.dumps(out, indent=1))
         return 0
     how = " (popularity: the table has no history for this user)" if out["fallback"] else ""
     print(f"user {args.user}: top {k} from champion {out['run_id']}, {cfg.recommend.table} version "

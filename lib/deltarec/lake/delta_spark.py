@@ -286,11 +286,13 @@ class DeltaSparkEngine(LakeEngine):
         # OptimizeMetrics' numFilesAdded / numFilesRemoved (delta-spark 4.x).
         try:
             row = self._dt(table).optimize().executeCompaction().first()
-        except conflict_classes() as e:
-            raise ConcurrentRunError(f"OPTIMIZE {table!r} lost to a concurrent commit: {e}") from e
+        except Exception as e:
+            _raise_if_conflict(e, f"OPTIMIZE {table!r}")
+            raise
         m = row["metrics"] if row else None
         return {"files_removed": int(m["numFilesRemoved"]) if m else 0,
                 "files_added": int(m["numFilesAdded"]) if m else 0}
+
     # ------------------------------------------------------------ erasure (privacy/)
     def delete_keys(self, table: str, keys: pa.Table, *, txn: tuple[str, int] | None = None,
                     commit_metadata: dict | None = None) -> dict[str, int]:
