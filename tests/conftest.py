@@ -41,10 +41,11 @@ def spark():
     yield session
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _release_cached_data():
-    """One JVM serves the whole run: drop each module's cached DataFrames so the
-    driver heap does not fill up over 100+ tests."""
+    """One JVM serves the whole run: drop each test's cached DataFrames so the
+    driver heap does not fill up over 300+ tests (per module was not enough:
+    test_delta_job's history tests ran out of heap in the full suite)."""
     yield
     if "pyspark" not in sys.modules:  # no Spark in this run (e.g. the GPU tests on a torch-only machine)
         return
