@@ -32,10 +32,9 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.fs as pafs
-
 from .lake import ConcurrentRunError, LakeError
 from .lake.ledger import Ledger
+from .lake.uri import filesystem, local_path
 
 if TYPE_CHECKING:
     from .config import Config
@@ -71,8 +70,8 @@ def table_sizes(lake: "LakeEngine", tables: list[str]) -> dict[str, dict[str, in
 def _bytes(files: list[str]) -> int:
     total = 0
     for f in files:
-        fs, path = pafs.FileSystem.from_uri(f if "://" in f else os.path.abspath(f))
-        total += fs.get_file_info(path).size or 0
+        fs, path = filesystem(f)  # every path form the lake hands out (lake/uri.py)
+        total += os.path.getsize(path) if fs is None else (fs.get_file_info(path).size or 0)
     return total
 
 
@@ -113,14 +112,14 @@ def remove_uncommitted_checkpoints(cfg: "Config", lake: "LakeEngine", retention_
     run references (attempts, in-run state), older than the retention.
     Committed checkpoints and ``replay`` samples stay. Local lakes only (an
     object store's lifecycle rules do this there)."""
-    root = lake.uri(cfg.lake.checkpoints_dir)
-    if "://" in root and not root.startswith("file://"):
-        log.info("maintain: checkpoints under %s are on an object store: left to its lifecycle rules", root)
+    uri = lake.uri(cfg.lake.checkpoints_dir)
+    root = local_path(uri)
+    if root is None:
+        log.info("maintain: checkpoints under %s are on an object store: left to its lifecycle rules", uri)
         return []
-    root = root.removeprefix("file://")
     if not os.path.isdir(root):
         return []
-    committed = {os.path.realpath(r.checkpoint_path.removeprefix("file://"))
+    committed = {os.path.realpath(local_path(r.checkpoint_path) or r.checkpoint_path)
                  for r in Ledger(lake, cfg.lake.runs_table).runs() if r.checkpoint_path}
     cutoff = time.time() - retention_hours * 3600
     removed = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -154,12 +153,12 @@ def auto_backend(t: "TrainConfig", examples: int) -> dict[str, Any]:
 
 def count_rows(files: list[str]) -> int:
     """Rows of the Parquet ``files``, from their footers (no data read)."""
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
+
+    from ..lake.uri import filesystem
 
     total = 0
     for f in files:
-        fs, path = pafs.FileSystem.from_uri(f if "://" in f else os.path.abspath(f))
-        with fs.open_input_file(path) as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
+        fs, path = filesystem(f)  # every path form the lake hands out (lake/uri.py)
+        total += pq.ParquetFile(path if fs is None else fs.open_input_file(path)).metadata.num_rows
     return total
