@@ -156,18 +156,23 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     finally:
         for df in cached:
             df.unpersist()
-        if adaptive is None:  # the session's own setting again (small_night may have changed it)
-            spark.conf.unset(ADAPTIVE)
-        else:
-            spark.conf.set(ADAPTIVE, adaptive)
+        _set_adaptive(spark, adaptive)  # the session's own setting again
 
 
-def small_night(spark: "SparkSession", cfg: "Config", rows: int) -> bool:
-    """Adaptive execution off for a night of fewer than ``spark.adaptive_min_rows``
-    change rows (prepare_night restores the setting)."""
+def _set_adaptive(spark: "SparkSession", value: str | None) -> None:
+    if value is None:
+        spark.conf.unset(ADAPTIVE)
+    else:
+        spark.conf.set(ADAPTIVE, value)
+
+
+def small_night(spark: "SparkSession", cfg: "Config", rows: int, adaptive: str | None) -> bool:
+    """Adaptive execution stays off (as while the night was counted) for a
+    night of fewer than ``spark.adaptive_min_rows`` change rows; a larger one
+    gets the session's setting ``adaptive`` back (prepare_night restores it
+    after the night either way)."""
     small = rows < cfg.spark.adaptive_min_rows
-    if small:
-        spark.conf.set(ADAPTIVE, "false")
+    _set_adaptive(spark, "false" if small else adaptive)
     return small
 
 
@@ -193,12 +198,15 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     changes, rewrites = cancel_rewrites(read_source_changes(spark, cfg, lake, first, last))
     changes = keep(changes)
     keys = keep(tonight_keys(changes))
+    adaptive = spark.conf.get(ADAPTIVE, None)
+    if cfg.spark.adaptive_min_rows:  # off while the night is counted (one small aggregate): see small_night
+        spark.conf.set(ADAPTIVE, "false")
     # change rows per kind and the unchanged rewrites cancelled: one Spark job
     kinds = {r["_change_type"]: int(r["count"]) for r in keys.groupBy("_change_type").count().unionByName(
         rewrites.groupBy(F.lit(REWRITES).alias("_change_type")).count()).collect()}
     n_rewrites = kinds.pop(REWRITES, 0)
     _check_change_fraction(cfg, lake, first, kinds, n_rewrites)
-    adaptive_off = small_night(spark, cfg, sum(kinds.values()))
+    adaptive_off = small_night(spark, cfg, sum(kinds.values()), adaptive)
     stage.mark("read_changes")
     prior_ids, prior = prior_index(lake, keys, first, index_table)
     if prior is not None:  # night-sized slices of the history: read once, used by several outputs
