@@ -221,6 +221,19 @@ class RepeatExploreModel(IdModel):
             out.append(torch.logaddexp(explore, log_g.unsqueeze(1) + self._repeat_at(hist_ids, log_pi, ids)))
         return out if isinstance(items, (list, tuple)) else out[0]
 
+    @torch.no_grad()
+    def parts(self, batch: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The score's terms for candidates ``items`` (C,) shared by the rows
+        (diagnosis: ``benchmarks/repeat_diagnosis.py``): the gate g (N,), the
+        repeat log-probability log π (N, C; -inf outside the history) and the
+        explore score e (N, C)."""
+        hist_ids, hist_rows = self._hist(batch)
+        day = batch.get("event_day")
+        phi, log_g, _, log_pi = self._user(batch, hist_rows, day)
+        ids, rows = self._items(items)
+        return {"gate": log_g.exp(), "repeat": self._repeat_at(hist_ids, log_pi, ids),
+                "explore": self._explore(phi, rows, items["item_idx"], day)}
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         items = {k: batch[k].unsqueeze(1) for k in ("item_idx", "item_row") if k in batch}
         return self.score_candidates(batch, items).squeeze(1)
