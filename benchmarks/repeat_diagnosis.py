@@ -61,13 +61,19 @@ def explore_parts(model, data, seen, day, users, cat_idx, catalog, pop, tie, ful
         for k in parts:
             parts[k].append(p[k].double())
     g, rep, exp_ = (torch.cat(parts[k]).numpy() for k in ("gate", "repeat", "explore"))
+    with torch.no_grad():  # the explore score's popularity-and-age term alone, as of the model's day
+        timed = model.item_time(model.clock.features(model.lookup("item", cat_idx) if model.embedding == "dynamic"
+                                                     else cat_idx)).squeeze(-1).double().numpy()[None, :]
     finite = np.isfinite(rep)
     variants = {"model": full,
                 "personal (count over the whole history)": personal_scores(
                     data.user[seen], data.item[seen], day.users, catalog, pop),
                 "repeat term alone (log pi) + popularity": np.where(finite, rep, -1e9) + tie,
                 "explore term alone": exp_,
-                "repeat items first (by pi), then explore": np.where(finite, 1e6 + rep, exp_)}
+                "repeat items first (by pi), then explore": np.where(finite, 1e6 + rep, exp_),
+                "repeat items first (by pi), then its time term (popularity, age)": np.where(
+                    finite, 1e6 + rep, timed),
+                "repeat items first (by pi), then 7-day popularity": np.where(finite, 1e6 + rep, pop[None, :])}
     for w in sorted({L, *WINDOWS}):
         c = repeat_features_all(torch.from_numpy(NQ.user_histories(data, seen, day.users, w)), cat_idx,
                                 model.buckets["item"]).numpy()[..., 0]

@@ -22,6 +22,11 @@ history" and "something new", over exact or hashed ids.
   tower's), t the item's recent popularity and age as of the day
   (``item_clock.py``; as of the checkpoint's day when scoring).
 
+The repeat term sees only the history the examples carry
+(``features.history_length`` lines): 20 lines hold about one Online Retail
+invoice, about 40 % of the repeats the whole history holds; 50 hold most of the
+signal (benchmarks/README.md, #17 session 3).
+
 With g → 1 and w on the count the model ranks like the customer's own most
 bought items, and the explore score orders the rest (by popularity, through t,
 at least), so it can reproduce the frequency baseline and add to it. Every
