@@ -6,12 +6,18 @@ Pointwise metrics (auc, gauc, logloss) use every held-out row (positives,
 sampled negatives, retractions); ranking metrics (ndcg@K, hr@K, recall@K,
 mrr@K) rank the whole catalogue for each held-out user against that user's
 held-out positives.
+
+A gate knows its sample: below ``gate.min_users`` holdout users it decides
+"insufficient evidence" (the champion stays), and a metric the candidate
+fails rejects it only when a paired bootstrap over the holdout's users
+(``gate.bootstrap_samples``, seeded) finds it worse in at least
+``gate.confidence`` of the resamples; that share is stored with each check.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -32,20 +38,33 @@ def parse_metric(name: str) -> tuple[str, int | None]:
     return base, (int(k) if k else None)
 
 
+INSUFFICIENT = "insufficient_evidence"
+
+
 @dataclass
 class GateDecision:
     passed: bool
     reason: str
     checks: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str = ""  # promoted | rejected | insufficient_evidence (default: from passed)
+    confidence: dict[str, Any] = field(default_factory=dict)  # the bootstrap's samples, seed, P(worse) per metric
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reason": self.reason, "checks": self.checks}
+        return {"passed": self.passed, "reason": self.reason, "checks": self.checks,
+                "verdict": self.verdict or ("promoted" if self.passed else "rejected"),
+                "confidence": self.confidence}
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateConfig") -> GateDecision:
+def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateConfig", *,
+           users: int | None = None, bootstrap: dict[str, dict[str, Any]] | None = None) -> GateDecision:
     """Every metric in ``cfg.metrics``: candidate >= champion - tol (logloss:
     candidate <= champion + tol); tol is ``cfg.tolerance`` (absolute) or
     ``cfg.tolerance * |champion|`` (relative).
+
+    ``users`` (distinct users of the holdout) below ``cfg.min_users``: not
+    promoted, verdict insufficient_evidence, whatever the values. ``bootstrap``
+    (:func:`paired_bootstrap` per metric): a failed check whose P(worse) is
+    below ``cfg.confidence`` passes as within noise, and says so.
 
     NaN (a metric that cannot be computed on tonight's holdout: one class
     only, no positives) is never compared, and each case says so: the
@@ -53,7 +72,8 @@ def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateCo
     promote on); a NaN of the champion leaves that metric undecided (passed
     None, not counted); when no metric is decided the candidate is rejected,
     the reason saying the holdout could not decide."""
-    checks, failed, undecided = [], [], []
+    checks, failed, undecided, noise = [], [], [], []
+    bootstrap = bootstrap or {}
     for m in cfg.metrics:
         base, _ = parse_metric(m)
         c, ch = candidate.get(m, float("nan")), champion.get(m, float("nan"))
@@ -71,20 +91,81 @@ def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateCo
         else:
             bound = ch + tol if base in LOWER_IS_BETTER else ch - tol
             ok = c <= bound if base in LOWER_IS_BETTER else c >= bound
-            if not ok:
+            p_worse = (bootstrap.get(m) or {}).get("p_worse")
+            if not ok and p_worse is not None and p_worse < cfg.confidence:
+                ok = True  # worse on tonight's users, but not beyond what resampling them moves
+                noise.append(f"{m} {c:.5f} below {bound:.5f} but within noise (worse in {p_worse:.0%} of "
+                             f"{bootstrap[m]['samples']} resamples < gate.confidence {cfg.confidence:g})")
+            elif not ok:
                 failed.append(f"{m} {c:.5f} not {op} {bound:.5f} (champion {ch:.5f}, "
-                              f"{cfg.tolerance_kind} tolerance {cfg.tolerance:g})")
-        checks.append({"metric": m, "candidate": c, "champion": ch, "bound": bound, "passed": bool(ok)})
+                              f"{cfg.tolerance_kind} tolerance {cfg.tolerance:g}"
+                              + (f"; worse in {p_worse:.0%} of {bootstrap[m]['samples']} resamples"
+                                 if p_worse is not None else "") + ")")
+        checks.append({"metric": m, "candidate": c, "champion": ch, "bound": bound, "passed": bool(ok),
+                       **({"p_worse": bootstrap[m]["p_worse"], "diff_ci": bootstrap[m]["diff_ci"]}
+                          if m in bootstrap else {})})
+    confidence = {"samples": cfg.bootstrap_samples, "seed": cfg.bootstrap_seed, "required": cfg.confidence,
+                  "p_worse": {m: b.get("p_worse") for m, b in bootstrap.items()}} if bootstrap else {}
     note = ("; undecided: " + "; ".join(undecided)) if undecided else ""
+    note += ("; " + "; ".join(noise)) if noise else ""
+    if users is not None and users < cfg.min_users:
+        return GateDecision(False, f"insufficient evidence: {users} users in tonight's holdout, fewer than "
+                            f"gate.min_users={cfg.min_users}; the champion stays and the candidate is kept as a "
+                            "candidate (a larger features.holdout_fraction or a lower gate.min_users decides)",
+                            checks, INSUFFICIENT, confidence)
     if failed:
-        return GateDecision(False, "gate failed: " + "; ".join(failed) + note, checks)
+        return GateDecision(False, "gate failed: " + "; ".join(failed) + note, checks, confidence=confidence)
     if len(undecided) == len(checks):
         return GateDecision(False, "gate failed: no metric decided: " + "; ".join(undecided)
                             + " (the champion stays; a larger holdout, features.holdout_fraction, or other "
-                            "gate.metrics can decide)", checks)
+                            "gate.metrics can decide)", checks, confidence=confidence)
     return GateDecision(True, "gate passed: " + ", ".join(
         f"{c['metric']} {c['candidate']:.5f} vs champion {c['champion']:.5f}" for c in checks
-        if c["passed"]) + note, checks)
+        if c["passed"]) + note, checks, confidence=confidence)
+
+
+# ------------------------------------------------------------ bootstrap
+def paired_bootstrap(n_users: int, stat: Callable[[np.ndarray], tuple[float, float]], metric: str,
+                     cfg: "GateConfig") -> dict[str, Any]:
+    """P(the candidate is worse than the champion minus the tolerance) over
+    ``cfg.bootstrap_samples`` resamples (with replacement, seeded) of the
+    ``n_users`` holdout users; ``stat(user_indices)`` → (candidate,
+    champion) on that resample (the same users for both: paired). Resamples
+    where either value is NaN are not counted (``samples``: those that were);
+    none counted: ``p_worse`` None."""
+    rng = np.random.default_rng(cfg.bootstrap_seed)
+    lower = parse_metric(metric)[0] in LOWER_IS_BETTER
+    worse, diffs = [], []
+    for _ in range(cfg.bootstrap_samples if n_users else 0):
+        c, ch = stat(rng.integers(0, n_users, n_users))
+        if math.isnan(c) or math.isnan(ch):
+            continue
+        tol = cfg.tolerance * (abs(ch) if cfg.tolerance_kind == "relative" else 1.0)
+        worse.append(c > ch + tol if lower else c < ch - tol)
+        diffs.append(c - ch)
+    if not diffs:
+        return {"p_worse": None, "samples": 0, "diff_ci": None}
+    return {"p_worse": round(float(np.mean(worse)), 4), "samples": len(diffs),
+            "diff_ci": [round(float(q), 6) for q in np.quantile(diffs, [0.025, 0.975])]}
+
+
+def per_user_bootstrap(candidate: np.ndarray, champion: np.ndarray, metric: str,
+                       cfg: "GateConfig") -> dict[str, Any]:
+    """:func:`paired_bootstrap` of a metric that is a mean over users
+    (ndcg@K, hr@K, …): ``candidate[u]`` / ``champion[u]`` are user u's values."""
+    cand, champ = np.asarray(candidate, dtype=np.float64), np.asarray(champion, dtype=np.float64)
+    return paired_bootstrap(len(cand), lambda idx: (float(cand[idx].mean()), float(champ[idx].mean())), metric, cfg)
+
+
+def rows_bootstrap(users: np.ndarray, fn: Callable[[np.ndarray], tuple[float, float]], metric: str,
+                   cfg: "GateConfig") -> dict[str, Any]:
+    """:func:`paired_bootstrap` of a metric over rows (auc, gauc, logloss):
+    a resample takes every row of each drawn user; ``fn(row_indices)`` →
+    (candidate, champion) on those rows."""
+    order = np.argsort(users, kind="stable")
+    _, starts = np.unique(users[order], return_index=True)
+    groups = np.split(order, starts[1:]) if len(order) else []
+    return paired_bootstrap(len(groups), lambda idx: fn(np.concatenate([groups[i] for i in idx])), metric, cfg)
 
 
 # ------------------------------------------------------------ scoring
@@ -104,20 +185,24 @@ def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> 
 
 
 def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalog: np.ndarray,
-                    metrics: list[str], *, slices: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                    metrics: list[str], *, slices: dict[str, np.ndarray] | None = None,
+                    gate: "GateConfig | None" = None) -> dict[str, Any]:
     """Metrics of each model on ``rows`` (columns user_idx, item_idx, label;
     with history_idx and event_time, ranking passes each user's history).
 
     Returns ``{role: {metric: value}, "n": rows, "users": held-out users with a
-    positive}``; with ``slices`` (name → boolean row mask) also
-    ``{"slices": {name: {role: {metric: value}}}}`` (slices never gate)."""
+    positive, "holdout_users": distinct users of rows}``; with ``slices`` (name
+    → boolean row mask) also ``{"slices": {name: {role: {metric: value}}}}``
+    (slices never gate); with ``gate`` (bootstrap_samples > 0) and roles
+    candidate and champion, ``{"bootstrap": {metric: paired_bootstrap}}``."""
     from .prequential import align_histories, model_topk, relevant_sets, user_histories
 
     labels = rows["label"].to_numpy().astype(np.float64)
     users = rows["user_idx"].to_numpy()
     items = rows["item_idx"].to_numpy()
     ks = sorted({k for m in metrics for b, k in [parse_metric(m)] if b in RANKING})
-    out: dict[str, Any] = {"n": int(rows.num_rows)}
+    out: dict[str, Any] = {"n": int(rows.num_rows), "holdout_users": int(len(np.unique(users)))}
+    kept: dict[str, dict[str, Any]] = {}  # per role, on every row: what the bootstrap resamples
     # each held-out user's history before their first held-out row, for models that read one
     histories = None
     if "history_idx" in rows.column_names and "event_time" in rows.column_names:
@@ -151,6 +236,9 @@ def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalo
                             vals[f"{b}@{k}"] = r[b]
                 if name == "all":
                     out["users"] = int(len(uniq))
+                    kept.setdefault(role, {}).update(top=top, relevant=relevant)
+            if name == "all":
+                kept.setdefault(role, {}).update(scores=s, probs=p)
             for m in metrics:
                 vals.setdefault(m, float("nan"))
             vals = {k: round(float(v), 6) for k, v in vals.items()}
@@ -160,7 +248,31 @@ def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalo
                 sliced.setdefault(name, {"n": int(mask.sum())})[role] = vals
     if sliced:
         out["slices"] = sliced
+    if gate is not None and gate.bootstrap_samples > 0 and {"candidate", "champion"} <= set(kept):
+        out["bootstrap"] = bootstrap_metrics(metrics, kept["candidate"], kept["champion"], labels, users, gate)
     return out
+
+
+def bootstrap_metrics(metrics: list[str], cand: dict[str, Any], champ: dict[str, Any], labels: np.ndarray,
+                      users: np.ndarray, gate: "GateConfig") -> dict[str, dict[str, Any]]:
+    """:func:`paired_bootstrap` of every metric from what :func:`evaluate_models`
+    kept per role (scores / probs on every row; top-k and relevant sets)."""
+    res = {}
+    for m in metrics:
+        base, k = parse_metric(m)
+        if base in RANKING:
+            if "top" not in cand or "top" not in champ:
+                continue
+            per = [[ranking_metrics(r["top"][i:i + 1], [r["relevant"][i]], min(k, r["top"].shape[1]))[base]
+                    for i in range(len(r["relevant"]))] for r in (cand, champ)]
+            res[m] = per_user_bootstrap(np.array(per[0]), np.array(per[1]), m, gate)
+            continue
+        one = {"auc": lambda r, i: auc(labels[i], r["scores"][i]),
+               "gauc": lambda r, i: gauc(users[i], labels[i], r["scores"][i]),
+               "logloss": lambda r, i: logloss(labels[i], r["probs"][i])}[base]
+        res[m] = rows_bootstrap(users, lambda i: (_or_nan(lambda: one(cand, i)), _or_nan(lambda: one(champ, i))),
+                                m, gate)
+    return res
 
 
 def _or_nan(fn) -> float:
