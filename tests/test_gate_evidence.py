@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import make_config
-from deltarec.evaluation.gate import decide, evaluate_models, per_user_bootstrap
+from deltarec.evaluation.bootstrap import per_user_bootstrap, rows_bootstrap
+from deltarec.evaluation.gate import decide, evaluate_models
+from deltarec.evaluation.metrics import auc, gauc, logloss
 
 
 def gate_cfg(*overrides):
@@ -41,6 +43,29 @@ def test_worse_for_every_user_is_rejected_with_certainty():
     d = decide({"ndcg@10": float(champ.mean() - 0.05)}, {"ndcg@10": float(champ.mean())}, g, users=30,
                bootstrap={"ndcg@10": b})
     assert not d.passed and "worse in 100% of 200 resamples" in d.reason
+
+
+def test_row_metrics_of_a_resample_are_the_metrics_of_its_rows():
+    """One resample, redone by hand: each drawn user's rows repeated as often
+    as the user was drawn; auc / gauc / logloss of those rows (metrics.py)
+    give the difference the bootstrap records."""
+    rng = np.random.default_rng(3)
+    n = 240
+    users = rng.integers(100, 130, n)
+    y = (rng.random(n) < 0.4).astype(np.float64)
+    a, b = np.round(rng.random(n), 1), np.round(rng.random(n), 1)  # ties on purpose
+    g = gate_cfg("gate.bootstrap_samples=1", "gate.bootstrap_seed=11")
+    uniq = np.unique(users)
+    drawn = np.random.default_rng(11).integers(0, len(uniq), (1, len(uniq)))[0]  # the bootstrap's first draw
+    rows = np.concatenate([np.where(users == uniq[u])[0] for u in drawn])
+    sig = lambda s: 1 / (1 + np.exp(-s))  # noqa: E731
+    want = {"auc": auc(y[rows], a[rows]) - auc(y[rows], b[rows]),
+            "gauc": gauc(users[rows], y[rows], a[rows]) - gauc(users[rows], y[rows], b[rows]),
+            "logloss": logloss(y[rows], sig(a[rows])) - logloss(y[rows], sig(b[rows]))}
+    for metric, diff in want.items():
+        c, ch = (sig(a), sig(b)) if metric == "logloss" else (a, b)
+        got = rows_bootstrap(users, y, c, ch, metric, g)
+        assert got["samples"] == 1 and got["diff_ci"][0] == pytest.approx(diff, abs=1e-6), metric
 
 
 def test_fewer_users_than_min_users_is_insufficient_evidence():
@@ -77,3 +102,19 @@ def test_evaluate_models_bootstraps_each_gated_metric_of_real_models():
     other = evaluate_models({"candidate": ranking(2), "champion": ranking(1)}, rows, np.arange(30),
                             list(g.metrics), gate=g)["bootstrap"]
     assert all(0.0 <= b["p_worse"] <= 1.0 and b["samples"] == 50 for b in other.values())
+
+
+def test_eval_k_beyond_the_catalogue_ranks_the_whole_catalogue():
+    """eval.k = 10 on a catalogue of 3 films (noticed in #18): the top 10 is
+    every film, so each user with a held-out film is a hit, instead of
+    `k must be in [1, N]`."""
+    from deltarec.evaluation.prequential import evaluate
+    from deltarec.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("ranking", user_buckets=20, item_buckets=30, embedding_dim=4, hidden=[8],
+                        history_length=0).eval()
+    users, items, catalog = np.array([1, 2, 2, 5]), np.array([3, 4, 7, 7]), np.array([3, 4, 7])
+    out = evaluate({"champion": model}, np.array([3]), users, items, catalog, 10)
+    assert out["users"] == 3 and out["champion"]["hr"] == 1.0 and out["champion"]["recall"] == 1.0
+    assert out["popularity"]["hr"] == pytest.approx(1 / 3, abs=1e-5)  # rounded; a popularity list of one film: only user 1's

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -124,50 +124,6 @@ def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateCo
         if c["passed"]) + note, checks, confidence=confidence)
 
 
-# ------------------------------------------------------------ bootstrap
-def paired_bootstrap(n_users: int, stat: Callable[[np.ndarray], tuple[float, float]], metric: str,
-                     cfg: "GateConfig") -> dict[str, Any]:
-    """P(the candidate is worse than the champion minus the tolerance) over
-    ``cfg.bootstrap_samples`` resamples (with replacement, seeded) of the
-    ``n_users`` holdout users; ``stat(user_indices)`` → (candidate,
-    champion) on that resample (the same users for both: paired). Resamples
-    where either value is NaN are not counted (``samples``: those that were);
-    none counted: ``p_worse`` None."""
-    rng = np.random.default_rng(cfg.bootstrap_seed)
-    lower = parse_metric(metric)[0] in LOWER_IS_BETTER
-    worse, diffs = [], []
-    for _ in range(cfg.bootstrap_samples if n_users else 0):
-        c, ch = stat(rng.integers(0, n_users, n_users))
-        if math.isnan(c) or math.isnan(ch):
-            continue
-        tol = cfg.tolerance * (abs(ch) if cfg.tolerance_kind == "relative" else 1.0)
-        worse.append(c > ch + tol if lower else c < ch - tol)
-        diffs.append(c - ch)
-    if not diffs:
-        return {"p_worse": None, "samples": 0, "diff_ci": None}
-    return {"p_worse": round(float(np.mean(worse)), 4), "samples": len(diffs),
-            "diff_ci": [round(float(q), 6) for q in np.quantile(diffs, [0.025, 0.975])]}
-
-
-def per_user_bootstrap(candidate: np.ndarray, champion: np.ndarray, metric: str,
-                       cfg: "GateConfig") -> dict[str, Any]:
-    """:func:`paired_bootstrap` of a metric that is a mean over users
-    (ndcg@K, hr@K, …): ``candidate[u]`` / ``champion[u]`` are user u's values."""
-    cand, champ = np.asarray(candidate, dtype=np.float64), np.asarray(champion, dtype=np.float64)
-    return paired_bootstrap(len(cand), lambda idx: (float(cand[idx].mean()), float(champ[idx].mean())), metric, cfg)
-
-
-def rows_bootstrap(users: np.ndarray, fn: Callable[[np.ndarray], tuple[float, float]], metric: str,
-                   cfg: "GateConfig") -> dict[str, Any]:
-    """:func:`paired_bootstrap` of a metric over rows (auc, gauc, logloss):
-    a resample takes every row of each drawn user; ``fn(row_indices)`` →
-    (candidate, champion) on those rows."""
-    order = np.argsort(users, kind="stable")
-    _, starts = np.unique(users[order], return_index=True)
-    groups = np.split(order, starts[1:]) if len(order) else []
-    return paired_bootstrap(len(groups), lambda idx: fn(np.concatenate([groups[i] for i in idx])), metric, cfg)
-
-
 # ------------------------------------------------------------ scoring
 def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> np.ndarray:
     """Raw scores (logits) of ``rows`` (user_idx, item_idx[, history_idx]): the
@@ -249,30 +205,10 @@ def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalo
     if sliced:
         out["slices"] = sliced
     if gate is not None and gate.bootstrap_samples > 0 and {"candidate", "champion"} <= set(kept):
+        from .bootstrap import bootstrap_metrics
+
         out["bootstrap"] = bootstrap_metrics(metrics, kept["candidate"], kept["champion"], labels, users, gate)
     return out
-
-
-def bootstrap_metrics(metrics: list[str], cand: dict[str, Any], champ: dict[str, Any], labels: np.ndarray,
-                      users: np.ndarray, gate: "GateConfig") -> dict[str, dict[str, Any]]:
-    """:func:`paired_bootstrap` of every metric from what :func:`evaluate_models`
-    kept per role (scores / probs on every row; top-k and relevant sets)."""
-    res = {}
-    for m in metrics:
-        base, k = parse_metric(m)
-        if base in RANKING:
-            if "top" not in cand or "top" not in champ:
-                continue
-            per = [[ranking_metrics(r["top"][i:i + 1], [r["relevant"][i]], min(k, r["top"].shape[1]))[base]
-                    for i in range(len(r["relevant"]))] for r in (cand, champ)]
-            res[m] = per_user_bootstrap(np.array(per[0]), np.array(per[1]), m, gate)
-            continue
-        one = {"auc": lambda r, i: auc(labels[i], r["scores"][i]),
-               "gauc": lambda r, i: gauc(users[i], labels[i], r["scores"][i]),
-               "logloss": lambda r, i: logloss(labels[i], r["probs"][i])}[base]
-        res[m] = rows_bootstrap(users, lambda i: (_or_nan(lambda: one(cand, i)), _or_nan(lambda: one(champ, i))),
-                                m, gate)
-    return res
 
 
 def _or_nan(fn) -> float:

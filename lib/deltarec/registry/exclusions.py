@@ -50,8 +50,7 @@ def exclude(ledger: Ledger, lake: "LakeEngine", cfg: "Config", run_id: str, *, r
     if already:
         raise LakeError(f"run {run_id!r} is already excluded (by {already['by']} at {already['at']}: "
                         f"{already['reason']}); `deltarec registry include {run_id}` undoes it")
-    ev = record_event(lake, cfg, "exclude", run.run_id, champ.run_id if champ else None, by or current_user(),
-                      reason)
+    ev = record_event(lake, cfg, "exclude", run.run_id, None, by or current_user(), reason)  # no champion change
     log.info("exclude: the examples of run %s (versions %d..%d) are never trained on again, by %s: %s",
              run_id, run.source_first, run.source_last, ev["by"], reason)
     return _out(ev, run)
@@ -63,9 +62,7 @@ def include(ledger: Ledger, lake: "LakeEngine", cfg: "Config", run_id: str, *, r
     run = _own_run(ledger, cfg, run_id)
     if run_id not in excluded_runs(lake, cfg):
         raise LakeError(f"run {run_id!r} is not excluded; nothing to include (see `deltarec status`)")
-    champ = ledger.champion(cfg.model.name)
-    ev = record_event(lake, cfg, "include", run.run_id, champ.run_id if champ else None, by or current_user(),
-                      reason)
+    ev = record_event(lake, cfg, "include", run.run_id, None, by or current_user(), reason)
     log.info("include: the examples of run %s are trained on again, by %s: %s", run_id, ev["by"], reason)
     return _out(ev, run)
 
