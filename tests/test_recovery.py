@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, make_config
 from deltarec.lake import LakeError, open_lake
 from deltarec.lake.ledger import CANDIDATE, CHAMPION, Ledger, RunRecord
-from deltarec.pipeline.inputs import training_files
+from deltarec.pipeline.inputs import select_inputs, training_files
 from deltarec.pipeline.strategy import choose_strategy
 from deltarec.registry import events
 from deltarec.registry.exclusions import exclude, excluded_runs, include
@@ -85,6 +85,8 @@ def test_an_excluded_run_is_never_trained_on_again_until_included(lake_root, cap
     with pytest.raises(LakeError, match="already excluded.*registry include bad"):
         exclude(ledger, lake, cfg, "bad", reason="again")
     # the next night's inputs, incremental and full, leave its examples out
+    night = select_inputs(None, cfg, lake, ledger, "tonight", choose_strategy(cfg, ledger), 3)  # as run_nightly
+    assert night.files == files_of(lake, cfg, "after", "tonight") and night.replay == []
     assert training_files(cfg, lake, ledger, "tonight", "incremental", champ) == \
         files_of(lake, cfg, "after", "tonight")
     assert training_files(cfg, lake, ledger, "tonight", "full", None) == files_of(lake, cfg, "good", "after", "tonight")
