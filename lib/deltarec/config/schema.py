@@ -51,8 +51,8 @@ class SparkConfig(Section):
         "A night (delta job) of fewer change rows runs with spark.sql.adaptive.enabled=false, restored after "
         "it (also in a session deltarec did not build): adaptive execution re-plans each shuffle with extra "
         "Spark jobs that cost more than they save on small inputs. Measured on local[2], 2026-11-30, load "
-        "15-21: a demo night of 3,108 change rows ran 34 Spark jobs with it off (75 before, on); "
-        "benchmarks/delta_scaling.py --quick (5k rows) see the #20 note. Not measured above 10k rows, so "
+        "15-21: a demo night of 3,108 change rows ran 34 Spark jobs with it off (73 with it on, before the "
+        "history joins moved to Spark), a 5k-row delta_scaling --quick night 54 (89). Not measured above 10k rows, so "
         "larger nights keep Spark's setting: measure there (delta_scaling --set spark.adaptive_min_rows=0 "
         "against the default) before raising it. 0: never turn it off."))
     conf: dict[str, SparkValue] = Field(default_factory=dict, description=(
