@@ -162,7 +162,8 @@ def time_night(spark, row) -> None:
         res = J.prepare_night(spark, cfg, lake, first, last, "night")
     row["_runs"].append({"s": time.perf_counter() - t, "cpu_s": cpu_seconds(spark) - c, "load1": os.getloadavg()[0],
                          "driver_peak_mb": driver.mb,
-                         "stages": res.stats["stage_seconds"], "jobs": res.stats["stage_spark_jobs"]})
+                         "stages": res.stats["stage_seconds"], "jobs": res.stats["stage_spark_jobs"],
+                         "adaptive_off": res.stats.get("adaptive_off")})
     row.update(night_rows=res.consumed, examples=res.examples, quarantined=res.quarantined)
 
 
@@ -194,6 +195,8 @@ def main(argv=None) -> int:
                     help="time each night this many times (in rounds): the first run, then reruns (the fastest counts)")
     ap.add_argument("--workdir", default=None, help="where the lakes go (default: a temp dir, removed after)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (e.g. spark.adaptive_min_rows=0: adaptive execution on)")
     args = ap.parse_args(argv)
     night = 5_000 if args.quick else args.night
     multiples = [int(m) for m in args.multiples.split(",")]
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
     from deltarec.spark import build_spark
 
     base = ["lake.engine=delta-rs", "demo.enabled=false", "validation.max_quarantine_fraction=1.0",
-            "features.negatives=4", "spark.conf={spark.ui.showConsoleProgress: 'false'}"]
+            "features.negatives=4", "spark.conf={spark.ui.showConsoleProgress: 'false'}", *args.set]
     spark = build_spark(load_config(ROOT / "conf" / "local.yaml", base, environ={}))
     spark.sparkContext.setLogLevel("ERROR")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="delta_scaling_"))

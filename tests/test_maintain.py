@@ -34,7 +34,7 @@ def sorted_rows(lake, table):
 
 
 def test_maintain_compacts_vacuums_and_drops_uncommitted_checkpoints(spark, lake_root, real_data_path, capsys):
-    cfg = make_config(lake_root, "demo.enabled=false", *RETENTION)
+    cfg = make_config(lake_root, "demo.enabled=false", "recommend.enabled=true", *RETENTION)
     lake = open_lake(cfg.lake, spark)
     days, items, _ = demo_days(cfg)
     for i in range(3):  # three nights: every state table MERGEd three times, the ledger appended to
@@ -59,6 +59,8 @@ def test_maintain_compacts_vacuums_and_drops_uncommitted_checkpoints(spark, lake
     before = table_sizes(lake, list(contents))
     grown = [t for t, s in before.items() if s["files"] > 1]
     assert grown, before  # something to compact, or the test proves nothing
+    rec = cfg.recommend.table
+    assert rec in contents, before  # each night rewrote it: maintain keeps its rows, drops replaced files
 
     one_hour = cfg.replace(maintain=cfg.maintain.replace(retention_hours=1))
     report = maintain(one_hour, lake, optimize=False, vacuum=False)
@@ -73,6 +75,8 @@ def test_maintain_compacts_vacuums_and_drops_uncommitted_checkpoints(spark, lake
         assert len(parquet_on_disk(lake_root, t)) == e["files_after"], t
     for t, rows in contents.items():
         assert sorted_rows(lake, t).equals(rows), t  # compaction changes no row
+    e = report["tables"][rec]
+    assert e["vacuumed_files"] >= 1 and len(parquet_on_disk(lake_root, rec)) == e["files_after"], e
     assert not os.path.exists(fresh)  # retention 0: the in-run folder of a run that committed goes too
     for r in ledger.runs(cfg.model.name):  # committed checkpoints and the examples they name stay
         verify_checkpoint(r.checkpoint_path, r.checkpoint_sha256)

@@ -8,7 +8,7 @@ the source behaviour table or the items catalogue, which belong to their
 owners):
 
 - OPTIMIZE (Delta's bin-packing compaction) of the tables that grow by small
-  appends and MERGEs. Not ``training_examples``: a committed run's lineage
+  appends and MERGEs, and of the recommendations table. Not ``training_examples``: a committed run's lineage
   names its example files, and ``registry reproduce`` and full retrains read
   them by name. A compaction is a Delta transaction that loses to a concurrent
   MERGE on the same table (it is retried on the next maintain), so it never
@@ -44,10 +44,12 @@ log = logging.getLogger("deltarec.maintain")
 
 
 def compacted_tables(cfg: "Config") -> list[str]:
-    """deltarec's tables that grow by small appends and MERGEs."""
+    """deltarec's tables that grow by small appends and MERGEs, and the
+    recommendations table (rewritten in one part per task at every refresh:
+    its replaced versions' files are what VACUUM frees)."""
     lk = cfg.lake
     return [lk.event_index_table, lk.user_state_table, lk.item_stats_table, lk.quarantine_table,
-            lk.metrics_table, lk.runs_table, lk.registry_events_table]
+            lk.metrics_table, lk.runs_table, lk.registry_events_table, cfg.recommend.table]
 
 
 def owned_tables(cfg: "Config") -> list[str]:

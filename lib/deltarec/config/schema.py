@@ -47,6 +47,14 @@ class SparkConfig(Section):
         "spark.sql.shuffle.partitions and spark.default.parallelism. 4 suits local[2]; "
         "on a cluster about 2-3x the executor cores."))
     driver_memory: str = Field("4g", description="spark.driver.memory, a JVM size such as 4g or 512m.")
+    adaptive_min_rows: int = Field(10_000, ge=0, description=(
+        "A night (delta job) of fewer change rows runs with spark.sql.adaptive.enabled=false, restored after "
+        "it (also in a session deltarec did not build): adaptive execution re-plans each shuffle with extra "
+        "Spark jobs that cost more than they save on small inputs. Measured on local[2], 2026-11-30, load "
+        "15-21: a demo night of 3,108 change rows ran 34 Spark jobs with it off (73 with it on, before the "
+        "history joins moved to Spark), a 5k-row delta_scaling --quick night 54 (89). Not measured above 10k rows, so "
+        "larger nights keep Spark's setting: measure there (delta_scaling --set spark.adaptive_min_rows=0 "
+        "against the default) before raising it. 0: never turn it off."))
     conf: dict[str, SparkValue] = Field(default_factory=dict, description=(
         "Any further spark.* settings, each one key with its full dotted name (--set "
         "spark.conf.spark.sql.adaptive.enabled=true); numbers and booleans become Spark's strings. "

@@ -104,6 +104,29 @@ class DeltaRsEngine(LakeEngine):
     def read(self, table: str, version: int | None = None) -> "DataFrame":
         return self._to_spark(self.read_arrow(table, version))
 
+    def read_on_executors(self, table: str, version: int | None = None) -> "DataFrame":
+        # The snapshot's Parquet files (listed from the Delta log, which refuses
+        # deletion vectors and column mapping) read by the executors, with the
+        # table's schema given: no row and no footer reaches the driver.
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        from .delta_log import add_files
+
+        dt = self._table(table, version)
+        if dt.metadata().partition_columns:  # partition values live in the log, not the files
+            return self.read(table, version)
+        schema = from_arrow_schema(_arrow_schema(dt))
+        files = add_files(self.uri(table), None, dt.version(), table=table)
+        spark = self._require_spark()
+        return spark.read.schema(schema).parquet(*files) if files else spark.createDataFrame([], schema)
+
+    def row_count(self, table: str, version: int | None = None) -> int:
+        # delta-rs's query engine counts in Rust (file statistics where it can)
+        from deltalake import QueryBuilder
+
+        out = QueryBuilder().register("t", self._table(table, version)).execute("SELECT COUNT(*) AS n FROM t")
+        return int(pa.RecordBatchReader.from_stream(out).read_all()["n"][0].as_py())
+
     def read_changes(self, table: str, first: int, last: int) -> "DataFrame":
         dt = self._table(table)
         if first < 0 or first > last or last > dt.version():

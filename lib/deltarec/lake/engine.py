@@ -58,6 +58,17 @@ class LakeEngine(abc.ABC):
     def read(self, table: str, version: int | None = None) -> "DataFrame":
         """The table (as of ``version``: time travel) as a Spark DataFrame."""
 
+    def read_on_executors(self, table: str, version: int | None = None) -> "DataFrame":
+        """The table (as of ``version``) as a Spark DataFrame whose rows the
+        executors read: a history-sized table joined with a night's keys
+        without passing through the driver. This default is ``read`` (an
+        engine whose reads already run on the executors)."""
+        return self.read(table, version)
+
+    def row_count(self, table: str, version: int | None = None) -> int:
+        """Rows of the table as of ``version``, without its rows reaching the driver."""
+        return self.read_on_executors(table, version).count()
+
     @abc.abstractmethod
     def read_arrow(self, table: str, version: int | None = None, filters: list | None = None) -> pa.Table:
         """A small table, or a filtered slice of one, into driver memory."""

@@ -25,14 +25,16 @@ row is updated only by a row of the same or a later applied source version
 (``STATE_UPDATE_IF``), so a loser resumed after the winner's commit cannot
 move a row backwards.
 
-Cost follows the night, not the history: tonight's keys (one small collect)
-find their slice of the event index (duplicate ids; every row of the events
-tonight's updates, deletes and cancellations refer to) and of ``user_state``
-through the engine's ``lookup`` — with delta-rs a column read and an Arrow
-semi-join, so nothing history-sized becomes a Spark DataFrame; ``item_stats``
-is read whole (catalogue-sized: popularity negatives need it). Each Spark job
-costs a fixed fraction of a second, so counts come from what is written
-anyway and shared intermediates are cached; ``stats["stage_seconds"]`` and
+Cost follows the night, not the history, and so does the driver's memory:
+tonight's keys (a Spark DataFrame, broadcast: night-sized) find their slice
+of the event index (duplicate ids; every row of the events tonight's updates,
+deletes and cancellations refer to) and of ``user_state`` by Spark joins with
+the tables read by the executors (``LakeEngine.read_on_executors``);
+``item_stats`` is read whole by the executors (catalogue-sized: popularity
+negatives need it). The driver collects only night-sized results (tonight's
+state rows, the quarantine, counts). Each Spark job costs a fixed fraction of
+a second, so counts come from what is written anyway and shared
+intermediates are cached; ``stats["stage_seconds"]`` and
 ``stats["stage_spark_jobs"]`` say where a night's time went
 (``benchmarks/delta_scaling.py``).
 """
@@ -45,11 +47,11 @@ from ..faults import crash_point
 from ..features.changes import cancel_rewrites, check_change_fraction, check_drift, map_source, mapped_columns
 from ..features.examples import build_examples, trained_types
 from ..features.items import read_items
+from ..features.prior import prior_index, tonight_keys
 from ..features.state import next_item_stats, next_user_state
-from ..features.cancellations import match_cancellations
-from ..features.validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES, check_threshold, validate
+from ..features.validate import check_threshold, validate
 from ..lake import schemas
-from ..lake.engine import ConcurrentRunError, LakeError, plain_strings, to_arrow
+from ..lake.engine import ConcurrentRunError, LakeError, to_arrow
 from ..lake.ledger import Ledger
 from .stages import StageClock
 
@@ -66,6 +68,8 @@ USER_STATE_TABLE = "user_state"
 ITEM_STATS_TABLE = "item_stats"
 # A state row moves only forward: never replaced by one computed from older source versions.
 STATE_UPDATE_IF = "t.source_version IS NULL OR s.source_version >= t.source_version"
+ADAPTIVE = "spark.sql.adaptive.enabled"
+REWRITES = "_rewrites"  # not a change type: the count of unchanged rewrites, beside the kinds
 
 
 @dataclass
@@ -127,62 +131,21 @@ def read_source_changes(spark: "SparkSession", cfg: "Config", lake: "LakeEngine"
     return ingest(spark, cfg, lake, mapped)
 
 
-def _check_change_fraction(cfg: "Config", lake: "LakeEngine", first: int, keys, rewrites: "DataFrame") -> int:
-    """Unchanged rewrites cancelled (counted); stop when the rest of the deletes
-    and updates touch more than validation.max_change_fraction of the table."""
-    n_rewrites = rewrites.count()
-    kinds = _counts(keys, "_change_type")
+def _check_change_fraction(cfg: "Config", lake: "LakeEngine", first: int, kinds: dict[str, int],
+                           n_rewrites: int) -> None:
+    """Stop when the deletes and updates (less the unchanged rewrites
+    cancelled) touch more than validation.max_change_fraction of the table."""
     deletes, updates = kinds.get("delete", 0), kinds.get("update_postimage", 0)
-    if (deletes or updates) and first > 0:  # the table's size costs a Spark job: only on nights that need it
-        rows = lake.scan(cfg.lake.events_table, version=first - 1).count()
+    if (deletes or updates) and first > 0:  # the table's size: only on nights that need it
+        rows = lake.row_count(cfg.lake.events_table, version=first - 1)
         check_change_fraction(cfg.lake.events_table, rows, deletes, updates, n_rewrites,
                               cfg.validation.max_change_fraction)
-    return n_rewrites
-
-
-def _tonight_keys(changes: "DataFrame"):
-    """Tonight's consumed change rows, key columns only, on the driver (one
-    small collect): what the lookups into the history-sized tables start from."""
-    from pyspark.sql import functions as F
-
-    return changes.where(F.col("_change_type").isin(*CONSUMED_CHANGES)).select(
-        "_change_type", "event_id", "user_id", "item_id", "event_type", "event_time",
-        F.col("_commit_version").cast("long").alias("source_version")).toArrow()
-
-
-def _prior_index(lake: "LakeEngine", keys, first: int, table: str = EVENT_INDEX_TABLE):
-    """Arrow slices of the event index of earlier runs (``source_version <
-    first``): (the ids among tonight's inserts consumed before — duplicates;
-    every row of the events tonight's updates and deletes refer to, and of the
-    purchases tonight's cancellations could retract). Found by the engine's
-    ``lookup``: the cost per history row is a column read, not Spark."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not lake.exists(table):
-        return None, None
-    before = f"source_version < {first}"
-    ct = keys["_change_type"]
-    ids = lake.lookup(table, keys.filter(pc.equal(ct, "insert")).select(["event_id"]), ["event_id"], before)
-    changed = pc.unique(keys.filter(pc.is_in(ct, pa.array(["update_postimage", "delete"])))["event_id"].drop_null())
-    prior = lake.lookup(table, pa.table({"event_id": changed}), None, before)
-    cancels = keys.filter(pc.and_(pc.is_in(ct, pa.array(list(EVENT_CHANGES))),
-                                  pc.fill_null(pc.equal(keys["event_type"], CANCEL), False)))
-    held = lake.lookup(table, cancels.select(["user_id", "item_id"]), ["event_id"], before)["event_id"]
-    held = pc.filter(held, pc.invert(pc.is_in(held, changed)))  # those are in `prior` already, every row
-    if len(held):
-        # only the purchase the cancellation rule picks among these (the rest of a
-        # popular pair's history never reaches Spark): the final choice among it
-        # and tonight's purchases is validate's, by the same rule
-        rows = lake.lookup(table, pa.table({"event_id": pc.unique(held)}), None, before)
-        keep = match_cancellations(cancels, rows)["event_id"]
-        prior = pa.concat_tables([prior, rows.filter(pc.is_in(rows["event_id"], keep))], promote_options="permissive")
-    return ids, prior
 
 
 def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int, last: int,
                   run_id: str) -> PreparedNight:
     cached: list = []
+    adaptive = spark.conf.get(ADAPTIVE, None)
 
     def keep(df):  # cached for this run only: released in `finally`, before training needs the memory
         cached.append(df if df.is_cached else df.cache())
@@ -193,6 +156,24 @@ def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", firs
     finally:
         for df in cached:
             df.unpersist()
+        _set_adaptive(spark, adaptive)  # the session's own setting again
+
+
+def _set_adaptive(spark: "SparkSession", value: str | None) -> None:
+    if value is None:
+        spark.conf.unset(ADAPTIVE)
+    else:
+        spark.conf.set(ADAPTIVE, value)
+
+
+def small_night(spark: "SparkSession", cfg: "Config", rows: int, adaptive: str | None) -> bool:
+    """Adaptive execution stays off (as while the night was counted) for a
+    night of fewer than ``spark.adaptive_min_rows`` change rows; a larger one
+    gets the session's setting ``adaptive`` back (prepare_night restores it
+    after the night either way)."""
+    small = rows < cfg.spark.adaptive_min_rows
+    _set_adaptive(spark, "false" if small else adaptive)
+    return small
 
 
 def _df(spark, arrow):
@@ -206,8 +187,6 @@ def _counts(arrow, column: str) -> dict[str, int]:
 
 
 def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
-    import pyarrow as pa
-    import pyarrow.compute as pc
     from pyspark.sql import functions as F
 
     c = F.col
@@ -218,13 +197,23 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     items = read_items(cfg, lake)  # (item_id, text) through source.items, checked first; None: no catalogue
     changes, rewrites = cancel_rewrites(read_source_changes(spark, cfg, lake, first, last))
     changes = keep(changes)
-    keys = plain_strings(_tonight_keys(changes))
-    n_rewrites = _check_change_fraction(cfg, lake, first, keys, rewrites)
+    keys = keep(tonight_keys(changes))
+    adaptive = spark.conf.get(ADAPTIVE, None)
+    if cfg.spark.adaptive_min_rows:  # off while the night is counted (one small aggregate): see small_night
+        spark.conf.set(ADAPTIVE, "false")
+    # change rows per kind and the unchanged rewrites cancelled: one Spark job
+    kinds = {r["_change_type"]: int(r["count"]) for r in keys.groupBy("_change_type").count().unionByName(
+        rewrites.groupBy(F.lit(REWRITES).alias("_change_type")).count()).collect()}
+    n_rewrites = kinds.pop(REWRITES, 0)
+    _check_change_fraction(cfg, lake, first, kinds, n_rewrites)
+    adaptive_off = small_night(spark, cfg, sum(kinds.values()), adaptive)
     stage.mark("read_changes")
-    prior_ids, prior = _prior_index(lake, keys, first, index_table)
+    prior_ids, prior = prior_index(lake, keys, first, index_table)
+    if prior is not None:  # night-sized slices of the history: read once, used by several outputs
+        prior_ids, prior = keep(prior_ids), keep(prior)
     stage.mark("index_lookup")
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(features),
-                 prior_ids=_df(spark, prior_ids), prior=_df(spark, prior),
+                 prior_ids=prior_ids, prior=prior,
                  rating_scale=(features.rating.min, features.rating.max))
     for df in v.cached:
         keep(df)
@@ -253,11 +242,11 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
         lake.create(table, schema)
     # Users touched tonight: tonight's rows' users and the earlier owners of the
     # events they change (a superset is fine: next_user_state joins by user).
-    touched = pa.chunked_array(keys["user_id"].chunks + (prior["user_id"].chunks if prior is not None else []),
-                               pa.string())
-    base_users = keep(_df(spark, lake.lookup(users_table, pa.table({"user_id": pc.unique(touched)}),
-                                             version=base_version(lake, users_table, first))))
-    base_items = keep(lake.scan(items_table, version=base_version(lake, items_table, first)))  # catalogue-sized
+    touched = keys.select("user_id")
+    touched = (touched if prior is None else touched.unionByName(prior.select("user_id"))).distinct()
+    base_users = keep(lake.read_on_executors(users_table, base_version(lake, users_table, first))
+                      .join(F.broadcast(touched), "user_id", "left_semi"))
+    base_items = keep(lake.read_on_executors(items_table, base_version(lake, items_table, first)))
 
     new_users = to_arrow(next_user_state(base_users, events, retractions, features), schemas.USER_STATE)
     new_items = to_arrow(next_item_stats(base_items, events, retractions, features,
@@ -305,7 +294,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     new_examples = lake.read_partition(tables.examples_table, {"run_id": run_id})  # read by the executors
     stage.mark("report")
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes, "rewrites_cancelled": n_rewrites,
-             "users_updated": n_users, "items_updated": n_items,
+             "users_updated": n_users, "items_updated": n_items, "adaptive_off": adaptive_off,
              "stage_seconds": stage.seconds, "stage_spark_jobs": stage.jobs}
     return PreparedNight(run_id, first, last, consumed, n_accepted, n_quarantined, reasons,
                          sum(kinds.values()), new_examples, items, stats)

@@ -1,0 +1,84 @@
+"""The slices of history a night needs, found by Spark joins: the event
+index of earlier runs (read by the executors, ``LakeEngine.read_on_executors``)
+joined with tonight's keys (night-sized: broadcast), so the driver never
+holds history-sized data. The delta job (``pipeline/delta_job.py``) hands
+them to ``validate``. Pure DataFrame work; the only I/O is the index read.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+    from ..lake.engine import LakeEngine
+
+
+def tonight_keys(changes: "DataFrame") -> "DataFrame":
+    """Tonight's consumed change rows, key columns only (night-sized: what is
+    broadcast into the joins with the history-sized tables)."""
+    from pyspark.sql import functions as F
+
+    return changes.where(F.col("_change_type").isin(*CONSUMED_CHANGES)).select(
+        "_change_type", "event_id", "user_id", "item_id", "event_type", "event_time",
+        F.col("_commit_version").cast("long").alias("source_version"))
+
+
+def prior_index(lake: "LakeEngine", keys: "DataFrame", first: int, table: str):
+    """The slices of the event index of earlier runs (``source_version <
+    first``) tonight needs, as Spark joins of the index (read by the
+    executors) with tonight's keys (broadcast): (the ids among tonight's
+    inserts consumed before — duplicates; every row of the events tonight's
+    updates and deletes refer to, and of the purchases tonight's
+    cancellations could retract)."""
+    from pyspark.sql import functions as F
+
+    if not lake.exists(table):
+        return None, None
+    c = F.col
+    index = lake.read_on_executors(table).where(c("source_version") < first)
+    ct = c("_change_type")
+    inserts = keys.where(ct == "insert").select("event_id").distinct()
+    ids = index.select("event_id").join(F.broadcast(inserts), "event_id", "left_semi")
+    changed = keys.where(ct.isin("update_postimage", "delete") & c("event_id").isNotNull()).select(
+        "event_id").distinct()
+    prior = index.join(F.broadcast(changed), "event_id", "left_semi")
+    cancels = keys.where(ct.isin(*EVENT_CHANGES) & F.coalesce(c("event_type") == CANCEL, F.lit(False)))
+    pairs = cancels.select("user_id", "item_id").distinct()  # null keys match nothing
+    held = (index.join(F.broadcast(pairs), ["user_id", "item_id"], "left_semi").select("event_id").distinct()
+            .join(F.broadcast(changed), "event_id", "left_anti"))  # those are in `prior` already, every row
+    # only the purchase each cancellation picks among these (the rest of a
+    # popular pair's history stays on the executors): the final choice among it
+    # and tonight's purchases is validate's, by the same rule
+    rows = index.join(held, "event_id", "left_semi")
+    picked = latest_purchase_per_cancellation(cancels, rows)
+    return ids, prior.unionByName(rows.join(F.broadcast(picked), "event_id", "left_semi"))
+
+
+def latest_purchase_per_cancellation(cancels: "DataFrame", rows: "DataFrame") -> "DataFrame":
+    """Event ids of the purchase each cancellation would take by
+    ``match_cancellations``' rule (features/cancellations.py), among ``rows``
+    (every index row of the candidate events), in Spark: an event judged by
+    its newest row (at one version, a row no longer in force first); a
+    trained purchase of the pair at or before the cancellation in time and
+    version; the latest (time, version, event id). Which cancellation claims
+    a purchase several picked does not change the set of ids, so it is left
+    to the rule itself."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    c = F.col
+    trained = F.coalesce(c("trained"), F.lit(False))
+    newest = rows.withColumn("_n", F.row_number().over(
+        Window.partitionBy("event_id").orderBy(c("source_version").desc_nulls_last(), trained.asc())))
+    held = newest.where((c("_n") == 1) & trained & (c("event_type") == "purchase") & c("event_time").isNotNull()
+                        & c("user_id").isNotNull() & c("item_id").isNotNull()).select(
+        "event_id", "user_id", "item_id", c("event_time").alias("_t"), c("source_version").alias("_sv"))
+    x = cancels.select(c("event_id").alias("_cancel_id"), "user_id", "item_id", c("event_time").alias("_xt"),
+                       c("source_version").alias("_cv")).dropna(subset=["_xt", "user_id", "item_id", "_cv"])
+    cand = x.join(held, ["user_id", "item_id"]).where((c("_t") <= c("_xt")) & (c("_sv") <= c("_cv")))
+    best = cand.withColumn("_n", F.row_number().over(
+        Window.partitionBy("_cancel_id").orderBy(c("_t").desc(), c("_sv").desc(), c("event_id").desc())))
+    return best.where(c("_n") == 1).select("event_id").distinct()
