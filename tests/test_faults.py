@@ -108,3 +108,94 @@ def test_sigterm_says_why_it_stopped(spark, lake_root, real_data_path):
             os.kill(proc.pid, signal.SIGKILL)
     assert rc == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, (rc, err[-2000:])
     assert Ledger(lake, cfg.lake.runs_table).runs() == []
+
+
+def test_rerun_resumes_in_run_and_a_paused_loser_stores_no_metrics(spark, lake_root, real_data_path):
+    """Two faults on one night (#21 §5), sharing its setup:
+    (1) a night killed after an in-run checkpoint resumes from it on the rerun,
+    though the rerun rewrote its examples under new file names: the rerun
+    trains fewer steps than the run has, and no step twice;
+    (2) a loser of the same range (same run id), paused once its candidate is
+    written while the winner commits, then resumed, stores no gate or
+    prequential metrics: the metrics table holds exactly the ledger's."""
+    import json
+    from pathlib import Path
+
+    from deltarec.evaluation.prequential import metric_rows
+    from deltarec.faults import CRASH_ENV, CRASH_EXIT_CODE
+
+    every = "train.checkpoint_every_steps=5"
+    cfg = make_config(lake_root, "demo.enabled=false", every)
+    lake = open_lake(cfg.lake, spark)
+    days, items, _ = demo_days(cfg)
+    append_day(lake, cfg, days[0][1], items)
+    first = run_nightly(spark, cfg, lake=lake)
+    append_day(lake, cfg, days[1][1], items)
+    extra = ["--set", every]
+
+    crashed = subprocess.run(nightly_args(lake_root) + extra, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                             env={**os.environ, "PYTHONPATH": str(ROOT / "lib"), CRASH_ENV: "after_inrun_checkpoint"})
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
+
+    # the loser: another lr (other candidate metrics), no in-run checkpoints of its own
+    loser = subprocess.Popen(nightly_args(lake_root) + ["--set", "train.lr=1000.0", "--set",
+                                                         "train.checkpoint_every_steps=0"],
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT / "lib"), PAUSE_ENV: "after_checkpoint_write"})
+    try:
+        wait_for_line(loser, f"{PAUSED} after_checkpoint_write")
+        won = run_nightly(spark, cfg, lake=lake)  # the rerun of the crashed night, and the race's winner
+        os.kill(loser.pid, signal.SIGCONT)
+        err = loser.stderr.read()
+        assert loser.wait(timeout=300) != 0
+    finally:
+        if loser.poll() is None:
+            os.kill(loser.pid, signal.SIGKILL)
+    assert "ConcurrentRunError" in err, err[-3000:]
+
+    # (1) resumed: steps before the kill + steps of the rerun = the run's steps, the rerun's fewer
+    train = won.metrics["train"]
+    assert train["resumed_from"] and "/inrun/" in train["resumed_from"], train
+    step = lambda path: json.loads(Path(path, "meta.json").read_text())["global_step"]  # noqa: E731
+    start, end = step(first.checkpoint["path"]), step(won.checkpoint["path"])
+    at_kill = int(Path(train["resumed_from"]).name.removeprefix("step-"))
+    assert start < at_kill < end and end - start == train["steps"], (start, at_kill, end, train["steps"])
+    assert end - at_kill < train["steps"]
+
+    # (2) the metrics table agrees with the ledger row of the committed run
+    record = Ledger(lake, cfg.lake.runs_table).latest(cfg.model.name)
+    assert record.run_id == won.run_id and "candidate" in record.metrics["gate"]
+    stored = [r for r in lake.read_arrow(cfg.lake.metrics_table).to_pylist() if r["run_id"] == won.run_id]
+    gate = record.metrics["gate"]
+    want = metric_rows(won.run_id, record.model, 1, 1, "gate", gate,
+                       {"candidate": won.run_id, "champion": gate["champion_run_id"]}) + \
+        metric_rows(won.run_id, record.model, 1, 1, "prequential", record.metrics["prequential"],
+                    record.metrics["prequential"]["runs"])
+    key = lambda r: (r["phase"], r["role"], r["metric"], r["value"], r["model_run_id"])  # noqa: E731
+    assert sorted(map(key, stored)) == sorted(map(key, want))
+
+
+def test_a_corrupt_first_run_checkpoint_skips_the_stale_comparison_and_the_night_commits(spark, tmp_path, demo_lake):
+    """The lineage's first model is only the prequential 'stale' baseline:
+    when its checkpoint is corrupt the night still commits, without that
+    comparison, and says why in the run's metrics (#21 §5)."""
+    from pathlib import Path
+
+    from test_recommend import BASE
+
+    root = tmp_path / "lake"
+    (first, second), _ = demo_lake(root, *BASE)  # test_recommend's and test_serve's lake, built once
+    cfg = make_config(root, *BASE, "recommend.enabled=false")
+    lake = open_lake(cfg.lake, spark)
+    ledger = Ledger(lake, cfg.lake.runs_table)
+    assert ledger.champion(cfg.model.name).run_id == second.run_id  # the warm start is intact
+    weights = Path(ledger.runs(cfg.model.name)[0].checkpoint_path, "model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    days, items, _ = demo_days(cfg)
+    append_day(lake, cfg, days[cfg.demo.history_days + cfg.demo.nights][1], items)
+
+    third = run_nightly(spark, cfg, lake=lake)
+    assert third.status == "committed" and third.parent == second.run_id
+    pre = Ledger(lake, cfg.lake.runs_table).latest(cfg.model.name).metrics["prequential"]
+    assert "stale" not in pre and "stale" not in pre["runs"] and pre["champion"], pre
+    assert first.run_id in pre["errors"]["stale"] and "skipped" in pre["errors"]["stale"], pre["errors"]
