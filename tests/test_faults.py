@@ -199,3 +199,20 @@ def test_a_corrupt_first_run_checkpoint_skips_the_stale_comparison_and_the_night
     pre = Ledger(lake, cfg.lake.runs_table).latest(cfg.model.name).metrics["prequential"]
     assert "stale" not in pre and "stale" not in pre["runs"] and pre["champion"], pre
     assert first.run_id in pre["errors"]["stale"] and "skipped" in pre["errors"]["stale"], pre["errors"]
+
+
+def test_a_closed_stdout_says_why_instead_of_dying_by_sigpipe(tmp_path):
+    """`deltarec ... | head` whose reader has gone: before, SIGPIPE killed the
+    process silently (exit -13); now one line says why, exit 141 (#21 §5)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "deltarec.cli", "config", "--conf",
+                               str(ROOT / "conf" / "local.yaml"), "--set", f"lake.root={tmp_path}"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "lib")})
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, proc.stderr[-2000:])
+    assert "deltarec config: standard output was closed" in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr[-2000:]

@@ -179,6 +179,8 @@ def run_nightly_job(cfg: Config) -> int:
     try:
         run_configured(spark, cfg)
     except Exception as e:  # one readable line, then the traceback in debug
+        if isinstance(e, BrokenPipeError) and stdout_is_closed():
+            raise  # not a failed night: entry() says the output's reader went away
         log.debug("nightly failed", exc_info=True)
         print(f"deltarec nightly: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -400,15 +402,41 @@ def entry(argv: list[str] | None = None) -> None:
     import signal
 
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["nightly"]:  # a night never dies silently: a closed pipe is an error with a message
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `deltarec status | head` ends quietly
+    # Every exit says why: a closed stdout (`| head`, a dead log reader) is a
+    # BrokenPipeError with a message, never a silent death by SIGPIPE.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stopped_by_signal)
-    rc = main(argv)
-    sys.stdout.flush()
+    try:
+        rc = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        rc = _stdout_closed(args[:1])
     sys.stderr.flush()
     os._exit(rc)
+
+
+def stdout_is_closed() -> bool:
+    """Whether stdout is a pipe whose reader is gone (poll reports an error on it)."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _stdout_closed(command: list[str]) -> int:
+    """Say why the output stopped; exit status 141 (128 + SIGPIPE), as a shell reports it."""
+    import signal
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest of the output goes nowhere
+    what = " ".join(["deltarec", *command])
+    print(f"{what}: standard output was closed by its reader (broken pipe, e.g. `| head`): output stopped "
+          "there. Nothing else failed: what the command committed stands (see `deltarec status`); run it "
+          "again with its output to a file to see all of it", file=sys.stderr, flush=True)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
