@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 
+import pyarrow as pa
+
 from conftest import ROOT, make_config
 from deltarec.lake import open_lake
 from deltarec.lake.ledger import Ledger
@@ -216,3 +218,46 @@ def test_a_closed_stdout_says_why_instead_of_dying_by_sigpipe(tmp_path):
     assert proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, proc.stderr[-2000:])
     assert "deltarec config: standard output was closed" in proc.stderr and "Traceback" not in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_a_damaged_or_mistyped_lake_fails_naming_the_table_and_the_fix(spark, tmp_path):
+    """#21 §5: a mistyped lake.root creates nothing; a torn Delta log file and a
+    source VACUUMed past the watermark fail with a message that names the
+    table and what to do (deltarec nightly prints ``explain``'s line)."""
+    import errno
+    from pathlib import Path
+
+    import pytest
+
+    from deltarec.lake import LakeError, schemas
+    from deltarec.lake.diagnose import explain
+    from test_races import small_lake
+
+    typo = make_config(tmp_path / "lakee", "demo.enabled=false")
+    with pytest.raises(LakeError, match="is lake.root right"):
+        run_nightly(spark, typo)
+    assert not (tmp_path / "lakee").exists()  # no empty ledger, no directory
+
+    cfg, lake = small_lake(spark, tmp_path / "lake")
+    log = sorted(Path(lake.uri(cfg.lake.events_table), "_delta_log").glob("*.json"))[-1]
+    whole = log.read_text()
+    log.write_text(whole[: len(whole) // 2])  # a torn write of the newest version
+    with pytest.raises(Exception) as torn:
+        run_nightly(spark, cfg, lake=lake)
+    hint = explain(torn.value, cfg)
+    assert hint and repr(cfg.lake.events_table) in hint and str(log) in hint and "Restore" in hint, (torn.value, hint)
+    log.write_text(whole)
+
+    # the source rewritten and VACUUMed before any night consumed it: versions 0..2's files are gone
+    lake.write(cfg.lake.events_table, pa.Table.from_pylist([], schema=schemas.BEHAVIOR_EVENTS), mode="overwrite",
+               schema=schemas.BEHAVIOR_EVENTS)
+    lake.vacuum(cfg.lake.events_table, 0, enforce_retention=False)
+    with pytest.raises(Exception) as vacuumed:
+        run_nightly(spark, cfg, lake=lake)
+    hint = explain(vacuumed.value, cfg)
+    assert hint and f"source table {cfg.lake.events_table!r}" in hint and "VACUUM" in hint, (vacuumed.value, hint)
+    assert Ledger(lake, cfg.lake.runs_table).runs() == []
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "lake" / "checkpoints" / "x"))
+    assert "disk is full" in explain(full, cfg) and "lake.root" in explain(full, cfg)
+    assert explain(ValueError("something else"), cfg) is None

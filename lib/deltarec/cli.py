@@ -183,6 +183,10 @@ def run_nightly_job(cfg: Config) -> int:
             raise  # not a failed night: entry() says the output's reader went away
         log.debug("nightly failed", exc_info=True)
         print(f"deltarec nightly: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        from .lake.diagnose import explain
+
+        if hint := explain(e, cfg):  # a damaged or full lake: the table and the fix
+            print(f"deltarec nightly: {hint}", file=sys.stderr)
         return 1
     finally:
         spark.stop()

@@ -97,7 +97,14 @@ class Ledger:
         self.lake = lake
         self.table = table
 
-    def ensure(self) -> None:
+    def ensure(self, source: str | None = None) -> None:
+        """Create the ledger if absent. With ``source`` (the behaviour table), a
+        lake that has neither is refused before anything is created: a
+        mistyped ``lake.root`` must not leave an empty ledger behind."""
+        if source is not None and not self.lake.exists(self.table) and not self.lake.exists(source):
+            raise LakeError(f"no behaviour table at {self.lake.uri(source)} and no run ledger at "
+                            f"{self.lake.uri(self.table)}: is lake.root right? Nothing was created there; "
+                            "load data first (demo.enabled=true loads the demo data) or point lake.root at your lake")
         if self.lake.exists(self.table):
             missing = set(schemas.RUNS.names) - set(self.lake.read_arrow(self.table).schema.names)
             if missing:  # a MERGE would fail deep inside the engine otherwise
