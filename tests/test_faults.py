@@ -43,6 +43,9 @@ def test_killed_attempts_rows_are_reported_then_removed_by_the_commit_of_its_ran
     assert ledger.orphan_run_ids(tables) == {cfg.lake.quarantine_table: [killed], cfg.lake.examples_table: [killed]}
     out = verify(lake_root)
     assert out.returncode == 1 and killed in out.stderr, out.stderr[-2000:]
+    for state in (cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.item_stats_table):
+        # the killed attempt's state is of version 0, which no run consumed (the ledger is empty)
+        assert f"{state} holds" in out.stderr and "consumed only up to -1" in out.stderr, out.stderr[-2000:]
 
     append_day(lake, cfg, days[1][1], items)  # a new version before the rerun: another run id
     res = run_nightly(spark, cfg, lake=lake)

@@ -249,7 +249,20 @@ def cmd_status(args, cfg: Config) -> int:
                                      for t, s in table_sizes(lake, owned_tables(cfg)).items()))
     bad = [d for d in entries if d["checkpoint"].get("verified") is False]
     orphans = _verify_orphans(cfg, ledger) if args.verify else {}
-    return 1 if bad or orphans else 0
+    ahead = _verify_state(cfg, ledger) if args.verify else {}
+    return 1 if bad or orphans or ahead else 0
+
+
+def _verify_state(cfg: Config, ledger) -> dict[str, dict[str, int]]:
+    """State rows of source versions the ledger never recorded, printed to stderr (#21)."""
+    lk = cfg.lake
+    ahead = ledger.state_ahead([lk.event_index_table, lk.user_state_table, lk.item_stats_table])
+    for table, a in ahead.items():
+        print(f"deltarec status --verify: {table} holds {a['rows']} row(s) of source versions up to "
+              f"{a['max_version']}, but the ledger's runs consumed only up to {a['ledger_last']}: the state of "
+              "an attempt that never committed (killed, or lost a race); the next `deltarec nightly` over "
+              "that range rewrites it", file=sys.stderr)
+    return ahead
 
 
 def _verify_orphans(cfg: Config, ledger) -> dict[str, list[str]]:

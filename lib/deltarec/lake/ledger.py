@@ -169,6 +169,23 @@ class Ledger:
                 out[table] = ids
         return out
 
+    def state_ahead(self, tables: tuple[str, ...] | list[str]) -> dict[str, dict[str, int]]:
+        """Per state table (rows carrying ``source_version``), the rows of
+        source versions no committed run consumed: newer than the last
+        version any model's ledger recorded (each lineage's ranges are
+        contiguous from 0, so that bound is their union). A killed or losing
+        attempt's state; ``deltarec status --verify``. ``{"rows", "max_version"}``."""
+        last = max((r.source_last for r in self.runs()), default=-1)
+        out = {}
+        for table in tables:
+            if not self.lake.exists(table):
+                continue
+            rows = self.lake.read_arrow(table, filters=[("source_version", ">", last)])
+            if rows.num_rows:
+                out[table] = {"rows": rows.num_rows, "max_version": max(rows["source_version"].to_pylist()),
+                              "ledger_last": last}
+        return out
+
     def get(self, run_id: str) -> RunRecord:
         for r in self.runs():
             if r.run_id == run_id:
