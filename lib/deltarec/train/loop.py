@@ -163,7 +163,8 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
     phases["build"] = t_read - t0
     shard = _read(spec, rank, world, vocabs, model) if shard is None else shard
     # In-run checkpoints match on the data read (not on file names, which a rerun changes).
-    inrun_key = shard_key(spec, shard, world) if rank == 0 and spec.resume_dir else ""
+    inrun = rank == 0 and spec.resume_dir and (spec.checkpoint_every_steps or os.path.isdir(spec.resume_dir))
+    inrun_key = shard_key(spec, shard, world) if inrun else ""  # hashing the shard: only when it can matter
     resumed_from = resume(spec, model, optimizer, state, inrun_key) if rank == 0 else None
     # Every rank starts from rank 0's state and position.
     keys = ("run_epoch", "run_step", "global_step", "best_val", "bad_epochs", "val_history")
