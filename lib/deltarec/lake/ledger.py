@@ -21,6 +21,10 @@ checkpoint a run records) are stored relative to the lake root and resolved
 against the root the ledger is opened with, so a lake that is copied or moved
 (another bucket, a restored backup) still finds its own files. Paths outside
 the root stay absolute.
+
+Over 300 lines: the ledger's consistency checks (orphan run ids, state ahead
+of the ledger: ``deltarec status --verify``) read the runs this module
+resolves, and stay beside them.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Reads the verified candidate checkpoint and the stages' results. Writes one
 MERGE into the run ledger (``lake.runs_table``: the watermark advance and, if
 the gate passed, the champion change, in one Delta commit), then the run's
-prequential and gate rows (``lake.metrics_table``), the registry's audit event and, with ``mlflow.enabled``, the MLflow mirror. A
-failure after the commit is logged and never undoes it.
+prequential and gate rows (``lake.metrics_table``), the registry's audit
+event and, with ``mlflow.enabled``, the MLflow mirror. A failure after the
+commit is logged and never undoes it.
 """
 from __future__ import annotations
 
