@@ -26,7 +26,7 @@ updates on it, and every strategy is scored on day D_i+1, which none has seen:
 
 ``--trends``: instead of Online Retail, ``demo.synthetic.generate_trends`` (explicit
 ratings of items whose popularity rises and falls within days; a rating >=
-features.rating_threshold is a positive), scored by the same protocol.
+features.rating.threshold is a positive), scored by the same protocol.
 
 Scoring is identical for all: the same users (every customer with a purchase on
 D_i+1), the same catalogue (items first seen before D_i+1), HR@k / NDCG@k of
@@ -169,9 +169,9 @@ def accepted_positives(cfg, events_df):
                .withColumn("_commit_version", F.lit(0).cast("long"))
                .withColumn("_commit_timestamp", F.current_timestamp()))
     ok = validate(changes, cfg.validation, "benchmark").accepted
-    # as features/examples.py labels them: a positive event type, or a rating >= features.rating_threshold
+    # as features/examples.py labels them: a positive event type, or a rating >= features.rating.threshold
     ok = ok.where(F.col("event_type").isin(*positive_types(cfg))
-                  | ((F.col("event_type") == "rating") & (F.col("rating") >= F.lit(cfg.features.rating_threshold))))
+                  | ((F.col("event_type") == "rating") & (F.col("rating") >= F.lit(cfg.features.rating.cut))))
     return with_indices(ok, cfg.features)
 
 

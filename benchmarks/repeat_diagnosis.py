@@ -41,6 +41,53 @@ def relocated(run, lake: Path):
     return dataclasses.replace(run, checkpoint_path=path)
 
 
+WINDOWS = (20, 50, 200)  # lines of history the count ranking sees (repeat_explore diagnosis)
+
+
+def explore_parts(model, data, seen, day, users, cat_idx, catalog, pop, tie, full, run, night, when) -> None:
+    """A repeat_explore model's NDCG@10 taken apart: its repeat and explore
+    terms alone, the count over its own window and longer ones, the gate's mean,
+    and how many of the day's purchases its window could have ranked."""
+    import torch
+
+    from deltarec.evaluation.baselines import personal_scores
+    from deltarec.models.ranking import repeat_features_all
+
+    L = model.history_length
+    hist = torch.from_numpy(NQ.user_histories(data, seen, day.users, L))
+    parts = {k: [] for k in ("gate", "repeat", "explore")}
+    for s in range(0, len(users), 256):
+        p = model.parts({"user_idx": users[s:s + 256], "history_idx": hist[s:s + 256]}, {"item_idx": cat_idx})
+        for k in parts:
+            parts[k].append(p[k].double())
+    g, rep, exp_ = (torch.cat(parts[k]).numpy() for k in ("gate", "repeat", "explore"))
+    with torch.no_grad():  # the explore score's popularity-and-age term alone, as of the model's day
+        timed = model.item_time(model.clock.features(model.lookup("item", cat_idx) if model.embedding == "dynamic"
+                                                     else cat_idx)).squeeze(-1).double().numpy()[None, :]
+    finite = np.isfinite(rep)
+    variants = {"model": full,
+                "personal (count over the whole history)": personal_scores(
+                    data.user[seen], data.item[seen], day.users, catalog, pop),
+                "repeat term alone (log pi) + popularity": np.where(finite, rep, -1e9) + tie,
+                "explore term alone": exp_,
+                "repeat items first (by pi), then explore": np.where(finite, 1e6 + rep, exp_),
+                "repeat items first (by pi), then its time term (popularity, age)": np.where(
+                    finite, 1e6 + rep, timed),
+                "repeat items first (by pi), then 7-day popularity": np.where(finite, 1e6 + rep, pop[None, :])}
+    for w in sorted({L, *WINDOWS}):
+        c = repeat_features_all(torch.from_numpy(NQ.user_histories(data, seen, day.users, w)), cat_idx,
+                                model.buckets["item"]).numpy()[..., 0]
+        variants[f"count over the last {w} lines + popularity" + (" (the model's window)" if w == L else "")] = c + tie
+    pr, pc = day.pairs
+    print(f"night {night} ({run.run_id}, scored on {when.date()}, {len(day.users)} users; gate g mean "
+          f"{g.mean():.3f} (min {g.min():.3f}, max {g.max():.3f}); repeat weights "
+          f"{np.round(model.repeat.weight.detach().numpy()[0], 3).tolist()}; of the day's in-catalogue "
+          f"purchases {finite[pr, pc].mean():.1%} are in the model's {L}-line window, "
+          f"{(variants['personal (count over the whole history)'][pr, pc] >= pop.max() + 1).mean():.1%} in the whole history)")
+    for name, S in variants.items():
+        print(f"  {name:60s} NDCG@10 {NQ.score_day(S, day, 10)['ndcg10']:.4f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lake", required=True, help="the --lake of a finished nightly_quality.py run")
@@ -99,6 +146,9 @@ def main(argv=None) -> int:
         users = torch.tensor([data.user_hash[x] for x in day.users])
         with torch.no_grad():
             no_history = model.score_all(users, cat_idx).double().numpy()
+        if hasattr(model, "parts"):  # repeat_explore: its gate, repeat and explore terms apart
+            explore_parts(model, data, seen, day, users, cat_idx, catalog, pop, tie, full, run, night, when)
+            continue
         f = repeat_features_all(torch.from_numpy(NQ.user_histories(data, seen, day.users, H)), cat_idx,
                                 model.buckets["item"]).numpy()
         variants = {

@@ -78,3 +78,24 @@ def test_nightly_quality_tunes_baselines_on_days_before_the_scored_ones():
     assert tuned["half_life"] == min(nq.HALF_LIVES)
     scores = tuned["tifu_tuning_ndcg"]
     assert scores[str(nq.dataclasses.asdict(tuned["tifu"]))] == max(scores.values())
+
+
+def test_nightly_quality_counts_as_positive_what_the_examples_label_positive(spark, tmp_path):
+    # a purchase and a rating at or above features.rating.threshold; not a rating below it
+    import datetime as dt
+
+    import pyarrow as pa
+
+    import nightly_quality as nq
+    from conftest import make_config
+    from deltarec.lake import schemas
+
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    table = pa.table({
+        "event_id": ["e1", "e2", "e3"], "user_id": ["u1"] * 3, "item_id": ["buy", "liked", "disliked"],
+        "event_time": pa.array([t0] * 3, schemas.TS), "event_type": ["purchase", "rating", "rating"],
+        "order_id": ["o1", None, None], "quantity": pa.array([1, None, None], pa.int64()),
+        "price": [1.0, None, None], "rating": [None, 4.0, 2.0]}, schema=schemas.BEHAVIOR_EVENTS)
+    cfg = make_config(tmp_path, "features.rating.threshold=3.5")
+    got = nq.accepted_positives(cfg, spark.createDataFrame(table)).select("item_id").toArrow()
+    assert sorted(got["item_id"].to_pylist()) == ["buy", "liked"]

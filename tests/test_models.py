@@ -85,6 +85,23 @@ def test_sequential_is_causal_in_the_history_and_uses_it():
     assert torch.isfinite(m({"user_idx": b["user_idx"], "item_idx": b["item_idx"]})).all()
 
 
+def test_repeat_explore_parts_recombine_into_its_scores():
+    # the diagnosis (benchmarks/repeat_diagnosis.py) reads the terms apart: they must be the score's own
+    torch.manual_seed(0)
+    m = build_model("repeat_explore", **params("repeat_explore"))
+    steps(m, batch(), n=5)  # away from the init, where the gate is exactly 0.5
+    b = batch(8)
+    p = m.parts({"user_idx": b["user_idx"], "history_idx": b["history_idx"]}, {"item_idx": torch.arange(I)})
+    g = p["gate"][:, None]
+    recombined = torch.logaddexp(torch.log1p(-g) + p["explore"], torch.log(g) + p["repeat"])
+    has = (b["history_idx"] >= 0).any(1)
+    torch.testing.assert_close(recombined[has], m.score_all(b["user_idx"], torch.arange(I), b["history_idx"])[has])
+    assert (p["gate"][~has] == 0).all() and torch.isneginf(p["repeat"][~has]).all()
+    # the repeat term is finite exactly on the history's items
+    inside = (b["history_idx"][:, :, None] == torch.arange(I)).any(1)
+    assert torch.equal(torch.isfinite(p["repeat"]), inside)
+
+
 @pytest.mark.parametrize("name", ["ranking", "repeat_explore"])
 def test_dynamic_model_scores_hashed_indices_through_its_lookup(name):
     from deltarec.models.vocab import Vocabulary

@@ -60,6 +60,14 @@ def parser() -> argparse.ArgumentParser:
                       help="describe a key or section, e.g. train.accumulation_steps or train")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     _registry_parser(sub)
+    p = sub.add_parser("skip", help="record source versions as consumed with no training (a bad upstream load)",
+                       description="Record VERSIONS (FIRST..LAST, starting right after the watermark) in the run "
+                                   "ledger as consumed with no training; the next night starts after them.")
+    _common(p)
+    p.add_argument("versions", metavar="VERSIONS", help="FIRST..LAST (e.g. 12..14) or one version")
+    p.add_argument("--reason", required=True, help="why (recorded in the ledger, shown by status)")
+    p.add_argument("--by", default=None, help="who (default: the OS user)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("recommend", help="refresh the recommendations table, or show one user's top-k",
                        description="Without --user: score every user with the champion on the Spark executors "
                                    "and commit the recommendations table (one Delta commit). With --user: that "
@@ -98,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _registry_parser(sub) -> None:
-    reg = sub.add_parser("registry", help="champion/candidate registry: list, show, promote, rollback, reproduce",
+    reg = sub.add_parser("registry", help="champion/candidate registry: list, show, promote, rollback, reproduce, "
+                                          "exclude, include",
                          description="The registry lives in the run ledger (lake.runs_table); every change of "
                                      "the champion is one Delta commit, audited in lake.registry_events_table.")
     rs = reg.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
@@ -106,15 +115,18 @@ def _registry_parser(sub) -> None:
                         ("show", "lineage of one run: parent chain, input versions, config, code, metrics"),
                         ("promote", "make a run the champion (one commit; recorded with who and why)"),
                         ("rollback", "make the previous champion the champion again (recorded)"),
-                        ("reproduce", "retrain a run from its lineage by time travel and compare metrics")):
+                        ("reproduce", "retrain a run from its lineage by time travel and compare metrics"),
+                        ("exclude", "never train on a run's examples again (incremental and full; recorded)"),
+                        ("include", "undo exclude: train on a run's examples again (recorded)")):
         p = rs.add_parser(name, help=help_, description=help_)
         _common(p)
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        if name in ("show", "promote", "reproduce"):
+        if name in ("show", "promote", "reproduce", "exclude", "include"):
             p.add_argument("id", metavar="ID", help="run id (see `deltarec registry list`)")
-        if name in ("promote", "rollback"):
+        if name in ("promote", "rollback", "exclude", "include"):
             p.add_argument("--by", default=None, help="who (default: the OS user)")
-            p.add_argument("--reason", default=None, help="why (recorded in the registry)")
+            p.add_argument("--reason", default=None, required=name == "exclude",
+                           help="why (recorded in the registry)")
         if name == "reproduce":
             p.add_argument("--tolerance", type=float, default=1e-4,
                            help="largest absolute metric difference that still counts as reproduced")
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace, Config], int]] = {
         "nightly": cmd_nightly, "status": cmd_status, "config": cmd_config, "plan": cmd_plan,
         "registry": cmd_registry, "report": cmd_report, "recommend": cmd_recommend, "serve": cmd_serve,
-        "forget": cmd_forget, "maintain": cmd_maintain,
+        "forget": cmd_forget, "maintain": cmd_maintain, "skip": cmd_skip,
     }
     return commands[args.command](args, cfg)
 
@@ -228,12 +240,15 @@ def cmd_status(args, cfg: Config) -> int:
                 d["checkpoint"]["error"] = str(e)
         entries.append(d)
     current = ledger.champion(cfg.model.name)  # what serves, not merely the newest run
+    from .registry.skip import describe_recovery, recovery_status
+
+    recovery = recovery_status(ledger, lake, cfg)  # skipped version ranges, excluded runs
     if args.json:
         print(jsonout.dumps({"model": cfg.model.name, "watermark": watermark,
                           "source_table": cfg.lake.events_table, "source_latest_version": latest_source,
                           "lake": lake.root, "engine": lake.name,
                           "current_checkpoint": current.to_json_dict()["checkpoint"] if current else None,
-                          "tables": table_sizes(lake, owned_tables(cfg)), "runs": entries}, indent=1))
+                          "tables": table_sizes(lake, owned_tables(cfg)), "runs": entries, **recovery}, indent=1))
     else:
         print(f"lake {lake.root} ({lake.name}); model {cfg.model.name!r}")
         print(f"watermark: {watermark}   {cfg.lake.events_table} latest version: {latest_source}"
@@ -241,6 +256,7 @@ def cmd_status(args, cfg: Config) -> int:
         print(status_header())
         for r, d in list(zip(runs, entries))[-15:]:
             print(status_line(r, d["committed_at"], verified=d["checkpoint"].get("verified", True)))
+        print("\n".join(describe_recovery(recovery)) or "skipped versions: none; excluded runs: none")
         if current:
             print(f"current checkpoint: {current.checkpoint_path}\n  sha256 {current.checkpoint_sha256}")
         else:
@@ -302,6 +318,11 @@ def cmd_registry(args, cfg: Config) -> int:
                                    reason=args.reason or "manual promote")
         elif action == "rollback":
             out = registry.rollback(ledger, lake, cfg, by=args.by, reason=args.reason or "manual rollback")
+        elif action in ("exclude", "include"):
+            from .registry import exclusions
+
+            out = getattr(exclusions, action)(ledger, lake, cfg, args.id, by=args.by,
+                                              reason=args.reason or "manual include")
         else:
             from .registry.reproduce import reproduce
 
@@ -311,9 +332,31 @@ def cmd_registry(args, cfg: Config) -> int:
         return 1
     if args.json:
         print(jsonout.dumps(out, indent=1, default=str))
+    elif action in ("exclude", "include"):
+        v = out["source_versions"]
+        print(f"{action}: the examples of run {out['run_id']} (versions {v[0]}..{v[1]}) are "
+              f"{'never' if action == 'exclude' else 'again'} trained on; by {out['by']}: {out['reason']}")
     else:
         print(registry.describe(action, out, cfg.model.name))
     return 0 if action != "reproduce" or out["passed"] else 1
+
+
+def cmd_skip(args, cfg: Config) -> int:
+    from .lake.engine import LakeError
+    from .lake.ledger import Ledger
+    from .registry.skip import skip
+
+    lake = _lake(cfg)
+    try:
+        out = skip(Ledger(lake, cfg.lake.runs_table), lake, cfg, args.versions, reason=args.reason, by=args.by)
+    except LakeError as e:
+        print(f"deltarec skip: {e}", file=sys.stderr)
+        return 1
+    v = out["source_versions"]
+    print(jsonout.dumps(out, indent=1) if args.json else
+          f"skipped {cfg.lake.events_table} versions {v[0]}..{v[1]} with no training (watermark "
+          f"{out['watermark_before']} -> {out['watermark']}); by {out['by']}: {out['reason']}")
+    return 0
 
 
 def cmd_maintain(args, cfg: Config) -> int:

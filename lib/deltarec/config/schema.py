@@ -503,6 +503,20 @@ class GateConfig(Section):
         "How much worse than the champion a candidate may be (relative: a fraction, < 1). 0: not worse."))
     tolerance_kind: Literal["absolute", "relative"] = Field("absolute", description=(
         "absolute: in metric units; relative: a fraction of the champion's value."))
+    min_users: int = Field(10, ge=0, description=(
+        "Fewest distinct users in tonight's holdout the gate decides on. Below it the decision is "
+        "'insufficient evidence': the champion stays (a lineage's first run is champion by default). 0: no minimum."))
+    bootstrap_samples: int = Field(1000, ge=0, description=(
+        "Paired bootstrap over the holdout's users: a candidate failing a metric is rejected only when it is "
+        "worse than the champion (minus the tolerance) in at least gate.confidence of the resamples. 0: no "
+        "bootstrap, the point values decide."))
+    bootstrap_seed: int = Field(0, ge=0, description=(
+        "Seed of the bootstrap's resampling (the same holdout: the same decision)."))
+    confidence: float = Field(0.95, gt=0.5, lt=1, description=(
+        "Share of bootstrap resamples in which the candidate must be worse for a failed metric to reject it."))
+    max_consecutive_rejections: int = Field(3, ge=0, description=(
+        "After this many rejected candidates in a row the next night retrains from scratch (strategy full), "
+        "or says why it cannot (an explicit train.strategy). 0: never."))
 
     @model_validator(mode="after")
     def _metrics(self):

@@ -70,7 +70,7 @@ def generate(n_users: int = 300, n_items: int = 200, n_days: int = 30, seed: int
     })
 
 
-# demo.columns for a generate_trends table (rating events; a rating >= features.rating_threshold is positive)
+# demo.columns for a generate_trends table (rating events; a rating >= features.rating.threshold is positive)
 TREND_COLUMNS = {"user_id": "user_id", "item_id": "item_id", "event_time": "event_time", "rating": "rating",
                  "event_type": "event_type", "item_text": "title", "order_id": None, "quantity": None,
                  "price": None, "cancel_prefix": None}

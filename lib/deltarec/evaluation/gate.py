@@ -6,6 +6,12 @@ Pointwise metrics (auc, gauc, logloss) use every held-out row (positives,
 sampled negatives, retractions); ranking metrics (ndcg@K, hr@K, recall@K,
 mrr@K) rank the whole catalogue for each held-out user against that user's
 held-out positives.
+
+A gate knows its sample: below ``gate.min_users`` holdout users it decides
+"insufficient evidence" (the champion stays), and a metric the candidate
+fails rejects it only when a paired bootstrap over the holdout's users
+(``gate.bootstrap_samples``, seeded) finds it worse in at least
+``gate.confidence`` of the resamples; that share is stored with each check.
 """
 from __future__ import annotations
 
@@ -32,20 +38,33 @@ def parse_metric(name: str) -> tuple[str, int | None]:
     return base, (int(k) if k else None)
 
 
+INSUFFICIENT = "insufficient_evidence"
+
+
 @dataclass
 class GateDecision:
     passed: bool
     reason: str
     checks: list[dict[str, Any]] = field(default_factory=list)
+    verdict: str = ""  # promoted | rejected | insufficient_evidence (default: from passed)
+    confidence: dict[str, Any] = field(default_factory=dict)  # the bootstrap's samples, seed, P(worse) per metric
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reason": self.reason, "checks": self.checks}
+        return {"passed": self.passed, "reason": self.reason, "checks": self.checks,
+                "verdict": self.verdict or ("promoted" if self.passed else "rejected"),
+                "confidence": self.confidence}
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateConfig") -> GateDecision:
+def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateConfig", *,
+           users: int | None = None, bootstrap: dict[str, dict[str, Any]] | None = None) -> GateDecision:
     """Every metric in ``cfg.metrics``: candidate >= champion - tol (logloss:
     candidate <= champion + tol); tol is ``cfg.tolerance`` (absolute) or
     ``cfg.tolerance * |champion|`` (relative).
+
+    ``users`` (distinct users of the holdout) below ``cfg.min_users``: not
+    promoted, verdict insufficient_evidence, whatever the values. ``bootstrap``
+    (:func:`paired_bootstrap` per metric): a failed check whose P(worse) is
+    below ``cfg.confidence`` passes as within noise, and says so.
 
     NaN (a metric that cannot be computed on tonight's holdout: one class
     only, no positives) is never compared, and each case says so: the
@@ -53,7 +72,8 @@ def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateCo
     promote on); a NaN of the champion leaves that metric undecided (passed
     None, not counted); when no metric is decided the candidate is rejected,
     the reason saying the holdout could not decide."""
-    checks, failed, undecided = [], [], []
+    checks, failed, undecided, noise = [], [], [], []
+    bootstrap = bootstrap or {}
     for m in cfg.metrics:
         base, _ = parse_metric(m)
         c, ch = candidate.get(m, float("nan")), champion.get(m, float("nan"))
@@ -71,20 +91,37 @@ def decide(candidate: dict[str, float], champion: dict[str, float], cfg: "GateCo
         else:
             bound = ch + tol if base in LOWER_IS_BETTER else ch - tol
             ok = c <= bound if base in LOWER_IS_BETTER else c >= bound
-            if not ok:
+            p_worse = (bootstrap.get(m) or {}).get("p_worse")
+            if not ok and p_worse is not None and p_worse < cfg.confidence:
+                ok = True  # worse on tonight's users, but not beyond what resampling them moves
+                noise.append(f"{m} {c:.5f} below {bound:.5f} but within noise (worse in {p_worse:.0%} of "
+                             f"{bootstrap[m]['samples']} resamples < gate.confidence {cfg.confidence:g})")
+            elif not ok:
                 failed.append(f"{m} {c:.5f} not {op} {bound:.5f} (champion {ch:.5f}, "
-                              f"{cfg.tolerance_kind} tolerance {cfg.tolerance:g})")
-        checks.append({"metric": m, "candidate": c, "champion": ch, "bound": bound, "passed": bool(ok)})
+                              f"{cfg.tolerance_kind} tolerance {cfg.tolerance:g}"
+                              + (f"; worse in {p_worse:.0%} of {bootstrap[m]['samples']} resamples"
+                                 if p_worse is not None else "") + ")")
+        checks.append({"metric": m, "candidate": c, "champion": ch, "bound": bound, "passed": bool(ok),
+                       **({"p_worse": bootstrap[m]["p_worse"], "diff_ci": bootstrap[m]["diff_ci"]}
+                          if m in bootstrap else {})})
+    confidence = {"samples": cfg.bootstrap_samples, "seed": cfg.bootstrap_seed, "required": cfg.confidence,
+                  "p_worse": {m: b.get("p_worse") for m, b in bootstrap.items()}} if bootstrap else {}
     note = ("; undecided: " + "; ".join(undecided)) if undecided else ""
+    note += ("; " + "; ".join(noise)) if noise else ""
+    if users is not None and users < cfg.min_users:
+        return GateDecision(False, f"insufficient evidence: {users} users in tonight's holdout, fewer than "
+                            f"gate.min_users={cfg.min_users}; the champion stays and the candidate is kept as a "
+                            "candidate (a larger features.holdout_fraction or a lower gate.min_users decides)",
+                            checks, INSUFFICIENT, confidence)
     if failed:
-        return GateDecision(False, "gate failed: " + "; ".join(failed) + note, checks)
+        return GateDecision(False, "gate failed: " + "; ".join(failed) + note, checks, confidence=confidence)
     if len(undecided) == len(checks):
         return GateDecision(False, "gate failed: no metric decided: " + "; ".join(undecided)
                             + " (the champion stays; a larger holdout, features.holdout_fraction, or other "
-                            "gate.metrics can decide)", checks)
+                            "gate.metrics can decide)", checks, confidence=confidence)
     return GateDecision(True, "gate passed: " + ", ".join(
         f"{c['metric']} {c['candidate']:.5f} vs champion {c['champion']:.5f}" for c in checks
-        if c["passed"]) + note, checks)
+        if c["passed"]) + note, checks, confidence=confidence)
 
 
 # ------------------------------------------------------------ scoring
@@ -104,20 +141,24 @@ def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> 
 
 
 def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalog: np.ndarray,
-                    metrics: list[str], *, slices: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                    metrics: list[str], *, slices: dict[str, np.ndarray] | None = None,
+                    gate: "GateConfig | None" = None) -> dict[str, Any]:
     """Metrics of each model on ``rows`` (columns user_idx, item_idx, label;
     with history_idx and event_time, ranking passes each user's history).
 
     Returns ``{role: {metric: value}, "n": rows, "users": held-out users with a
-    positive}``; with ``slices`` (name → boolean row mask) also
-    ``{"slices": {name: {role: {metric: value}}}}`` (slices never gate)."""
+    positive, "holdout_users": distinct users of rows}``; with ``slices`` (name
+    → boolean row mask) also ``{"slices": {name: {role: {metric: value}}}}``
+    (slices never gate); with ``gate`` (bootstrap_samples > 0) and roles
+    candidate and champion, ``{"bootstrap": {metric: paired_bootstrap}}``."""
     from .prequential import align_histories, model_topk, relevant_sets, user_histories
 
     labels = rows["label"].to_numpy().astype(np.float64)
     users = rows["user_idx"].to_numpy()
     items = rows["item_idx"].to_numpy()
     ks = sorted({k for m in metrics for b, k in [parse_metric(m)] if b in RANKING})
-    out: dict[str, Any] = {"n": int(rows.num_rows)}
+    out: dict[str, Any] = {"n": int(rows.num_rows), "holdout_users": int(len(np.unique(users)))}
+    kept: dict[str, dict[str, Any]] = {}  # per role, on every row: what the bootstrap resamples
     # each held-out user's history before their first held-out row, for models that read one
     histories = None
     if "history_idx" in rows.column_names and "event_time" in rows.column_names:
@@ -151,6 +192,9 @@ def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalo
                             vals[f"{b}@{k}"] = r[b]
                 if name == "all":
                     out["users"] = int(len(uniq))
+                    kept.setdefault(role, {}).update(top=top, relevant=relevant)
+            if name == "all":
+                kept.setdefault(role, {}).update(scores=s, probs=p)
             for m in metrics:
                 vals.setdefault(m, float("nan"))
             vals = {k: round(float(v), 6) for k, v in vals.items()}
@@ -160,6 +204,10 @@ def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalo
                 sliced.setdefault(name, {"n": int(mask.sum())})[role] = vals
     if sliced:
         out["slices"] = sliced
+    if gate is not None and gate.bootstrap_samples > 0 and {"candidate", "champion"} <= set(kept):
+        from .bootstrap import bootstrap_metrics
+
+        out["bootstrap"] = bootstrap_metrics(metrics, kept["candidate"], kept["champion"], labels, users, gate)
     return out
 
 

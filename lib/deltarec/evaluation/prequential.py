@@ -93,11 +93,13 @@ def evaluate(models: dict[str, "torch.nn.Module"], popular: np.ndarray | None, u
     if len(uniq) == 0 or len(catalog) == 0:
         return out
     hist = align_histories(uniq, histories)
+    top_k = min(k, len(catalog))  # eval.k beyond a small catalogue: the whole catalogue is the top k
     for name, model in models.items():
-        out[name] = _rounded(ranking_metrics(model_topk(model, uniq, catalog, k, histories=hist), relevant, k))
+        out[name] = _rounded(ranking_metrics(model_topk(model, uniq, catalog, top_k, histories=hist), relevant,
+                                             top_k))
     if popular is not None and len(popular):
         top = np.tile(np.asarray(popular[:k], dtype=np.int64), (len(uniq), 1))
-        out["popularity"] = _rounded(ranking_metrics(top, relevant, k))
+        out["popularity"] = _rounded(ranking_metrics(top, relevant, min(k, top.shape[1])))
     return out
 
 

@@ -42,6 +42,7 @@ from .engine import ConcurrentRunError, LakeEngine, LakeError
 
 CHAMPION, CANDIDATE, RETIRED = "champion", "candidate", "retired"
 STATUSES = (CHAMPION, CANDIDATE, RETIRED)
+SKIPPED = "skipped"  # `deltarec skip`: versions consumed with no training; counted only by the watermark
 SUCCEEDED = "succeeded"  # ledgers written before the registry: read as committed runs
 
 
@@ -116,19 +117,21 @@ class Ledger:
                                 "(the registry); start a new lake.root or set lake.runs_table to a new table")
         self.lake.create(self.table, schemas.RUNS)
 
-    def runs(self, model: str | None = None) -> list[RunRecord]:
-        """Committed runs, oldest first."""
+    def runs(self, model: str | None = None, *, skipped: bool = False) -> list[RunRecord]:
+        """Committed runs, oldest first; with ``skipped`` also the skip rows
+        (``deltarec skip``: no model, no examples)."""
         if not self.lake.exists(self.table):
             return []
         filters = [("model", "=", model)] if model else None
         rows = self.lake.read_arrow(self.table, filters=filters).to_pylist()
         out = [self._lake_paths(self._from_row(r), self._resolve) for r in rows]
+        out = [r for r in out if skipped or r.status != SKIPPED]
         return sorted(out, key=lambda r: (r.model, r.source_first, r.committed_at or r.started_at))
 
     def watermark(self, model: str) -> int:
         """Last source version consumed by a committed run of ``model`` (-1: none).
         Every committed run counts, champion or not: its versions are consumed."""
-        done = [r.source_last for r in self.runs(model)]
+        done = [r.source_last for r in self.runs(model, skipped=True)]
         return max(done) if done else -1
 
     def latest(self, model: str) -> RunRecord | None:
@@ -204,8 +207,8 @@ class Ledger:
         current one in the same MERGE (one Delta commit); ``expected_champion``
         is the champion the gate compared against: if another one serves by
         now (a manual promote during the run), nothing is recorded."""
-        if record.status not in (CHAMPION, CANDIDATE):
-            raise LakeError(f"run {record.run_id}: a new run commits as {CHAMPION} or {CANDIDATE}, "
+        if record.status not in (CHAMPION, CANDIDATE, SKIPPED):
+            raise LakeError(f"run {record.run_id}: a new run commits as {CHAMPION}, {CANDIDATE} or {SKIPPED}, "
                             f"not {record.status!r}")
         self.ensure()
         w = self.watermark(record.model)

@@ -22,6 +22,11 @@ history" and "something new", over exact or hashed ids.
   tower's), t the item's recent popularity and age as of the day
   (``item_clock.py``; as of the checkpoint's day when scoring).
 
+The repeat term sees only the history the examples carry
+(``features.history_length`` lines): 20 lines hold about one Online Retail
+invoice, about 40 % of the repeats the whole history holds; 50 hold most of the
+signal (benchmarks/README.md, #17 session 3).
+
 With g → 1 and w on the count the model ranks like the customer's own most
 bought items, and the explore score orders the rest (by popularity, through t,
 at least), so it can reproduce the frequency baseline and add to it. Every
@@ -220,6 +225,19 @@ class RepeatExploreModel(IdModel):
             explore = log_1mg.unsqueeze(1) + self._explore(phi, rows, it["item_idx"], day)
             out.append(torch.logaddexp(explore, log_g.unsqueeze(1) + self._repeat_at(hist_ids, log_pi, ids)))
         return out if isinstance(items, (list, tuple)) else out[0]
+
+    @torch.no_grad()
+    def parts(self, batch: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The score's terms for candidates ``items`` (C,) shared by the rows
+        (diagnosis: ``benchmarks/repeat_diagnosis.py``): the gate g (N,), the
+        repeat log-probability log π (N, C; -inf outside the history) and the
+        explore score e (N, C)."""
+        hist_ids, hist_rows = self._hist(batch)
+        day = batch.get("event_day")
+        phi, log_g, _, log_pi = self._user(batch, hist_rows, day)
+        ids, rows = self._items(items)
+        return {"gate": log_g.exp(), "repeat": self._repeat_at(hist_ids, log_pi, ids),
+                "explore": self._explore(phi, rows, items["item_idx"], day)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         items = {k: batch[k].unsqueeze(1) for k in ("item_idx", "item_row") if k in batch}

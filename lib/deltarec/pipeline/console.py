@@ -89,9 +89,15 @@ def night_summary(m: dict[str, Any]) -> list[str]:
             f"{role} {_fmt(got.get('hr'))} / {_fmt(got.get('ndcg'))}" for role, got in shown))
     else:
         lines.append("  next-day metrics: not measured (no earlier model to score the new day)")
+    if m.get("strategy_reason"):
+        lines.append(f"  strategy: {m['strategy_reason']}")
     decision = (m.get("gate") or {}).get("decision") or {}
     if decision:
-        lines.append(f"  gate: {'promoted' if decision.get('passed') else 'rejected'}: {decision.get('reason')}")
+        verdict = (decision.get("verdict") or ("promoted" if decision.get("passed") else "rejected")).replace("_", " ")
+        conf = decision.get("confidence") or {}
+        lines.append(f"  gate: {verdict}: {decision.get('reason')}" + (
+            f" [P(candidate worse) over {conf['samples']} user resamples: " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in conf["p_worse"].items()) + "]" if conf.get("p_worse") else ""))
     return lines
 
 

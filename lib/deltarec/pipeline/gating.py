@@ -82,11 +82,14 @@ def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", ite
                         by_name=slice_col or "column") if data.num_rows else {}
     masks.pop("all", None)
     models = {"candidate": load_model(checkpoint), "champion": load_model(champion)}
-    res = evaluate_models(models, data, catalog_indices(items, cfg.features), list(cfg.gate.metrics), slices=masks)
-    decision = decide(res.get("candidate", {}), res.get("champion", {}), cfg.gate)
+    res = evaluate_models(models, data, catalog_indices(items, cfg.features), list(cfg.gate.metrics), slices=masks,
+                          gate=cfg.gate)
+    decision = decide(res.get("candidate", {}), res.get("champion", {}), cfg.gate, users=res["holdout_users"],
+                      bootstrap=res.get("bootstrap"))
     if res["n"] == 0:
         decision = GateDecision(False, f"gate failed: no rows to score ({where} is empty)")
     out = {"decision": decision.to_dict(), "scored_on": where, "n": res["n"], "users": res.get("users", 0),
+           "holdout_users": res["holdout_users"],
            "candidate": res.get("candidate", {}), "champion": res.get("champion", {}),
            "champion_run_id": champion.run_id, "slices": res.get("slices", {})}
     if slice_error:

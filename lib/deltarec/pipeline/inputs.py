@@ -45,15 +45,30 @@ def training_files(cfg: "Config", lake: "LakeEngine", ledger: Ledger, run_id: st
     examples of every committed run after the warm-start ``parent``
     (candidates that were not promoted) plus tonight's, so the champion's
     lineage sees every source version exactly once. Full (or no parent):
-    every committed run's plus tonight's."""
+    every committed run's plus tonight's. Either way without the runs
+    excluded by `deltarec registry exclude` (each named in the log)."""
     table = cfg.lake.examples_table
-    runs = ledger.runs(cfg.model.name)
+    runs = trainable_runs(cfg, lake, ledger)
     if strategy != "full" and parent is not None:
         runs = [r for r in runs if r.source_first > parent.source_last]
     files = []
     for r in runs:
         files += lake.data_files(table, {"run_id": r.run_id})
     return files + lake.data_files(table, {"run_id": run_id})
+
+
+def trainable_runs(cfg: "Config", lake: "LakeEngine", ledger: Ledger) -> list[RunRecord]:
+    """Committed runs of the model whose examples may be trained on: all but
+    the excluded ones."""
+    from ..registry.exclusions import excluded_runs
+
+    excluded = excluded_runs(lake, cfg)
+    runs = ledger.runs(cfg.model.name)
+    for r in runs:
+        if r.run_id in excluded:
+            log.info("inputs: leaving out the examples of run %s (versions %d..%d): excluded by %s: %s", r.run_id,
+                     r.source_first, r.source_last, excluded[r.run_id]["by"], excluded[r.run_id]["reason"])
+    return [r for r in runs if r.run_id not in excluded]
 
 
 def replay_files(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", ledger: Ledger, run_id: str,
@@ -72,7 +87,7 @@ def replay_files(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", ledge
     if forgetting.replay_ratio <= 0 or strategy == "full" or parent is None:
         return []
     table = cfg.lake.examples_table
-    older = [r.run_id for r in ledger.runs(cfg.model.name) if r.source_last <= parent.source_last]
+    older = [r.run_id for r in trainable_runs(cfg, lake, ledger) if r.source_last <= parent.source_last]
     if not older:
         return []
     tonight = lake.scan(table, where=f"run_id = '{run_id}'")

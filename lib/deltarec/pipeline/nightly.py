@@ -151,6 +151,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
 
     metrics = run_metrics(night, trained, choice, pre, gate, lineage_inputs(cfg, lake, spec.files),
                           spec_record(spec), clock.record())
+    metrics["strategy_reason"] = choice.describe()  # e.g. why a night retrains from scratch
     metrics["summary"] = night_summary(metrics)  # what every night prints, kept with the run
     record = publish_run(cfg, lake, ledger, run_id=run_id, first=first, last=last, started=started,
                          choice=choice, trained=trained, metrics=metrics)

@@ -32,6 +32,7 @@ class StrategyChoice:
     parent: RunRecord | None
     serving: RunRecord | None
     rehashed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    reason: str = ""  # why a night that would warm-start trains from scratch (or could not)
 
     @property
     def warm(self) -> RunRecord | None:
@@ -50,10 +51,10 @@ class StrategyChoice:
 
     def describe(self) -> str:
         if self.warm is not None:
-            return f"{self.strategy} from {self.warm.run_id}"
+            return f"{self.strategy} from {self.warm.run_id}" + (f" ({self.reason})" if self.reason else "")
         if self.parent is None:
             return "full: first run of this lineage"
-        why = f"bucket counts changed: {self.rehash_note}" if self.rehashed else "train.strategy=full"
+        why = f"bucket counts changed: {self.rehash_note}" if self.rehashed else self.reason or "train.strategy=full"
         return f"full ({why}); parent {self.parent.run_id}"
 
 
@@ -117,8 +118,13 @@ def choose_strategy(cfg: "Config", ledger: Ledger) -> StrategyChoice:
     if unlearn and strategy != "full":
         log.warning("%s: this night trains from scratch (full)", unlearn)
         strategy = "full"
+    reason = ""
+    if unlearn and strategy == "full" and asked != "full":
+        reason = unlearn
+    if parent is not None and strategy != "full":
+        strategy, reason = from_scratch_rules(cfg, ledger, parent, asked, strategy)
     moved = rehashed(cfg, parent) if strategy != "full" else {}
-    choice = StrategyChoice(strategy, parent, serving, moved)
+    choice = StrategyChoice(strategy, parent, serving, moved, reason)
     if moved:
         if asked != "auto":
             raise ValueError(
@@ -129,3 +135,54 @@ def choose_strategy(cfg: "Config", ledger: Ledger) -> StrategyChoice:
                     "so this run trains from scratch (full)", parent.run_id, choice.rehash_note)
         choice = StrategyChoice("full", parent, serving, moved)
     return choice
+
+
+def rejected_streak(runs: list[RunRecord]) -> list[RunRecord]:
+    """The newest runs that the gate rejected, in a row, newest first. A
+    decision of insufficient evidence is no rejection and does not break the
+    streak; a promoted run or a full retrain (the rule's own answer) ends it."""
+    streak = []
+    for r in sorted(runs, key=lambda r: r.source_last, reverse=True):
+        decision = (r.metrics.get("gate") or {}).get("decision") or {}
+        if decision.get("verdict") == "insufficient_evidence":
+            continue
+        if r.status != "candidate" or decision.get("passed") is not False:
+            break
+        streak.append(r)
+        if r.strategy == "full":
+            break
+    return streak
+
+
+def from_scratch_rules(cfg: "Config", ledger: Ledger, parent: RunRecord, asked: str,
+                       strategy: str) -> tuple[str, str]:
+    """(strategy, reason) after the rules that send a warm-starting night
+    back to scratch: the parent's weights learned from an excluded run
+    (`deltarec registry exclude`), or ``gate.max_consecutive_rejections``
+    rejected candidates in a row. With an explicit train.strategy the first
+    is refused (ValueError) and the second is logged as not applied."""
+    from ..registry.exclusions import excluded_runs, trained_on_excluded
+
+    runs = ledger.runs(cfg.model.name)
+    tainted = trained_on_excluded(parent, runs, excluded_runs(ledger.lake, cfg))
+    if tainted:
+        why = (f"the parent {parent.run_id} learned from excluded run(s) {', '.join(tainted)} "
+               "(`deltarec registry exclude`)")
+        if asked != "auto":
+            raise ValueError(f"train.strategy={asked}: {why}, so warm-starting from it keeps what was excluded. "
+                             "Run with train.strategy=full (or auto), or `deltarec registry include` the run(s)")
+        log.warning("%s: this night trains from scratch (full)", why)
+        return "full", why
+    limit = cfg.gate.max_consecutive_rejections
+    streak = rejected_streak(runs) if limit else []
+    if limit and len(streak) >= limit:
+        why = (f"{len(streak)} rejected candidates in a row ({', '.join(r.run_id for r in reversed(streak))}), "
+               f"gate.max_consecutive_rejections={limit}")
+        if asked != "auto":
+            why += (f": NOT retraining from scratch, because train.strategy={asked} was asked explicitly "
+                    "(auto or full does)")
+            log.warning("%s", why)
+            return strategy, why
+        log.warning("%s: this night trains from scratch (full)", why)
+        return "full", why
+    return strategy, ""
