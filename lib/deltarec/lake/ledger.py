@@ -182,7 +182,7 @@ class Ledger:
         version any model's ledger recorded (each lineage's ranges are
         contiguous from 0, so that bound is their union). A killed or losing
         attempt's state; ``deltarec status --verify``. ``{"rows", "max_version"}``."""
-        last = max((r.source_last for r in self.runs()), default=-1)
+        last = max((r.source_last for r in self.runs(skipped=True)), default=-1)
         out = {}
         for table in tables:
             if not self.lake.exists(table):
