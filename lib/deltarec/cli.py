@@ -191,8 +191,14 @@ def run_nightly_job(cfg: Config) -> int:
     try:
         run_configured(spark, cfg)
     except Exception as e:  # one readable line, then the traceback in debug
+        if isinstance(e, BrokenPipeError) and stdout_is_closed():
+            raise  # not a failed night: entry() says the output's reader went away
         log.debug("nightly failed", exc_info=True)
         print(f"deltarec nightly: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        from .lake.diagnose import explain
+
+        if hint := explain(e, cfg):  # a damaged or full lake: the table and the fix
+            print(f"deltarec nightly: {hint}", file=sys.stderr)
         return 1
     finally:
         spark.stop()
@@ -259,7 +265,20 @@ def cmd_status(args, cfg: Config) -> int:
                                      for t, s in table_sizes(lake, owned_tables(cfg)).items()))
     bad = [d for d in entries if d["checkpoint"].get("verified") is False]
     orphans = _verify_orphans(cfg, ledger) if args.verify else {}
-    return 1 if bad or orphans else 0
+    ahead = _verify_state(cfg, ledger) if args.verify else {}
+    return 1 if bad or orphans or ahead else 0
+
+
+def _verify_state(cfg: Config, ledger) -> dict[str, dict[str, int]]:
+    """State rows of source versions the ledger never recorded, printed to stderr (#21)."""
+    lk = cfg.lake
+    ahead = ledger.state_ahead([lk.event_index_table, lk.user_state_table, lk.item_stats_table])
+    for table, a in ahead.items():
+        print(f"deltarec status --verify: {table} holds {a['rows']} row(s) of source versions up to "
+              f"{a['max_version']}, but the ledger's runs consumed only up to {a['ledger_last']}: the state of "
+              "an attempt that never committed (killed, or lost a race); the next `deltarec nightly` over "
+              "that range rewrites it", file=sys.stderr)
+    return ahead
 
 
 def _verify_orphans(cfg: Config, ledger) -> dict[str, list[str]]:
@@ -443,15 +462,41 @@ def entry(argv: list[str] | None = None) -> None:
     import signal
 
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["nightly"]:  # a night never dies silently: a closed pipe is an error with a message
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `deltarec status | head` ends quietly
+    # Every exit says why: a closed stdout (`| head`, a dead log reader) is a
+    # BrokenPipeError with a message, never a silent death by SIGPIPE.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stopped_by_signal)
-    rc = main(argv)
-    sys.stdout.flush()
+    try:
+        rc = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        rc = _stdout_closed(args[:1])
     sys.stderr.flush()
     os._exit(rc)
+
+
+def stdout_is_closed() -> bool:
+    """Whether stdout is a pipe whose reader is gone (poll reports an error on it)."""
+    import select
+
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _stdout_closed(command: list[str]) -> int:
+    """Say why the output stopped; exit status 141 (128 + SIGPIPE), as a shell reports it."""
+    import signal
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest of the output goes nowhere
+    what = " ".join(["deltarec", *command])
+    print(f"{what}: standard output was closed by its reader (broken pipe, e.g. `| head`): output stopped "
+          "there. Nothing else failed: what the command committed stands (see `deltarec status`); run it "
+          "again with its output to a file to see all of it", file=sys.stderr, flush=True)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

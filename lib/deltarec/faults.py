@@ -8,7 +8,12 @@ Points: ``after_state_write`` (pipeline/delta_job.py: quarantine, index and
 state written, examples not), ``before_ledger_commit`` (pipeline/publish.py:
 the checkpoint is written and verified, the ledger row is not),
 ``after_ledger_commit`` (the ledger row is written, its audit event and the
-cleanup of earlier attempts are not), and privacy/'s ``forget_*`` points.
+cleanup of earlier attempts are not), ``after_inrun_checkpoint``
+(train/resume.py: an in-run checkpoint is complete, training is not),
+``after_checkpoint_write`` (train/loop.py: the candidate's checkpoint is
+complete; nothing scored or committed it), and privacy/'s ``forget_*`` points.
+The training points fire in the process that trains (the nightly's own with
+``train.backend=local``, a worker's otherwise).
 Reads: the environment. Writes: nothing.
 """
 from __future__ import annotations

@@ -21,6 +21,10 @@ checkpoint a run records) are stored relative to the lake root and resolved
 against the root the ledger is opened with, so a lake that is copied or moved
 (another bucket, a restored backup) still finds its own files. Paths outside
 the root stay absolute.
+
+Over 300 lines: the ledger's consistency checks (orphan run ids, state ahead
+of the ledger: ``deltarec status --verify``) read the runs this module
+resolves, and stay beside them.
 """
 from __future__ import annotations
 
@@ -98,7 +102,14 @@ class Ledger:
         self.lake = lake
         self.table = table
 
-    def ensure(self) -> None:
+    def ensure(self, source: str | None = None) -> None:
+        """Create the ledger if absent. With ``source`` (the behaviour table), a
+        lake that has neither is refused before anything is created: a
+        mistyped ``lake.root`` must not leave an empty ledger behind."""
+        if source is not None and not self.lake.exists(self.table) and not self.lake.exists(source):
+            raise LakeError(f"no behaviour table at {self.lake.uri(source)} and no run ledger at "
+                            f"{self.lake.uri(self.table)}: is lake.root right? Nothing was created there; "
+                            "load data first (demo.enabled=true loads the demo data) or point lake.root at your lake")
         if self.lake.exists(self.table):
             missing = set(schemas.RUNS.names) - set(self.lake.read_arrow(self.table).schema.names)
             if missing:  # a MERGE would fail deep inside the engine otherwise
@@ -163,6 +174,23 @@ class Ledger:
             ids = sorted({i for i in rows["run_id"].to_pylist() if i is not None})
             if ids:
                 out[table] = ids
+        return out
+
+    def state_ahead(self, tables: tuple[str, ...] | list[str]) -> dict[str, dict[str, int]]:
+        """Per state table (rows carrying ``source_version``), the rows of
+        source versions no committed run consumed: newer than the last
+        version any model's ledger recorded (each lineage's ranges are
+        contiguous from 0, so that bound is their union). A killed or losing
+        attempt's state; ``deltarec status --verify``. ``{"rows", "max_version"}``."""
+        last = max((r.source_last for r in self.runs(skipped=True)), default=-1)
+        out = {}
+        for table in tables:
+            if not self.lake.exists(table):
+                continue
+            rows = self.lake.read_arrow(table, filters=[("source_version", ">", last)])
+            if rows.num_rows:
+                out[table] = {"rows": rows.num_rows, "max_version": max(rows["source_version"].to_pylist()),
+                              "ledger_last": last}
         return out
 
     def get(self, run_id: str) -> RunRecord:

@@ -286,6 +286,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     # (one transaction, replacing this run's partition): no row passes through the
     # driver, whatever the night's or the history's size. Rows per kind come back
     # with the files written.
+    guard()  # a loser paused here must not replace the winner's examples of the same run id
     written = lake.replace_partition(tables.examples_table, examples, {"run_id": run_id},
                                      schemas.TRAINING_EXAMPLES, count_by="kind")
     kinds = written["counts"]

@@ -3,8 +3,9 @@ new-item slices.
 
 Reads tonight's held-out examples (``holdout = true``), the candidate's and
 the champion's checkpoints, and which users / items earlier committed runs
-had (through the engine's ``lookup``). Writes ``lake.metrics_table`` rows of
-phase ``gate``. The decision rule and the metrics are ``evaluation/gate.py``.
+had (through the engine's ``lookup``). Writes nothing: the result reaches
+``lake.metrics_table`` (phase ``gate``) only once the run commits
+(``publish.store_run_metrics``). The decision rule and the metrics are ``evaluation/gate.py``.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", ite
 
     from ..evaluation.gate import decide, evaluate_models
     from ..evaluation.metrics import slice_masks
-    from ..evaluation.prequential import catalog_indices, metric_rows, store_metrics
+    from ..evaluation.prequential import catalog_indices
     from ..train.checkpoint import load_model
 
     if "holdout" in new_examples.columns:
@@ -93,9 +94,6 @@ def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", ite
            "champion_run_id": champion.run_id, "slices": res.get("slices", {})}
     if slice_error:
         out["slices_error"] = slice_error
-    store_metrics(lake, cfg.lake.metrics_table, run_id, "gate",
-                  metric_rows(run_id, cfg.model.name, first, last, "gate", out,
-                              {"candidate": run_id, "champion": champion.run_id}))
     return out
 
 

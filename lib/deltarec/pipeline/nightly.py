@@ -109,7 +109,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     t_start, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     lake = lake or open_lake(cfg.lake, spark)
     ledger = Ledger(lake, cfg.lake.runs_table)
-    ledger.ensure()
+    ledger.ensure(source=cfg.lake.events_table)  # a mistyped lake.root: refused before anything is created
     repair_audit(cfg, lake, ledger)  # a night killed right after its commit
     apply_pending(cfg, lake)  # forget requests first: tonight's inputs and parent no longer hold those users
     model = cfg.model.name

@@ -4,7 +4,9 @@ trains on it (prequential evaluation).
 Reads tonight's examples (label-1 events), the ledger, the checkpoints of the
 champion, the newest rejected candidate and the lineage's first model, and
 (for the popularity baseline) committed runs' positives through the engine's
-``lookup``. Writes ``lake.metrics_table`` rows of phase ``prequential``. The
+``lookup``. Writes nothing: the result goes into the run's ledger metrics and
+reaches ``lake.metrics_table`` only once the run commits
+(``publish.store_run_metrics``), so a run that loses a race stores none. The
 metric code itself is ``evaluation/prequential.py``.
 """
 from __future__ import annotations
@@ -33,11 +35,13 @@ def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_exa
     candidate the gate did not promote since ('candidate'), the first model
     of the lineage never updated ('stale'), and the most popular items of the
     last ``eval.popularity_days`` days ('popularity'); ``runs`` names the run
-    scored in each role. Stored in ``lake.metrics_table`` when ``run_id`` is
-    given. ``{}`` when tonight has no positives."""
+    scored in each role; ``errors`` says why a role was left out (a
+    checkpoint that cannot be loaded: only the champion's is required).
+    ``{}`` when tonight has no positives. ``run_id``, ``first`` and ``last``
+    are accepted for callers and not used: nothing is stored here."""
     from pyspark.sql import functions as F
 
-    from ..evaluation.prequential import catalog_indices, evaluate, metric_rows, store_metrics, user_histories
+    from ..evaluation.prequential import catalog_indices, evaluate, user_histories
     from ..train.checkpoint import load_model
 
     pos = new_examples.where(F.col("label") == 1)
@@ -58,13 +62,23 @@ def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_exa
                      key=lambda r: r.source_last, default=None)
     run_ids = {"champion": parent.run_id, "stale": runs[0].run_id if runs else parent.run_id}
     models = {"champion": load_model(parent)}
-    if challenger is not None:
+    errors: dict[str, str] = {}
+    # the candidate and the lineage's first model are comparisons, not what serves or warm-starts:
+    # one that cannot be loaded (corrupt, tampered, gone) is left out with its reason, never fatal
+    for role, run in (("candidate", challenger), ("stale", runs[0] if len(runs) > 1 else None)):
+        if run is None:
+            continue
         try:
-            models["candidate"] = load_model(challenger)
-            run_ids["candidate"] = challenger.run_id
-        except Exception as e:  # a corrupt candidate is reported, not fatal: it does not serve
-            log.error("prequential: cannot load candidate %s: %s", challenger.run_id, e)
-    models["stale"] = load_model(runs[0]) if len(runs) > 1 else models["champion"]
+            models[role] = load_model(run)
+        except Exception as e:
+            errors[role] = (f"cannot load the checkpoint of run {run.run_id} ({type(e).__name__}: {e}); "
+                            f"the {role} comparison is skipped tonight")
+            log.error("prequential: %s", errors[role])
+            run_ids.pop(role, None)
+    if len(runs) <= 1:
+        models["stale"] = models["champion"]
+    if "candidate" in models:
+        run_ids["candidate"] = challenger.run_id
     histories = None
     if "history_idx" in pos.column_names:  # each user's items before tonight, for models that read them
         width = max([int(getattr(m, "history_length", 0) or 0) for m in models.values()] + [1])
@@ -72,9 +86,8 @@ def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_exa
     out = evaluate(models, top, pos["user_idx"].to_numpy(), pos["item_idx"].to_numpy(),
                    catalog_indices(items, cfg.features), k, histories=histories)
     out["runs"] = run_ids
-    if run_id is not None:
-        store_metrics(lake, cfg.lake.metrics_table, run_id, "prequential",
-                      metric_rows(run_id, cfg.model.name, first, last, "prequential", out, run_ids))
+    if errors:
+        out["errors"] = errors
     return out
 
 

@@ -2,9 +2,10 @@
 
 Reads the verified candidate checkpoint and the stages' results. Writes one
 MERGE into the run ledger (``lake.runs_table``: the watermark advance and, if
-the gate passed, the champion change, in one Delta commit), then the
-registry's audit event and, with ``mlflow.enabled``, the MLflow mirror. A
-failure after the commit is logged and never undoes it.
+the gate passed, the champion change, in one Delta commit), then the run's
+prequential and gate rows (``lake.metrics_table``), the registry's audit
+event and, with ``mlflow.enabled``, the MLflow mirror. A failure after the
+commit is logged and never undoes it.
 """
 from __future__ import annotations
 
@@ -119,19 +120,58 @@ def drop_uncommitted_attempts(cfg: "Config", lake: "LakeEngine", record: RunReco
     return dropped
 
 
+def store_run_metrics(cfg: "Config", lake: "LakeEngine", record: RunRecord) -> int:
+    """Write the committed run's prequential and gate rows to
+    ``lake.metrics_table`` from its ledger metrics. Only after the commit: a
+    run that lost the race (same range, same run id) stores nothing, and the
+    table always agrees with the ledger. Returns the rows written."""
+    from ..evaluation.prequential import metric_rows, store_metrics
+
+    m, n = record.metrics or {}, 0
+    pre, gate = m.get("prequential") or {}, m.get("gate") or {}
+    phases = []
+    if pre:
+        phases.append(("prequential", pre, pre.get("runs") or {}))
+    if "candidate" in gate:  # scored (not a promotion by default)
+        phases.append(("gate", gate, {"candidate": record.run_id, "champion": gate.get("champion_run_id")}))
+    for phase, result, run_ids in phases:
+        rows = metric_rows(record.run_id, record.model, record.source_first, record.source_last, phase, result,
+                           run_ids)
+        store_metrics(lake, cfg.lake.metrics_table, record.run_id, phase, rows)
+        n += len(rows)
+    return n
+
+
+def repair_metrics(cfg: "Config", lake: "LakeEngine", record: RunRecord) -> int:
+    """Store the metrics of ``record`` (the newest committed run) when the
+    table has none of them: that night was killed between its commit and
+    :func:`store_run_metrics`."""
+    m = record.metrics or {}
+    if not (m.get("prequential") or "candidate" in (m.get("gate") or {})):
+        return 0
+    table = cfg.lake.metrics_table
+    if lake.exists(table) and lake.read_arrow(table, filters=[("run_id", "=", record.run_id)]).num_rows:
+        return 0
+    log.warning("run %s was committed but its metrics are not in %s (killed after its commit): writing them now",
+                record.run_id, table)
+    return store_run_metrics(cfg, lake, record)
+
+
 def _gate_action(record: RunRecord, previous: str | None) -> str:
     return ("first" if record.parent_run_id is None and previous is None
             else "gate_promote" if record.status == CHAMPION else "gate_reject")
 
 
 def repair_audit(cfg: "Config", lake: "LakeEngine", ledger: Ledger) -> dict[str, Any] | None:
-    """Write the gate's registry event of the newest committed run when it has
-    none: that night was killed between its ledger commit and its audit event,
+    """Write the gate's registry event (and metrics rows, :func:`repair_metrics`)
+    of the newest committed run when it has none: that night was killed between its ledger commit and its audit event,
     and its rerun has nothing else to do. The champion it replaced is taken to
     be its parent (the champion it was gated against)."""
     from ..registry.core import events, record_event
 
     latest = ledger.latest(cfg.model.name)
+    if latest is not None:
+        repair_metrics(cfg, lake, latest)
     if latest is None or any(e["by"] == "gate" and e["run_id"] == latest.run_id
                              for e in events(lake, cfg, latest.run_id)):
         return None
@@ -148,6 +188,11 @@ def after_commit(cfg: "Config", lake: "LakeEngine", record: RunRecord, previous:
     recorded (``{}`` when disabled, ``{"error": ...}`` when it failed)."""
     from ..registry.core import record_event
 
+    try:
+        store_run_metrics(cfg, lake, record)
+    except Exception as e:  # the next night's repair_audit writes them
+        log.error("run %s committed, but its metrics were not written to %s: %s", record.run_id,
+                  cfg.lake.metrics_table, e)
     drop_uncommitted_attempts(cfg, lake, record)
     try:
         record_event(lake, cfg, _gate_action(record, previous.run_id if previous else None), record.run_id,

@@ -52,7 +52,7 @@ class Trained:
                 "world_size": r.get("world_size"), "backend": self.backend, "launcher": self.launcher,
                 "ranks": r.get("ranks"), "examples_trained": r.get("examples"), "epochs_run": r.get("epochs_run"),
                 "val_history": r.get("val_history"), "warm_start": warm_start, "backend_choice": self.choice,
-                "loss_name": r.get("loss_name"), "ids": r.get("ids")}
+                "loss_name": r.get("loss_name"), "ids": r.get("ids"), "resumed_from": r.get("resumed_from")}
 
 
 def history_length(cfg: "Config") -> int:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..data.shards import Batch, columns_for, read_shard, to_shard
+from ..faults import crash_point
 from .checkpoint import save_checkpoint
 from .exchange import GradientExchange
 from .loss import loss_sum, mean_loss, step_loss_sum
@@ -43,7 +44,7 @@ from .losses import LossSpec, Objective
 from .optim import clip_grad_norm
 from .placement import worker_placement
 from .regularizers import FISHER_FILE, ewc_penalty, fisher_diagonal, fisher_to_bytes, proximal_penalty
-from .resume import resume, save_inrun
+from .resume import resume, save_inrun, shard_key
 from .spec import TrainSpec, device_for, is_dynamic, lr_at
 from .warmstart import VOCAB_FILE, build, trainable_names, update_vocabs
 
@@ -158,16 +159,18 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
     teacher = _teacher(spec, model, warm["has_parent"])
     # Position inside this run: (epoch, step) of the next batch to train.
     state.update(run_epoch=0, run_step=0, best_val=None, bad_epochs=0, val_history=[])
-    resumed_from = resume(spec, model, optimizer, state) if rank == 0 else None
+    t_read = time.perf_counter()
+    phases["build"] = t_read - t0
+    shard = _read(spec, rank, world, vocabs, model) if shard is None else shard
+    # In-run checkpoints match on the data read (not on file names, which a rerun changes).
+    inrun = rank == 0 and spec.resume_dir and (spec.checkpoint_every_steps or os.path.isdir(spec.resume_dir))
+    inrun_key = shard_key(spec, shard, world) if inrun else ""  # hashing the shard: only when it can matter
+    resumed_from = resume(spec, model, optimizer, state, inrun_key) if rank == 0 else None
     # Every rank starts from rank 0's state and position.
     keys = ("run_epoch", "run_step", "global_step", "best_val", "bad_epochs", "val_history")
     state.update(zip(keys, collective.allgather_object(tuple(state[k] for k in keys))[0]))
     collective.broadcast_state(model, optimizer)
     exchange = GradientExchange(model, optimizer, collective)
-    t_read = time.perf_counter()
-    phases["build"] = t_read - t0
-
-    shard = _read(spec, rank, world, vocabs, model) if shard is None else shard
     # Early stopping: the head of each shard (stored in a seeded hash order, so a
     # uniform sample) is the validation slice.
     n_val = int(len(shard) * spec.validation_fraction)
@@ -244,7 +247,7 @@ def train_worker(spec: TrainSpec, collective, shard: Batch | None = None, phases
             state["run_epoch"], state["run_step"] = (epoch, t + 1) if t + 1 < steps else (epoch + 1, 0)
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0 \
                     and rank == 0 and spec.resume_dir:
-                save_inrun(spec, model, optimizer, state)
+                save_inrun(spec, model, optimizer, state, inrun_key)
             if bar is not None:
                 bar.update(1)
                 if t % 50 == 0 or t + 1 == steps:
@@ -310,6 +313,7 @@ def _finish(spec: TrainSpec, collective, model, optimizer, state, warm, vocabs, 
                                       "run_id": spec.run_id, "global_step": state["global_step"]},
                                 train_state=state, extra_files=extra)
         result["checkpoint"] = {"path": saved.path, "sha256": saved.sha256, "files": saved.files}
+        crash_point("after_checkpoint_write")  # the candidate is complete; nothing has scored or committed it
     phases["save"] = time.perf_counter() - t_save
     mine["phases"] = {k: round(v, 3) for k, v in phases.items()}
     ranks = collective.allgather_object(mine)
