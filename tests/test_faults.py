@@ -1,5 +1,5 @@
 """Kills and crashed attempts (#21): a real nightly process SIGKILLed from
-outside, by PID, at points across the delta job and the ledger commit, then
+outside, by PID, at points across the delta job, training's checkpoint write and the ledger commit, then
 rerun, leaves every state table, the ledger and the audit trail as a clean
 twin lake that was never killed, row for row. A night killed after writing its
 quarantine and examples, then a new source version, gets another run id on the
@@ -79,16 +79,20 @@ def lake_record(lake, cfg):
             "attempts": {t: sorted(set(lake.read_arrow(t)["run_id"].to_pylist())) for t in attempt_tables(cfg)[:2]}}
 
 
-def test_sigkill_in_the_delta_job_and_after_the_commit_then_rerun_equals_a_clean_twin(spark, tmp_path,
-                                                                                      real_data_path):
+def test_sigkill_in_the_delta_job_training_and_around_the_commit_then_rerun_equals_a_clean_twin(
+        spark, tmp_path, real_data_path):
     cfg = make_config(tmp_path / "lake", "demo.enabled=false")
     tcfg = make_config(tmp_path / "twin", "demo.enabled=false")
     lake, twin = open_lake(cfg.lake, spark), open_lake(tcfg.lake, spark)
     days, items, _ = demo_days(cfg)
-    for night, point in enumerate(["after_state_write", "after_ledger_commit"]):
+    # Each night is killed at successive points (every rerun is killed further on), then completed:
+    # the delta job's state write, training's checkpoint write, just before and just after the ledger commit.
+    kills = [["after_state_write", "after_checkpoint_write"], ["before_ledger_commit", "after_ledger_commit"]]
+    for night, points in enumerate(kills):
         append_day(lake, cfg, days[night][1], items)
         append_day(twin, tcfg, days[night][1], items)
-        kill_at(tmp_path / "lake", point)
+        for point in points:
+            kill_at(tmp_path / "lake", point)
         run_nightly(spark, cfg, lake=lake)  # the rerun (a no-op after the commit: it repairs the audit)
         run_nightly(spark, tcfg, lake=twin)
     got, want = lake_record(lake, cfg), lake_record(twin, tcfg)
