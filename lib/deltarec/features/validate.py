@@ -42,6 +42,8 @@ from .ids import invisible_id, normalize_ids
 from .values import BAD_TIMESTAMP, NON_FINITE_NUMBER, OUT_OF_RANGE, value_checks  # noqa: F401 (reason codes)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyspark.sql import Column, DataFrame
 
     from ..config import ValidationConfig
@@ -168,7 +170,8 @@ def _detail(cfg: "ValidationConfig", scale: "tuple[float, float] | None") -> "Co
 def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
              trained_types: list[str] | tuple[str, ...] = ("purchase", "click", "rating"),
              prior_ids: "DataFrame | None" = None, prior: "DataFrame | None" = None,
-             rating_scale: "tuple[float, float] | None" = None) -> Validated:
+             rating_scale: "tuple[float, float] | None" = None,
+             materialize: "Callable[[DataFrame], DataFrame] | None" = None) -> Validated:
     """Split change-feed rows into accepted changes (and what they mean) and
     quarantined rows.
 
@@ -178,7 +181,10 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     runs — at least every row of the event ids updated or deleted tonight and
     of the events that ever held a (user, item) cancelled tonight.
     ``rating_scale``: (min, max) of ``features.rating``; a rating outside it is
-    quarantined (None: any rating)."""
+    quarantined (None: any rating). ``materialize``: how the intermediates
+    every output reads are held (default: cached; the delta job cuts their
+    plans, ``pipeline/held.py``); they are returned in ``cached`` for the
+    caller to release."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -247,11 +253,13 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
         F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
     rows = rows.withColumn("_detail", F.coalesce(c("_detail"), _detail(cfg, rating_scale)))  # theirs, else ours
-    # Cached: `rows` and the lookup every output below shares (the earlier
-    # state of changed events), so each is computed once however many outputs
-    # are read — on a small night each Spark job is mostly fixed cost. (The
+    # Held (``materialize``): `rows` and the lookup every output below shares
+    # (the earlier state of changed events), so each is computed once however
+    # many outputs are read — on a small night each Spark job is mostly fixed
+    # cost. (The
     # cancellations' matches are a small local DataFrame: cancellations.py.)
-    rows = rows.cache()
+    hold = materialize or (lambda df: df.cache())
+    rows = hold(rows)
 
     ok = rows.where(c("_reason").isNull())
     trained = F.coalesce(c("event_type").isin(*trained_types), F.lit(False))
@@ -266,7 +274,8 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
             .withColumn("_rn", F.row_number().over(
                 Window.partitionBy("event_id", "_v").orderBy(c("source_version").desc(), c("trained").asc())))
             .where(c("_rn") == 1)
-            .select(*[c(n).alias("_p_" + n) for n in INDEX], "_v")).cache()
+            .select(*[c(n).alias("_p_" + n) for n in INDEX], "_v"))
+    prev = hold(prev)
 
     # -- updates: replace the earlier event
     # (joins by column name: both sides derive from `rows`, so Column objects would be ambiguous)

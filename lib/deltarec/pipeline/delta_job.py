@@ -33,8 +33,9 @@ the tables read by the executors (``LakeEngine.read_on_executors``);
 ``item_stats`` is read whole by the executors (catalogue-sized: popularity
 negatives need it). The driver collects only night-sized results (tonight's
 state rows, the quarantine, counts). Each Spark job costs a fixed fraction of
-a second, so counts come from what is written anyway and shared
-intermediates are cached; ``stats["stage_seconds"]`` and
+a second, so counts come from what is written anyway; shared intermediates
+are computed once and their plans cut (``pipeline/held.py``: planning deep
+plans again for each action cost more than the jobs); ``stats["stage_seconds"]`` and
 ``stats["stage_spark_jobs"]`` say where a night's time went
 (``benchmarks/delta_scaling.py``).
 """
@@ -53,6 +54,7 @@ from ..features.validate import check_threshold, validate
 from ..lake import schemas
 from ..lake.engine import ConcurrentRunError, LakeError, to_arrow
 from ..lake.ledger import Ledger
+from .held import Held
 from .stages import StageClock
 
 if TYPE_CHECKING:
@@ -144,18 +146,12 @@ def _check_change_fraction(cfg: "Config", lake: "LakeEngine", first: int, kinds:
 
 def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int, last: int,
                   run_id: str) -> PreparedNight:
-    cached: list = []
+    held = Held()  # released in `finally`, before training needs the memory
     adaptive = spark.conf.get(ADAPTIVE, None)
-
-    def keep(df):  # cached for this run only: released in `finally`, before training needs the memory
-        cached.append(df if df.is_cached else df.cache())
-        return df
-
     try:
-        return _prepare(spark, cfg, lake, first, last, run_id, keep)
+        return _prepare(spark, cfg, lake, first, last, run_id, held)
     finally:
-        for df in cached:
-            df.unpersist()
+        held.release()
         _set_adaptive(spark, adaptive)  # the session's own setting again
 
 
@@ -186,7 +182,7 @@ def _counts(arrow, column: str) -> dict[str, int]:
     return {r["values"]: int(r["counts"]) for r in pc.value_counts(arrow[column]).to_pylist()}
 
 
-def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
+def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight:
     from pyspark.sql import functions as F
 
     c = F.col
@@ -196,6 +192,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
         cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.item_stats_table)
     items = read_items(cfg, lake)  # (item_id, text) through source.items, checked first; None: no catalogue
     changes, rewrites = cancel_rewrites(read_source_changes(spark, cfg, lake, first, last))
+    keep, cut = held.keep, held.cut
     changes = keep(changes)
     keys = keep(tonight_keys(changes))
     adaptive = spark.conf.get(ADAPTIVE, None)
@@ -209,17 +206,14 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     adaptive_off = small_night(spark, cfg, sum(kinds.values()), adaptive)
     stage.mark("read_changes")
     prior_ids, prior = prior_index(lake, keys, first, index_table)
-    if prior is not None:  # night-sized slices of the history: read once, used by several outputs
-        prior_ids, prior = keep(prior_ids), keep(prior)
+    if prior is not None:  # night-sized slices of the history, used by several outputs: computed once
+        prior_ids, prior = cut(prior_ids), cut(prior)
     stage.mark("index_lookup")
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(features),
                  prior_ids=prior_ids, prior=prior,
-                 rating_scale=(features.rating.min, features.rating.max))
-    for df in v.cached:
-        keep(df)
-    accepted = keep(v.accepted)
-    events = keep(v.events)
-    retractions = keep(v.retractions)
+                 rating_scale=(features.rating.min, features.rating.max), materialize=cut)
+    # validation's outputs: night-sized, each read by several of the outputs below
+    accepted, events, retractions = cut(v.accepted), cut(v.events), cut(v.retractions)
 
     # Counted from what is written anyway (the quarantine as Arrow) and one
     # aggregate for the rest: every Spark job costs a fixed fraction of a second.
@@ -244,8 +238,8 @@ def _prepare(spark, cfg, lake, first, last, run_id, keep) -> PreparedNight:
     # events they change (a superset is fine: next_user_state joins by user).
     touched = keys.select("user_id")
     touched = (touched if prior is None else touched.unionByName(prior.select("user_id"))).distinct()
-    base_users = keep(lake.read_on_executors(users_table, base_version(lake, users_table, first))
-                      .join(F.broadcast(touched), "user_id", "left_semi"))
+    base_users = cut(lake.read_on_executors(users_table, base_version(lake, users_table, first))
+                     .join(F.broadcast(touched), "user_id", "left_semi"))
     base_items = keep(lake.read_on_executors(items_table, base_version(lake, items_table, first)))
 
     new_users = to_arrow(next_user_state(base_users, events, retractions, features), schemas.USER_STATE)
