@@ -164,8 +164,11 @@ def test_rerun_leaves_the_lake_as_one_run(spark, lake_root):
                        ev("bad2", "u1", "i1", 13, qty=-3)])
     DeltaTable(lake.uri(cfg.lake.events_table)).delete("event_id = 'e1'")
     adaptive = spark.conf.get("spark.sql.adaptive.enabled")
+    held = set(spark.sparkContext._jsc.getPersistentRDDs().keySet())
     first = J.prepare_night(spark, cfg, lake, 1, 2, "r1")
     assert first.stats["adaptive_off"] and spark.conf.get("spark.sql.adaptive.enabled") == adaptive  # restored
+    # what the night cached or cut (local checkpoints) is released: training gets the executors' memory back
+    assert set(spark.sparkContext._jsc.getPersistentRDDs().keySet()) == held
     once = snapshot(lake, ["r0", "r1"])
     on = cfg.replace(spark=cfg.spark.replace(adaptive_min_rows=0))  # the rerun with adaptive execution
     again = J.prepare_night(spark, on, lake, 1, 2, "r1")
