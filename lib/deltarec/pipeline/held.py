@@ -44,6 +44,10 @@ class Held:
             df.unpersist()
         for df in self._cut:
             jdf = getattr(df, "_jdf", None)  # None under Spark Connect
-            if jdf is not None:  # the checkpointed RDD's blocks (the Python API has no call for them)
-                jdf.queryExecution().logical().rdd().unpersist(False)
+            if jdf is not None:
+                # The checkpointed RDD's blocks: the Python API has no call for
+                # them, and RDD.unpersist would log a WARN on every night ("its
+                # lineage has been truncated"), which is the point of a cut.
+                rdd = jdf.queryExecution().logical().rdd()
+                df.sparkSession.sparkContext._jsc.sc().unpersistRDD(rdd.id(), False)
         self._cached, self._cut = [], []
