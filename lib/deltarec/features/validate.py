@@ -256,8 +256,8 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     # Held (``materialize``): `rows` and the lookup every output below shares
     # (the earlier state of changed events), so each is computed once however
     # many outputs are read — on a small night each Spark job is mostly fixed
-    # cost. (The
-    # cancellations' matches are a small local DataFrame: cancellations.py.)
+    # cost. (The cancellations' matches are a small local DataFrame:
+    # cancellations.py.)
     hold = materialize or (lambda df: df.cache())
     rows = hold(rows)
 
