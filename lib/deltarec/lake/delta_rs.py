@@ -131,6 +131,12 @@ class DeltaRsEngine(LakeEngine):
         dt = self._table(table)
         if first < 0 or first > last or last > dt.version():
             raise LakeError(f"change feed of {table!r}: bad version range {first}..{last} (latest {dt.version()})")
+        # The executors read the range's files (change_feed.py); the driver reads its commit JSONs only
+        from . import change_feed
+
+        files = change_feed.plan(self.uri(table), dt, first, last, table)
+        if files is not None:
+            return change_feed.read(self._require_spark(), files)
         cdf = pa.RecordBatchReader.from_stream(dt.load_cdf(starting_version=first, ending_version=last)).read_all()
         return self._to_spark(plain_strings(cdf))
 
