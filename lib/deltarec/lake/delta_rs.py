@@ -1,9 +1,12 @@
 """Embedded lake engine: delta-rs (PyPI ``deltalake``), no JVM jars needed.
 
-Spark still does the transforms; Delta reads/writes go through Arrow on the
-driver, which is the right trade on one machine, except the night's training
-examples: the executors write their Parquet parts (``part_files.py``) and read
-them back, the driver only commits (``replace_partition``, ``read_partition``).
+Spark still does the transforms; small Delta reads/writes go through Arrow on
+the driver. What is night-sized does not: the executors read the change feed's
+files (``change_feed.py``) and snapshots (``read_on_executors``), write the
+night's training examples as Parquet parts the driver only commits
+(``part_files.py``: ``replace_partition``, ``read_partition``), and write a
+DataFrame given to ``write``/``merge`` as staged Parquet files the driver
+streams into delta-rs a batch at a time (``staging.py``).
 
 Over 300 lines because it is one implementation of the whole ``LakeEngine``
 contract (tests/test_lake_contract.py), one method per operation.
@@ -15,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from .engine import LakeEngine, LakeError, ConcurrentRunError, Data, plain_strings, to_arrow
+from .engine import LakeEngine, LakeError, ConcurrentRunError, Data, plain_strings, spark_arrow_schema, to_arrow
+from .staging import staged
 
 # Commit metadata: one JSON string in the commit's userMetadata, where Delta's
 # own writers put it (delta-spark reads it back), so a lake can change engines.
@@ -164,13 +168,18 @@ class DeltaRsEngine(LakeEngine):
               enable_cdf=False, schema=None) -> int:
         from deltalake import write_deltalake
 
-        arrow = to_arrow(data, schema)
         configuration = {"delta.enableChangeDataFeed": "true"} if enable_cdf and not self.exists(table) else None
-        write_deltalake(
-            self.uri(table), arrow, mode=mode, partition_by=partition_by,
-            predicate=replace_where, configuration=configuration,
-        )
-        return self._table(table).version()
+
+        def commit(source) -> int:
+            write_deltalake(self.uri(table), source, mode=mode, partition_by=partition_by,
+                            predicate=replace_where, configuration=configuration)
+            return self._table(table).version()
+
+        if isinstance(data, pa.Table):
+            return commit(to_arrow(data, schema))
+        # A DataFrame: the executors write it, the driver streams it into delta-rs (staging.py)
+        with staged(data, self.root, schema if schema is not None else spark_arrow_schema(data)) as rows:
+            return commit(rows.reader())
 
     def replace_partition(self, table: str, data: "DataFrame", partition: dict[str, str], schema: pa.Schema,
                           count_by: str | None = None) -> dict[str, Any]:
@@ -217,14 +226,23 @@ class DeltaRsEngine(LakeEngine):
 
     def merge(self, table: str, data: Data, on: list[str], *, update: bool,
               commit_metadata: dict[str, str] | None = None, update_if: str | None = None) -> dict[str, int]:
+        if not isinstance(data, pa.Table):  # the executors write it, the driver streams it (staging.py)
+            target = _arrow_schema(self._table(table))  # cast to the target's types, as a collected source was
+            schema = pa.schema([target.field(n) for n in data.columns]) if set(data.columns) <= set(target.names) \
+                else spark_arrow_schema(data)
+            with staged(data, self.root, schema) as rows:
+                return self._merge(table, rows.reader(), on, update, commit_metadata, update_if)
+        return self._merge(table, to_arrow(data), on, update, commit_metadata, update_if)
+
+    def _merge(self, table, source, on, update, commit_metadata, update_if) -> dict[str, int]:
+        # source: an Arrow table or a stream of batches (delta-rs's streamed MERGE reads it once)
         from deltalake import CommitProperties
         from deltalake.exceptions import CommitFailedError
 
-        arrow = to_arrow(data)
         predicate = " AND ".join(f"t.{c} = s.{c}" for c in on)
         props = CommitProperties(custom_metadata={METADATA_KEY: json.dumps(commit_metadata)}) \
             if commit_metadata else None
-        merger = self._table(table).merge(arrow, predicate, source_alias="s", target_alias="t",
+        merger = self._table(table).merge(source, predicate, source_alias="s", target_alias="t",
                                           commit_properties=props)
         if update:
             merger = merger.when_matched_update_all(predicate=update_if)

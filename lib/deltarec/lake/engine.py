@@ -229,13 +229,22 @@ def _normalise_root(root: str) -> str:
 
 
 def to_arrow(data: Data, schema: pa.Schema | None = None) -> pa.Table:
-    """Spark DataFrame or Arrow table → Arrow table (cast to ``schema`` if given)."""
+    """Spark DataFrame or Arrow table → Arrow table (cast to ``schema`` if given).
+    A DataFrame is collected into the driver: only for small ones (the delta-rs
+    engine's ``write``/``merge`` stage night-sized DataFrames instead)."""
     if not isinstance(data, pa.Table):
         data = data.toArrow()
     data = plain_strings(data)
     if schema is not None:
         data = data.select(schema.names).cast(schema)
     return data
+
+
+def spark_arrow_schema(df: "DataFrame") -> pa.Schema:
+    """The Arrow schema of a Spark DataFrame's rows, in ``plain_strings``' types."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return plain_strings(to_arrow_schema(df.schema, timezone="UTC").empty_table()).schema
 
 
 def plain_strings(table: pa.Table) -> pa.Table:

@@ -51,7 +51,7 @@ def write_files(data: "DataFrame", table_uri: str, partition: dict[str, str], fi
         from pyspark import TaskContext
 
         name = f"part-{TaskContext.get().partitionId():05d}-{write_id}.snappy.parquet"
-        path = f"{root.rstrip('/')}/{rel_dir}/{name}"
+        path = "/".join(p for p in (root.rstrip("/"), rel_dir, name) if p)  # no partition: no directory
         writer, sink, buffered, rows, counts = None, None, [], 0, {}
 
         def flush():
@@ -92,7 +92,8 @@ def write_files(data: "DataFrame", table_uri: str, partition: dict[str, str], fi
         if fs is not None:  # ParquetWriter closes only the files it opened itself
             sink.close()
         size = os.path.getsize(path) if fs is None else fs.get_file_info(path).size
-        yield pa.RecordBatch.from_pylist([{"path": quote(f"{rel_dir}/{name}", safe="/=-_."), "size": size,
+        rel = f"{rel_dir}/{name}" if rel_dir else name
+        yield pa.RecordBatch.from_pylist([{"path": quote(rel, safe="/=-_."), "size": size,
                                            "rows": rows, "counts": json.dumps(counts)}])
 
     return [r.asDict() for r in data.mapInArrow(write_task, RESULT_SCHEMA).collect()]

@@ -31,8 +31,10 @@ of the event index (duplicate ids; every row of the events tonight's updates,
 deletes and cancellations refer to) and of ``user_state`` by Spark joins with
 the tables read by the executors (``LakeEngine.read_on_executors``);
 ``item_stats`` is read whole by the executors (catalogue-sized: popularity
-negatives need it). The driver collects only night-sized results (tonight's
-state rows, the quarantine, counts). Each Spark job costs a fixed fraction of
+negatives need it). The change feed is read by the executors, and the
+writes (quarantine, index, state MERGEs, examples) take DataFrames: the
+driver collects counts and file lists, not rows (on delta-rs it streams
+staged Parquet into delta-rs a batch at a time: ``lake/staging.py``). Each Spark job costs a fixed fraction of
 a second, so counts come from what is written anyway; shared intermediates
 are computed once and their plans cut (``pipeline/held.py``: planning deep
 plans again for each action cost more than the jobs); ``stats["stage_seconds"]`` and
@@ -52,7 +54,7 @@ from ..features.prior import prior_index, tonight_keys
 from ..features.state import next_item_stats, next_user_state
 from ..features.validate import check_threshold, validate
 from ..lake import schemas
-from ..lake.engine import ConcurrentRunError, LakeError, to_arrow
+from ..lake.engine import ConcurrentRunError, LakeError
 from ..lake.ledger import Ledger
 from .held import Held
 from .stages import StageClock
@@ -172,14 +174,13 @@ def small_night(spark: "SparkSession", cfg: "Config", rows: int, adaptive: str |
     return small
 
 
-def _df(spark, arrow):
-    return None if arrow is None else spark.createDataFrame(arrow)
+def _typed(df: "DataFrame", schema) -> "DataFrame":
+    """``df``'s columns of the Arrow ``schema``, cast to its Spark types (what a
+    collect cast to it gave before)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
 
-
-def _counts(arrow, column: str) -> dict[str, int]:
-    import pyarrow.compute as pc
-
-    return {r["values"]: int(r["counts"]) for r in pc.value_counts(arrow[column]).to_pylist()}
+    return df.select(*[F.col(f.name).cast(f.dataType) for f in from_arrow_schema(schema)])
 
 
 def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight:
@@ -215,15 +216,15 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
     # validation's outputs: night-sized, each read by several of the outputs below
     accepted, events, retractions = cut(v.accepted), cut(v.events), cut(v.retractions)
 
-    # Counted from what is written anyway (the quarantine as Arrow) and one
-    # aggregate for the rest: every Spark job costs a fixed fraction of a second.
-    quarantined = to_arrow(v.quarantined, schemas.QUARANTINE_EVENTS)
-    reasons = _counts(quarantined, "reason")
+    # Counted in one aggregate (every Spark job costs a fixed fraction of a
+    # second); the quarantine's rows stay on the executors until written.
     tallies = (accepted.groupBy(F.lit("outcome").alias("what"), c("outcome").alias("value")).count()
                .unionByName(retractions.groupBy(F.lit("cause").alias("what"), c("cause").alias("value")).count())
+               .unionByName(v.quarantined.groupBy(F.lit("reason").alias("what"), c("reason").alias("value")).count())
                .collect())
     outcomes = {r["value"]: int(r["count"]) for r in tallies if r["what"] == "outcome"}
     causes = {r["value"]: int(r["count"]) for r in tallies if r["what"] == "cause"}
+    reasons = {r["value"]: int(r["count"]) for r in tallies if r["what"] == "reason"}
     n_accepted = sum(outcomes.values())
     n_quarantined = sum(reasons.values())
     consumed = n_accepted + n_quarantined
@@ -242,11 +243,11 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
                      .join(F.broadcast(touched), "user_id", "left_semi"))
     base_items = keep(lake.read_on_executors(items_table, base_version(lake, items_table, first)))
 
-    new_users = to_arrow(next_user_state(base_users, events, retractions, features), schemas.USER_STATE)
-    new_items = to_arrow(next_item_stats(base_items, events, retractions, features,
-                                         items),
-                         schemas.ITEM_STATS)
-    tonight_items = _df(spark, new_items)
+    # Tonight's state rows stay on the executors: the MERGEs take the DataFrames
+    # (delta-rs: staged Parquet streamed into delta-rs; lake/staging.py).
+    new_users = _typed(next_user_state(base_users, events, retractions, features), schemas.USER_STATE)
+    new_items = cut(_typed(next_item_stats(base_items, events, retractions, features, items), schemas.ITEM_STATS))
+    tonight_items = new_items
     stats_after = base_items.join(tonight_items.select("item_id"), "item_id", "left_anti").unionByName(tonight_items)
     if items is None:  # no catalogue table: negatives come from every item seen so far
         items = stats_after.select("item_id")
@@ -261,19 +262,21 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
 
     guard()
     lake.create(tables.quarantine_table, schemas.QUARANTINE_EVENTS)
-    lake.write(tables.quarantine_table, quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
+    lake.write(tables.quarantine_table, v.quarantined, mode="overwrite", replace_where=f"run_id = '{run_id}'",
                schema=schemas.QUARANTINE_EVENTS)
     lake.create(index_table, schemas.EVENT_INDEX)
     guard()
     lake.write(index_table, v.index, mode="overwrite",  # only this run's versions: later ones are another run's
                replace_where=f"source_version >= {first} AND source_version <= {last}", schema=schemas.EVENT_INDEX)
-    n_users, n_items = new_users.num_rows, new_items.num_rows
-    if n_users:
-        guard()
-        lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
-    if n_items:
-        guard()
-        lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta, update_if=STATE_UPDATE_IF)
+    # Rows updated: the MERGEs' own counts (a MERGE of no rows commits nothing)
+    guard()
+    merged = lake.merge(users_table, new_users, ["user_id"], update=True, commit_metadata=meta,
+                        update_if=STATE_UPDATE_IF)
+    n_users = merged["inserted"] + merged["updated"]
+    guard()
+    merged = lake.merge(items_table, new_items, ["item_id"], update=True, commit_metadata=meta,
+                        update_if=STATE_UPDATE_IF)
+    n_items = merged["inserted"] + merged["updated"]
     stage.mark("write_state")
     crash_point("after_state_write")
     # The executors write the examples' Parquet files and the driver commits them
