@@ -21,9 +21,16 @@ the driver's Python peak memory above its start, Spark jobs and seconds per
 stage go to the JSON rows. Prints a table and
 ``ratio_16x_1x_first=`` (first runs), ``ratio_16x_1x_rerun=`` (fastest reruns)
 and, as the last line, ``ratio_16x_1x=<float>``: the first runs' ratio.
+Several night sizes (``--night 50000,200000``) are each timed at every
+history size (a larger night with a larger audience: users and items grow
+with it); ``night_ratio_time=`` and ``driver_rss_ratio_night=`` compare the
+largest night with the smallest at 1x history. The driver's figures: its
+peak RSS (absolute), its peak above the night's start, and the bytes it read
+and wrote (``/proc/self/io``: files and py4j's socket).
 
     .venv/bin/python benchmarks/delta_scaling.py            # night of 50k events
     .venv/bin/python benchmarks/delta_scaling.py --quick    # night of 5k events
+    .venv/bin/python benchmarks/delta_scaling.py --night 50000,200000 --multiples 1
 """
 from __future__ import annotations
 
@@ -74,7 +81,7 @@ def build(spark, base_cfg_args, night: int, multiple: int, users: int, items: in
     from deltarec.lake import open_lake, schemas
     from deltarec.pipeline import delta_job as J
 
-    root = workdir / f"lake_{multiple}x"
+    root = workdir / f"lake_{night}_{multiple}x"
     shutil.rmtree(root, ignore_errors=True)
     cfg = load_config(ROOT / "conf" / "local.yaml", base_cfg_args + [f"lake.root={root}"], environ={})
     hist_cfg = load_config(ROOT / "conf" / "local.yaml", base_cfg_args + [f"lake.root={root}", "features.negatives=0"],
@@ -103,7 +110,7 @@ def build(spark, base_cfg_args, night: int, multiple: int, users: int, items: in
     dtab.update(predicate="event_id IN (" + ", ".join(f"'e{g}'" for g in fixed) + ")", updates={"quantity": "7"})
     last = lake.version(cfg.lake.events_table)
     index_rows = lake.scan(J.EVENT_INDEX_TABLE, ["event_id"]).count()
-    return {"multiple": multiple, "history_events": n_hist, "index_rows": index_rows,
+    return {"night": night, "multiple": multiple, "history_events": n_hist, "index_rows": index_rows,
             "history_build_s": round(build_s, 1), "_night": (cfg, lake, first, last), "_runs": []}
 
 
@@ -126,16 +133,31 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def io_bytes() -> int:
+    """Bytes this process read and wrote through system calls (files, sockets:
+    py4j's too), from /proc/self/io; -1 where there is none."""
+    try:
+        with open("/proc/self/io") as f:
+            io = dict(line.split(": ") for line in f.read().splitlines())
+        return int(io["rchar"]) + int(io["wchar"])
+    except (OSError, KeyError, ValueError):
+        return -1
+
+
 class DriverPeak:
-    """The driver's Python process's peak resident memory above what it held
-    when the night started (sampled every 10 ms): what the night's rows cost the
-    driver (collected Arrow, pandas, Python objects). In local mode the JVM is
-    the executors' too, so it is not counted."""
+    """The driver's Python process's peak resident memory (sampled every
+    10 ms), absolute (``rss_mb``: Python, Arrow and delta-rs's Rust alike) and
+    above what it held when the night started (``mb``: what the night's rows
+    cost the driver), and the bytes it read and wrote meanwhile (``io_mb``).
+    In local mode the JVM is the executors' too, so it is not counted."""
 
     def __enter__(self):
         import threading
 
+        self.io = io_bytes()
         self.base = self.peak = rss_mb()
+        self.t0 = time.perf_counter()
+        self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._sample, daemon=True)
         self._t.start()
@@ -143,12 +165,27 @@ class DriverPeak:
 
     def _sample(self):
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_mb())
+            rss = rss_mb()
+            self.peak = max(self.peak, rss)
+            self.samples.append((time.perf_counter() - self.t0, rss))
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.mb = round(max(self.peak, rss_mb()) - self.base, 1)
+        self.peak = max(self.peak, rss_mb())
+        self.mb = round(self.peak - self.base, 1)
+        self.rss_mb = round(self.peak, 1)
+        self.io_mb = round((io_bytes() - self.io) / 2**20, 1) if self.io >= 0 else None
+
+    def by_stage(self, stage_seconds: dict[str, float]) -> dict[str, float]:
+        """Peak RSS above the start within each stage (stages in order, from
+        the night's start: where the driver's memory went)."""
+        out, t = {}, 0.0
+        for stage, s in stage_seconds.items():
+            inside = [r for at, r in self.samples if t <= at < t + s]
+            out[stage] = round(max(inside) - self.base, 1) if inside else None
+            t += s
+        return out
 
 
 def time_night(spark, row) -> None:
@@ -161,7 +198,8 @@ def time_night(spark, row) -> None:
     with DriverPeak() as driver:
         res = J.prepare_night(spark, cfg, lake, first, last, "night")
     row["_runs"].append({"s": time.perf_counter() - t, "cpu_s": cpu_seconds(spark) - c, "load1": os.getloadavg()[0],
-                         "driver_peak_mb": driver.mb,
+                         "driver_peak_mb": driver.mb, "driver_rss_mb": driver.rss_mb, "driver_io_mb": driver.io_mb,
+                         "driver_stage_mb": driver.by_stage(res.stats["stage_seconds"]),
                          "stages": res.stats["stage_seconds"], "jobs": res.stats["stage_spark_jobs"],
                          "adaptive_off": res.stats.get("adaptive_off")})
     row.update(night_rows=res.consumed, examples=res.examples, quarantined=res.quarantined)
@@ -177,19 +215,29 @@ def summary(row) -> dict:
                rerun_cpu_s=round(min(r["cpu_s"] for r in reruns), 2) if reruns else None,
                night_s_all=[round(r["s"], 2) for r in runs], load1_all=[round(r["load1"], 1) for r in runs],
                driver_peak_mb=max((r["driver_peak_mb"] for r in runs if "driver_peak_mb" in r), default=None),
+               driver_rss_mb=max(r["driver_rss_mb"] for r in runs), driver_io_mb=first["driver_io_mb"],
                stage_s=first["stages"], stage_spark_jobs=first["jobs"])
     return out
 
 
 def ratio(rows, key: str) -> float:
-    by = {r["multiple"]: r[key] for r in rows}
+    """16x history : 1x history, at the smallest night."""
+    night = min(r["night"] for r in rows)
+    by = {r["multiple"]: r[key] for r in rows if r["night"] == night}
     return by[16] / by[1] if by.get(1) and by.get(16) else float("nan")
+
+
+def night_ratio(rows, key: str) -> float:
+    """Largest night : smallest night, at 1x history."""
+    by = {r["night"]: r[key] for r in rows if r["multiple"] == 1}
+    return by[max(by)] / by[min(by)] if len(by) > 1 and by[min(by)] else float("nan")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--night", type=int, default=50_000, help="events in the timed night")
-    ap.add_argument("--multiples", default="1,4,16", help="history sizes, in nights (must include 1 and 16)")
+    ap.add_argument("--night", default="50000",
+                    help="events in the timed night; several (50000,200000): each at every history size")
+    ap.add_argument("--multiples", default="1,4,16", help="history sizes, in nights (ratios need 1 and 16)")
     ap.add_argument("--quick", action="store_true", help="a 5k-event night")
     ap.add_argument("--repeat", type=int, default=2,
                     help="time each night this many times (in rounds): the first run, then reruns (the fastest counts)")
@@ -198,9 +246,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (e.g. spark.adaptive_min_rows=0: adaptive execution on)")
     args = ap.parse_args(argv)
-    night = 5_000 if args.quick else args.night
+    nights = [5_000] if args.quick else [int(n) for n in args.night.split(",")]
     multiples = [int(m) for m in args.multiples.split(",")]
-    users, items = max(1000, night // 5), max(500, night // 20)
+
+    def audience(night: int) -> tuple[int, int]:  # users, items: a larger night has a larger audience
+        return max(1000, night // 5), max(500, night // 20)
 
     from deltarec.config import load_config
     from deltarec.spark import build_spark
@@ -212,37 +262,44 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="delta_scaling_"))
     rows = []
     try:
-        warm = build(spark, base, night, 1, users, items, workdir / "warmup")  # JVM start-up, JIT: paid here
+        warm = build(spark, base, nights[0], 1, *audience(nights[0]), workdir / "warmup")  # JVM start-up, JIT: paid here
         time_night(spark, warm)
         print(json.dumps({"warm_up_night_s": round(warm["_runs"][0]["s"], 2)}), flush=True)
-        for m in multiples:
-            rows.append(build(spark, base, night, m, users, items, workdir))
+        for night in nights:
+            for m in multiples:
+                rows.append(build(spark, base, night, m, *audience(night), workdir))
         # Every size's nights are timed in rounds, the order reversed each round,
         # so a change in the machine's load over time weighs on all sizes alike.
         for k in range(args.repeat):
             for row in (rows if k % 2 == 0 else rows[::-1]):
                 time_night(spark, row)
-                print(json.dumps({"multiple": row["multiple"], **row["_runs"][-1]}), flush=True)
+                print(json.dumps({"night": row["night"], "multiple": row["multiple"], **row["_runs"][-1]}),
+                      flush=True)
         rows = [summary(r) for r in rows]
         for r in rows:
             print(json.dumps(r), flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nnight of {night} events, {users} users, {items} items; spark {spark.conf.get('spark.master')}")
-    print("| history | history events | index rows | night rows | examples | first run s | reruns s | "
-          "first run CPU s | Spark jobs | driver peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nnights of {', '.join(f'{n} events ({audience(n)[0]} users, {audience(n)[1]} items)' for n in nights)}"
+          f"; spark {spark.conf.get('spark.master')}")
+    print("| night | history | history events | index rows | night rows | examples | first run s | reruns s | "
+          "first run CPU s | Spark jobs | driver peak RSS MB | above start MB | driver I/O MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['multiple']}x | {r['history_events']} | {r['index_rows']} | {r['night_rows']} | "
+        print(f"| {r['night']} | {r['multiple']}x | {r['history_events']} | {r['index_rows']} | {r['night_rows']} | "
               f"{r['examples']} | {r['first_s']:.2f} | {', '.join(map(str, r['night_s_all'][1:])) or '–'} | "
-              f"{r['first_cpu_s']:.1f} | {sum(r['stage_spark_jobs'].values())} | {r['driver_peak_mb']} |")
+              f"{r['first_cpu_s']:.1f} | {sum(r['stage_spark_jobs'].values())} | {r['driver_rss_mb']} | "
+              f"{r['driver_peak_mb']} | {r['driver_io_mb']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"ratio_16x_1x_rerun={ratio(rows, 'rerun_s'):.3f}  (fastest reruns; "
           f"CPU {ratio(rows, 'rerun_cpu_s'):.3f})")
     print(f"ratio_16x_1x_first={ratio(rows, 'first_s'):.3f}  (first runs; CPU {ratio(rows, 'first_cpu_s'):.3f})")
-    print(f"driver_peak_ratio_16x_1x={ratio(rows, 'driver_peak_mb'):.3f}  (the driver's Python, above its start)")
+    print(f"driver_peak_ratio_16x_1x={ratio(rows, 'driver_peak_mb'):.3f}  (the driver's Python, above its start; "
+          f"peak RSS {ratio(rows, 'driver_rss_mb'):.3f})")
+    print(f"night_ratio_time={night_ratio(rows, 'first_s'):.3f}  driver_rss_ratio_night={night_ratio(rows, 'driver_rss_mb'):.3f}"
+          f"  driver_io_ratio_night={night_ratio(rows, 'driver_io_mb'):.3f}  (largest night : smallest, 1x history)")
     print(f"ratio_16x_1x={ratio(rows, 'first_s'):.3f}")
     return 0
 

@@ -105,7 +105,8 @@ class LakeEngine(abc.ABC):
     ) -> int:
         """Append or overwrite (all, or only rows matching ``replace_where``);
         returns the new version. ``enable_cdf`` turns the change feed on when the
-        table is created."""
+        table is created. A DataFrame ``data`` is never collected into the
+        driver (delta-rs: staged by the executors, streamed; delta-spark: native)."""
 
     @abc.abstractmethod
     def replace_partition(self, table: str, data: "DataFrame", partition: dict[str, str], schema: pa.Schema,
@@ -135,7 +136,8 @@ class LakeEngine(abc.ABC):
         """MERGE ``data`` into ``table`` on equal ``on`` keys: insert new keys and,
         if ``update``, overwrite matched rows (only those where the SQL predicate
         ``update_if`` over ``t.`` target and ``s.`` source columns holds).
-        Returns {"inserted": n, "updated": n}.
+        Returns {"inserted": n, "updated": n}. A DataFrame ``data`` is never
+        collected into the driver (as in ``write``).
         Concurrent inserts of the same key make one side fail (Delta conflict check).
         ``commit_metadata`` is recorded in the commit (see ``commit_metadata``)."""
 
