@@ -114,3 +114,12 @@ def test_an_expired_log_is_refused_naming_the_version(lake):
     with pytest.raises(LakeError, match="log entry of version 2 .* is gone"):
         lake.read_changes("events", 1, 3)
     assert lake.read_changes("events", 3, 7).count() > 0  # later versions stay readable
+
+
+def test_a_vacuumed_file_is_named(lake):
+    uri = every_kind(lake)
+    gone = os.path.join(uri, DeltaTable(uri).get_add_actions(flatten=True).column("path")[0].as_py())
+    os.remove(gone)  # what a VACUUM past the range does
+    with pytest.raises(LakeError, match=f"data file {gone} not found .* VACUUMed"):
+        lake.read_changes("events", 7, 7)
+

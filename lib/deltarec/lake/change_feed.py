@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -58,6 +59,7 @@ class ChangeFiles:
     files: list[str]  # distinct paths in the table URI's own form, sorted
     mapping: pa.Table  # MAPPING_SCHEMA: one row per (file, version) the range reads it at
     schema: pa.Schema  # the table's (latest) schema: what load_cdf reads the files with
+    table: str = ""  # its name, for errors
 
 
 def commit_actions(uri: str, version: int, table: str) -> list[dict[str, Any]]:
@@ -135,7 +137,7 @@ def plan(uri: str, dt, first: int, last: int, table: str) -> ChangeFiles | None:
     files = sorted({p if is_absolute(p) else join(uri, p) for p in names.values()})
     from .engine import plain_strings
 
-    return ChangeFiles(files, mapping, plain_strings(pa.schema(dt.schema()).empty_table()).schema)
+    return ChangeFiles(files, mapping, plain_strings(pa.schema(dt.schema()).empty_table()).schema, table)
 
 
 def read(spark: "SparkSession", cf: ChangeFiles) -> "DataFrame":
@@ -148,7 +150,17 @@ def read(spark: "SparkSession", cf: ChangeFiles) -> "DataFrame":
     file_schema = from_arrow_schema(pa.schema([*cf.schema, pa.field("_change_type", pa.string())]))
     mapping = spark.createDataFrame(cf.mapping)  # built in Arrow like delta-rs's rows were: the same Spark types
     if cf.files:
-        rows = spark.read.schema(file_schema).parquet(*cf.files)
+        try:  # Spark lists the files now: a missing one fails here
+            rows = spark.read.schema(file_schema).parquet(*cf.files)
+        except Exception as e:
+            gone = _missing(cf.files) if "PATH_NOT_FOUND" in str(e) else []
+            if not gone:
+                raise
+            raise LakeError(
+                f"change feed of {cf.table!r}: data file {gone[0]} not found ({len(gone)} of the range's "
+                f"{len(cf.files)} files missing), though the log still lists it: it was VACUUMed or removed before "
+                "this range was read. Restore the files from a backup, or start the model over on the table's "
+                "current snapshot") from e
         # The file's name from the path Spark read it at (URL-encoded; '+' is literal there, not a space).
         path = F.url_decode(F.regexp_replace(F.col("_metadata.file_path"), r"\+", "%2B"))
         rows = rows.withColumn(FILE, F.element_at(F.split(path, "/"), -1))
@@ -157,6 +169,16 @@ def read(spark: "SparkSession", cf: ChangeFiles) -> "DataFrame":
     return rows.join(F.broadcast(mapping), FILE).select(
         *cf.schema.names, F.coalesce(F.col("_change_type"), F.col(KIND)).alias("_change_type"),
         *CHANGE_COLUMNS[1:])
+
+
+def _missing(files: list[str]) -> list[str]:
+    """The files that do not exist (asked only after a read failed)."""
+    out = []
+    for f in files:
+        fs, path = filesystem(f)
+        if (not os.path.exists(path)) if fs is None else fs.get_file_info(path).type.name == "NotFound":
+            out.append(path if fs is None else f)
+    return out
 
 
 def _schema_before(uri: str, first: int) -> str:
