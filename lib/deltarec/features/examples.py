@@ -23,6 +23,12 @@ the holdout flag. Pure DataFrame → DataFrame; no I/O.
   the night's newest event (0 = no decay), so reruns give the same weights.
 - Holdout: a hash of the *source* event id, so an event, its negatives and its
   retractions fall on the same side.
+- Repeat lists (``features.repeat_items`` > 0): the customer's whole-history
+  items with decayed counts as of the event's basket (``repeats.py``);
+  negatives copy their positive's, retractions carry none.
+
+(Over 300 lines: labels, histories, negatives and weights are one table's
+columns and share its joins; splitting them would scatter one contract.)
 """
 from __future__ import annotations
 
