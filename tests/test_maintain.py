@@ -94,3 +94,27 @@ def test_maintain_compacts_vacuums_and_drops_uncommitted_checkpoints(spark, lake
     now = table_sizes(lake, list(tables))
     assert tables == now and tables[cfg.lake.user_state_table]["files"] >= 1
     assert tables[cfg.lake.examples_table]["bytes"] > 0
+
+
+def test_a_failing_maintain_after_the_night_leaves_the_commit_standing(spark, lake_root):
+    """Any error of the end-of-night step (here delta-rs's own, from OPTIMIZE
+    reading a damaged file: not a LakeError nor an OSError) is logged and
+    returned: the night it follows is committed and must not be reported as
+    failed."""
+    import pyarrow as pa
+
+    from deltarec.lake import schemas
+    from deltarec.maintain import maybe_maintain
+
+    cfg = make_config(lake_root, "maintain.every_nights=1", *RETENTION)
+    lake = open_lake(cfg.lake, spark)
+    ledger = Ledger(lake, cfg.lake.runs_table)
+    table = cfg.lake.event_index_table
+    rows = pa.Table.from_pylist([{"event_id": f"e{n}", "source_version": n} for n in range(4)])
+    rows = pa.Table.from_pylist(rows.to_pylist(), schema=schemas.EVENT_INDEX)
+    for n in range(2):  # two small files: OPTIMIZE has work to do
+        lake.write(table, rows.slice(2 * n, 2), schema=schemas.EVENT_INDEX)
+    damaged = sorted(parquet_on_disk(lake_root, table))[0]
+    Path(damaged).write_bytes(b"not parquet")
+    out = maybe_maintain(cfg, lake, ledger)
+    assert out is not None and "error" in out and out["error"], out

@@ -32,7 +32,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
-from .lake import ConcurrentRunError, LakeError
+from .lake import ConcurrentRunError
 from .lake.ledger import Ledger
 from .lake.uri import filesystem, local_path
 
@@ -160,9 +160,10 @@ def maybe_maintain(cfg: "Config", lake: "LakeEngine", ledger: Ledger) -> dict[st
         return None
     try:
         return maintain(cfg, lake)
-    except (LakeError, OSError) as e:
-        log.warning("maintain after the night failed (the night is committed): %s", e)
-        return {"error": str(e)}
+    except Exception as e:  # noqa: BLE001 - delta-rs's own errors too: the night before it is committed
+        log.warning("maintain after the night failed (the night is committed; run `deltarec maintain` "
+                    "to retry): %s: %s", type(e).__name__, e)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def describe(report: dict[str, Any]) -> str:

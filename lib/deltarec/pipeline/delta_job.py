@@ -205,9 +205,10 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
     _check_change_fraction(cfg, lake, first, kinds, n_rewrites)
     adaptive_off = small_night(spark, cfg, sum(kinds.values()), adaptive)
     stage.mark("read_changes")
-    prior_ids, prior = prior_index(lake, keys, first, index_table)
-    if prior is not None:  # night-sized slices of the history, used by several outputs: computed once
-        prior_ids, prior = cut(prior_ids), cut(prior)
+    # night-sized slices of the history, read by several outputs: computed once
+    prior_ids, prior = prior_index(lake, keys, first, index_table, materialize=cut)
+    if prior is not None:
+        prior = cut(prior)
     stage.mark("index_lookup")
     v = validate(changes, cfg.validation, run_id, trained_types=trained_types(features),
                  prior_ids=prior_ids, prior=prior,
