@@ -71,6 +71,7 @@ from deltarec.evaluation.tifu_knn import TifuParams, baskets_of, tifu_scores, ve
 STRATEGIES = ("incremental", "full_retrain", "stale", "popularity", "personal", "personal_recency", "tifu_knn",
               "als")
 BASELINES = ("popularity", "personal", "personal_recency", "tifu_knn", "als")
+CHOOSABLE = ("incremental", "full_retrain", "stale", "als")  # --strategies: the ones that cost; the rest always run
 LABELS = {"incremental": "deltarec incremental", "full_retrain": "deltarec full retrain",
           "stale": "first model, never updated", "popularity": "most popular (7 days)",
           "personal": "own history + popular", "personal_recency": "own history, decayed + popular",
@@ -258,10 +259,37 @@ def user_histories(data: Interactions, mask: np.ndarray, users: np.ndarray, leng
     return h
 
 
+def user_repeats(lake, cfg, users: np.ndarray, when: dt.datetime) -> dict[str, np.ndarray] | None:
+    """The users' whole-history repeat lists as serving reads them: the lake's
+    ``user_state`` after the night (``features/repeats.py``), as of ``when``
+    (the scored day's start); None with ``features.repeat_items=0``."""
+    from deltarec.features.repeats import state_arrays
+
+    k = cfg.features.repeat_items
+    if not k:
+        return None
+    state = lake.read_arrow(cfg.lake.user_state_table)
+    at = {u: j for j, u in enumerate(state["user_id"].to_pylist())}
+    rows = [at.get(u, -1) for u in users]
+    t = state.take(pa.array([max(r, 0) for r in rows], pa.int64())) if state.num_rows else state
+    ref = np.full(len(users), int(when.timestamp() * 1_000_000), dtype=np.int64)
+    out = state_arrays(t, ref, k, cfg.features.repeat_half_life_days) if state.num_rows else \
+        state_arrays(pa.table({"user_id": pa.array([None] * len(users), pa.string())}), ref, k,
+                     cfg.features.repeat_half_life_days)
+    missing = np.array([r < 0 for r in rows], dtype=bool)
+    if missing.any():  # a customer the lake has no state for: no lists
+        out["repeat_idx"][missing] = -1
+        for c in out:
+            if c != "repeat_idx":
+                out[c][missing] = 0.0
+    return out
+
+
 def model_scores(model, users: np.ndarray, cat_idx: np.ndarray, data: Interactions, mask: np.ndarray,
-                 history_length: int) -> np.ndarray:
+                 history_length: int, repeat: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """(users × catalogue) scores of a deltarec model from the users' hashed ids
-    (and, for a model that asks for it, their last items before the day)."""
+    (and, for a model that asks for them, their last items before the day and
+    their whole-history repeat lists, ``user_repeats``)."""
     import torch
 
     u = torch.tensor([data.user_hash[x] for x in users], dtype=torch.long)
@@ -274,6 +302,8 @@ def model_scores(model, users: np.ndarray, cat_idx: np.ndarray, data: Interactio
     with torch.no_grad():
         for s in range(0, len(users), 256):
             kw = {"history_idx": hist[s:s + 256]} if hist is not None else {}
+            if repeat is not None and "repeat_idx" in getattr(model, "inputs", ()):
+                kw["repeat"] = {c: torch.from_numpy(v[s:s + 256]) for c, v in repeat.items()}
             out.append(model.score_all(u[s:s + 256], items, **kw).double().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(cat_idx)))
 
@@ -410,6 +440,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--tune-days", type=int, default=5,
                     help="days before the first scored one on which TIFU-KNN and personal_recency are tuned")
+    ap.add_argument("--strategies", default=",".join(CHOOSABLE),
+                    help=f"comma-separated, of {', '.join(CHOOSABLE)} (default: all; incremental always runs: "
+                         "it keeps the lake the others are scored from); the count baselines always run")
     ap.add_argument("--trends", action="store_true", help="the trend-driven synthetic data instead of Online Retail")
     ap.add_argument("--trend-users", type=int, default=2000)
     ap.add_argument("--trend-items", type=int, default=600)
@@ -421,6 +454,11 @@ def parse_args(argv=None):
         args.history_days = 60 if args.quick else 0
     if args.nights < 1:
         ap.error(f"--nights must be >= 1, got {args.nights}")
+    chosen = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    bad = [x for x in chosen if x not in CHOOSABLE]
+    if bad:
+        ap.error(f"--strategies: unknown {', '.join(bad)}; choose from {', '.join(CHOOSABLE)}")
+    args.strategies = ["incremental"] + [x for x in CHOOSABLE if x in chosen and x != "incremental"]
     return args
 
 
@@ -491,8 +529,10 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     cat_hash = {r["item_id"]: r["h"] for r in spark.createDataFrame(items.select(["item_id"])).select(
         "item_id", bucket(F.col("item_id"), cfg.features.item_buckets).alias("h")).collect()}
 
-    cfgs = {"incremental": strategy_config(cfg, lake_dir / "incremental", "incremental"),
-            "full_retrain": strategy_config(cfg, lake_dir / "full_retrain", "full")}
+    run = [x for x in STRATEGIES if x in args.strategies or x not in CHOOSABLE]  # scored, in table order
+    cfgs = {"incremental": strategy_config(cfg, lake_dir / "incremental", "incremental")}
+    if "full_retrain" in run:
+        cfgs["full_retrain"] = strategy_config(cfg, lake_dir / "full_retrain", "full")
     lakes = {"incremental": open_lake(cfgs["incremental"].lake, spark)}  # full_retrain's: after the first run
 
     # ---- the history: one Delta commit through the normal loader, then each lineage's first (full) training
@@ -507,13 +547,14 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     # Both lineages start from the same first run (strategy full over the same commit, same seed: the
     # same examples and weights), so it runs once and full_retrain's lake starts as a copy of it. Its
     # ledger row keeps the checkpoint path inside the incremental lake; checkpoints are never rewritten.
-    shutil.copytree(lake_dir / "incremental", lake_dir / "full_retrain")
-    lakes["full_retrain"] = open_lake(cfgs["full_retrain"].lake, spark)
+    if "full_retrain" in run:
+        shutil.copytree(lake_dir / "incremental", lake_dir / "full_retrain")
+        lakes["full_retrain"] = open_lake(cfgs["full_retrain"].lake, spark)
     stale_run = ledger_runs(cfgs["incremental"], lakes["incremental"])[0]
     als = ImplicitALS(spark, rank=args.als_rank, max_iter=args.als_iter, reg_param=args.als_reg,
                       alpha=args.als_alpha, seed=args.seed)
-    rec = fit_als(als, data, day_bounds(nights[0][0]), memory)  # the history only
-    first["als"] = rec
+    if "als" in run:
+        first["als"] = fit_als(als, data, day_bounds(nights[0][0]), memory)  # the history only
     # the days before the first scored one (the last of them: the first night's day), never scored
     tune_dates = [d for d, _ in hist[-(args.tune_days - 1):]] + [nights[0][0]] if args.tune_days > 1 else [nights[0][0]]
     t = time.perf_counter()
@@ -522,7 +563,7 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
     log(f"tuned on {tune_dates[0]}..{tune_dates[-1]} ({first['tuning_seconds']}s): TIFU-KNN {tuned['tifu']}, "
         f"personal half-life {tuned['half_life']} days")
 
-    results: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in run}
     meta = {
         "data": what, "history": [str(hist[0][0]), str(hist[-1][0])], "history_days": n_hist,
         "nights": args.nights, "k": k, "auc_negatives_per_purchase": args.auc_negatives,
@@ -533,7 +574,7 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
         "als": als.params, "popularity_days": cfg.eval.popularity_days,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_at_start": os.getloadavg()},
-        "overrides": args.overrides, "first_training": first,
+        "overrides": args.overrides, "strategies": run, "first_training": first,
         "tuned": {**tuned, "tifu": dataclasses.asdict(tuned["tifu"])},
         "settings": {"model": cfg.model.model_dump(),
                      "train": cfg.train.model_dump()},
@@ -547,8 +588,9 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
             log(f"night {i} {name}: {cost[name]['seconds']:.0f}s ({cost[name]['train_seconds']:.0f}s training "
                 f"{cost[name]['examples']} examples)")
         release_memory(memory.jvm)
-        cost["als"] = fit_als(als, data, day_bounds(night_day) + dt.timedelta(days=1), memory)
-        log(f"night {i} als: {cost['als']['seconds']:.0f}s")
+        if "als" in run:
+            cost["als"] = fit_als(als, data, day_bounds(night_day) + dt.timedelta(days=1), memory)
+            log(f"night {i} als: {cost['als']['seconds']:.0f}s")
 
         # ---- score everyone on the next day, which nobody has trained on
         when = day_bounds(score_day_date)
@@ -561,10 +603,13 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
 
         scores: dict[str, np.ndarray] = {}
         cost["stale"] = {"seconds": 0.0, "examples": 0}
-        for name, served in (("incremental", serving_run(cfgs["incremental"], lakes["incremental"])),
-                             ("full_retrain", serving_run(cfgs["full_retrain"], lakes["full_retrain"])),
-                             ("stale", stale_run)):
-            scores[name] = model_scores(cached_model(served), day.users, cat_idx, data, seen, H)
+        # every lineage's lake holds the same user_state (same events): serving reads it whatever the model
+        repeat = user_repeats(lakes["incremental"], cfgs["incremental"], day.users, when)
+        for name in ("incremental", "full_retrain", "stale"):
+            if name not in run:
+                continue
+            served = stale_run if name == "stale" else serving_run(cfgs[name], lakes[name])
+            scores[name] = model_scores(cached_model(served), day.users, cat_idx, data, seen, H, repeat)
             cost[name]["serving_run"] = served.run_id
 
         recent = data.before(when, since=when - dt.timedelta(days=cfg.eval.popularity_days))
@@ -578,7 +623,8 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
         scores["personal"] = personal_scores(data.user[seen], data.item[seen], day.users, catalog,
                                              item_counts(data.item[recent], catalog))
         cost["personal"] = {"seconds": time.perf_counter() - t, "examples": int(seen.sum()), **memory.read()}
-        scores["als"] = als.scores(day.users, catalog, fallback=pop)
+        if "als" in run:
+            scores["als"] = als.scores(day.users, catalog, fallback=pop)
         pop7 = item_counts(data.item[recent], catalog)
         memory.start()
         t = time.perf_counter()
@@ -589,7 +635,7 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
         scores["tifu_knn"] = tifu_day(data, seen, day, pop7, [tuned["tifu"]])[tuned["tifu"]]
         cost["tifu_knn"] = {"seconds": time.perf_counter() - t, "examples": int(seen.sum()), **memory.read()}
 
-        for name in STRATEGIES:
+        for name in run:
             q = score_day(scores[name], day, k)
             results[name].append({"night": i, "trained_on": str(night_day), "scored_on": str(score_day_date),
                                   "users": len(day.users), "purchases": day.positives,
@@ -597,7 +643,7 @@ def benchmark(args, lake_dir: Path, t_all: float) -> int:
                                   "new_item_pairs": day.out_of_catalogue,
                                   **{m: round(v, 5) for m, v in q.items()}, **round_cost(cost[name])})
         log(f"night {i}/{args.nights} (trained on {night_day}, scored on {score_day_date}, {len(day.users)} users): "
-            + ", ".join(f"{s} {results[s][-1]['ndcg10']:.4f}/{results[s][-1]['seconds']:.0f}s" for s in STRATEGIES))
+            + ", ".join(f"{s} {results[s][-1]['ndcg10']:.4f}/{results[s][-1]['seconds']:.0f}s" for s in run))
         write_outputs(out_dir, meta, results, time.perf_counter() - t_all, partial=i < args.nights)
 
     total = time.perf_counter() - t_all
@@ -714,6 +760,8 @@ def write_outputs(out_dir: Path, meta: dict, results: dict, seconds: float, part
 
 
 def goal_check(s: dict) -> dict[str, Any]:
+    if "full_retrain" not in s or "stale" not in s or "als" not in s:
+        return partial_goal_check(s)
     g = lambda name, key: s[name][key]  # noqa: E731
     inc, full = g("incremental", "mean_ndcg10"), g("full_retrain", "mean_ndcg10")
     if inc is None or full is None:
@@ -736,6 +784,23 @@ def goal_check(s: dict) -> dict[str, Any]:
     return {"line": line, "met": all(checks.values()), "checks": checks, "time_ratio": round(ratio, 4)}
 
 
+def partial_goal_check(s: dict) -> dict[str, Any]:
+    """The goals an ablation run (``--strategies`` without every strategy) can check."""
+    inc = s["incremental"]["mean_ndcg10"]
+    if inc is None:
+        return {"line": "goal: no nights scored yet", "met": False}
+    scored = [b for b in BASELINES if b in s]
+    best = max(scored, key=lambda b: s[b]["mean_ndcg10"] or 0.0)
+    checks = {f"ndcg_1.10x_best_baseline_{best}": inc >= 1.10 * s[best]["mean_ndcg10"],
+              **({"ndcg_above_stale": inc > (s["stale"]["mean_ndcg10"] or 0.0)} if "stale" in s else {}),
+              **{f"ndcg_above_{b}": inc > s[b]["mean_ndcg10"] for b in scored}}
+    line = (f"goals checked (ablation: {', '.join(s)}): incremental NDCG@10 {inc:.4f}; "
+            + ", ".join(f"{b} {s[b]['mean_ndcg10']:.4f}" for b in s if b != "incremental")
+            + f" (best baseline {best}: incremental/best = {inc / s[best]['mean_ndcg10']:.3f}); "
+            + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in checks.items()))
+    return {"line": line, "met": all(checks.values()), "checks": checks}
+
+
 def _f(v, fmt=".4f"):
     return "-" if v is None else format(v, fmt)
 
@@ -753,22 +818,23 @@ def markdown(doc: dict) -> str:
              "(other backends).", "",
              f"| strategy | NDCG@{k} | HR@{k} | AUC | GAUC | seconds | examples | driver MB | JVM MB | workers MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in STRATEGIES:
+    shown = [x for x in STRATEGIES if x in s]
+    for name in shown:
         m = s[name]
         lines.append(f"| {name} | {_f(m['mean_ndcg10'])} | {_f(m['mean_hr10'])} | {_f(m['mean_auc'])} | "
                      f"{_f(m['mean_gauc'])} | {_f(m['mean_seconds'], '.1f')} | {_f(m['mean_examples'], ',.0f')} | "
                      f"{_f(m['max_driver_peak_mb'], '.0f')} | {_f(m['max_jvm_peak_mb'], '.0f')} | "
                      f"{_f(m['max_workers_peak_mb'], '.0f')} |")
     for name in ("incremental", "full_retrain"):
-        ph = s[name].get("mean_phases")
+        ph = s[name].get("mean_phases") if name in s else None
         if ph:
             lines += ["", f"Where a {name} night's seconds go (means): "
                       + ", ".join(f"{p} {_f(v, '.1f')}" for p, v in ph.items())]
     lines += ["", f"Per night: NDCG@{k} / seconds", "",
-              "| night | trained on | scored on | users | " + " | ".join(STRATEGIES) + " |",
-              "|---|---|---|---|" + "---|" * len(STRATEGIES)]
+              "| night | trained on | scored on | users | " + " | ".join(shown) + " |",
+              "|---|---|---|---|" + "---|" * len(shown)]
     for j, n in enumerate(s["incremental"]["nights"]):
-        cells = [f"{_f(s[x]['nights'][j]['ndcg10'])} / {_f(s[x]['nights'][j]['seconds'], '.0f')}" for x in STRATEGIES]
+        cells = [f"{_f(s[x]['nights'][j]['ndcg10'])} / {_f(s[x]['nights'][j]['seconds'], '.0f')}" for x in shown]
         lines.append(f"| {n['night']} | {n['trained_on']} | {n['scored_on']} | {n['users']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -784,7 +850,7 @@ def plot(path: Path, doc: dict) -> None:
     for ax, key, title in ((axes[0, 0], "ndcg10", f"next-day NDCG@{k}"), (axes[0, 1], "hr10", f"next-day HR@{k}"),
                            (axes[1, 0], "auc", "next-day AUC (sampled negatives)"),
                            (axes[1, 1], "seconds", "wall seconds per night (log)")):
-        for name in STRATEGIES:
+        for name in [x for x in STRATEGIES if x in s]:
             pts = [(n["night"], n.get(key)) for n in s[name]["nights"] if n.get(key)]
             if pts:
                 xs, ys = zip(*pts)

@@ -300,6 +300,13 @@ class FeaturesConfig(Section):
         "Needs negatives > 0, negative_sampling=uniform and history_length > 0."))
     history_length: int = Field(20, ge=0, description=(
         "Item ids per example's history (user_state keeps as many). 0: no history, no repeat term."))
+    repeat_items: int = Field(0, ge=0, le=1000, description=(
+        "Distinct items per customer in user_state's whole-history repeat lists (count, time-decayed count, "
+        "last purchase; features/repeats.py), kept by decayed count and carried into every example: "
+        "model.name=repeat_explore's repeat term reads them instead of the history window. 0: off."))
+    repeat_half_life_days: float = Field(90.0, ge=0, description=(
+        "Days: a purchase counts 0.5 ** (age / this) in the repeat lists' decayed counts (90: the "
+        "personal_recency baseline's tuned half-life on Online Retail). 0: no decay."))
     history_before: Literal["day", "time"] = Field("day", description=(
         "An example's history: the items before its day (as the nightly model serves it) or before its time."))
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description=(

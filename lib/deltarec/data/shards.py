@@ -25,11 +25,16 @@ from ..lake.engine import plain_strings
 COLUMNS = ("user_idx", "item_idx", "label", "weight")
 # Optional columns: read when a model asks for them and the file has them.
 OPTIONAL = ("holdout", "history_idx", "history_ids", "user_id", "item_id", "event_time")
+# The whole-history repeat lists (features/repeats.py): read for a model with repeat_items > 0.
+REPEAT_INT = ("repeat_idx",)
+REPEAT_FLOAT = ("repeat_weights", "repeat_counts", "repeat_ages")
 PAD = -1  # history padding (left): a position with no item
 
 _EMPTY_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "holdout": pa.bool_(),
                 "event_time": pa.timestamp("us", "UTC"),
-                "history_idx": pa.list_(pa.int64()), "history_ids": pa.list_(pa.string())}
+                "history_idx": pa.list_(pa.int64()), "history_ids": pa.list_(pa.string()),
+                "repeat_idx": pa.list_(pa.int64()), "repeat_ids": pa.list_(pa.string()),
+                **{c: pa.list_(pa.float32()) for c in REPEAT_FLOAT}}
 
 
 def _empty_type(c: str) -> pa.DataType:
@@ -69,7 +74,7 @@ def _fill_missing(t: pa.Table, columns: list[str]) -> pa.Table:
     for c in columns:
         if c in t.column_names:
             continue
-        if c in ("history_idx", "history_ids"):
+        if c in ("history_idx", "history_ids", "repeat_ids", *REPEAT_INT, *REPEAT_FLOAT):  # written before them
             arr = pa.array([[]] * t.num_rows, _empty_type(c))
         elif c == "holdout":
             arr = pa.array(np.zeros(t.num_rows, dtype=bool))
@@ -139,19 +144,19 @@ def _np(table: pa.Table, name: str, dtype) -> np.ndarray:
 
 
 def pad_lists(lists: pa.Array | pa.ChunkedArray, length: int, values: np.ndarray | None = None,
-              fill: int = PAD) -> np.ndarray:
+              fill: int | float = PAD, dtype=np.int64) -> np.ndarray:
     """list<int> → (N, length) int64, the last ``length`` items of each list,
     left-padded with ``fill`` (so the newest item sits in the last column).
     ``values``: replacement for the flattened values (e.g. mapped rows)."""
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks() if lists.num_chunks else pa.array([], lists.type)
     n = len(lists)
-    out = np.full((n, length), fill, dtype=np.int64)
+    out = np.full((n, length), fill, dtype=dtype)
     if n == 0 or length == 0:
         return out
     lens = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
     flat = values if values is not None else np.asarray(
-        pc.list_flatten(lists).to_numpy(zero_copy_only=False), dtype=np.int64)
+        pc.list_flatten(lists).to_numpy(zero_copy_only=False), dtype=dtype)
     starts = np.cumsum(lens) - lens
     k = np.minimum(lens, length)
     rows = np.repeat(np.arange(n), k)
@@ -160,7 +165,24 @@ def pad_lists(lists: pa.Array | pa.ChunkedArray, length: int, values: np.ndarray
     return out
 
 
-def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | None = None) -> Batch:
+def repeat_tensors(table: pa.Table, k: int, vocabs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The whole-history repeat lists of ``table``'s rows as (N, k) tensors:
+    ``repeat_idx`` (-1 padded), the float columns (0 padded), ``repeat_row``
+    with a dynamic vocabulary."""
+    out = {"repeat_idx": torch.from_numpy(pad_lists(table["repeat_idx"], k))}
+    for c in REPEAT_FLOAT:
+        out[c] = torch.from_numpy(pad_lists(table[c], k, fill=0.0, dtype=np.float32))
+    if vocabs:
+        ids, idx = table["repeat_ids"], table["repeat_idx"]
+        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], ids.type)
+        idx = idx.combine_chunks() if idx.num_chunks else pa.array([], idx.type)
+        rows = vocabs["item"].rows_for(pc.list_flatten(ids), pc.list_flatten(idx))
+        out["repeat_row"] = torch.from_numpy(pad_lists(ids, k, values=rows))
+    return out
+
+
+def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | None = None,
+             repeat_items: int = 0) -> Batch:
     """Zero-copy where Arrow allows: the tensors view Arrow's (read-only)
     buffers, which the loop only indexes, never writes.
 
@@ -189,12 +211,18 @@ def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | 
             hidx = hidx.combine_chunks() if hidx.num_chunks else pa.array([], hidx.type)
             rows = vocabs["item"].rows_for(pc.list_flatten(hist), pc.list_flatten(hidx))
             b["history_row"] = torch.from_numpy(pad_lists(hist, history_length, values=rows))
+    if repeat_items:
+        b.update(repeat_tensors(table, repeat_items, vocabs))
     return b
 
 
-def columns_for(history_length: int = 0, dynamic: bool = False, days: bool = False) -> list[str]:
-    """Columns a shard reads; ``days``: the event time too (a model's ``event_day`` input)."""
+def columns_for(history_length: int = 0, dynamic: bool = False, days: bool = False,
+                repeat_items: int = 0) -> list[str]:
+    """Columns a shard reads; ``days``: the event time too (a model's ``event_day`` input);
+    ``repeat_items``: the whole-history repeat lists."""
     cols = list(COLUMNS)
+    if repeat_items:
+        cols += [*REPEAT_INT, *REPEAT_FLOAT] + (["repeat_ids"] if dynamic else [])
     if history_length:
         cols.append("history_idx")
     if days:
@@ -213,6 +241,9 @@ def model_batch(table: pa.Table, model) -> dict[str, torch.Tensor]:
     length = int(getattr(model, "history_length", 0) or 0)
     if length and "history_idx" in table.column_names:
         b["history_idx"] = torch.from_numpy(pad_lists(table["history_idx"], length))
+    k = int(getattr(model, "repeat_items", 0) or 0)
+    if k and "repeat_idx" in table.column_names:
+        b.update(repeat_tensors(table, k))
     return b
 
 

@@ -23,12 +23,19 @@ the holdout flag. Pure DataFrame → DataFrame; no I/O.
   the night's newest event (0 = no decay), so reruns give the same weights.
 - Holdout: a hash of the *source* event id, so an event, its negatives and its
   retractions fall on the same side.
+- Repeat lists (``features.repeat_items`` > 0): the customer's whole-history
+  items with decayed counts as of the event's basket (``repeats.py``);
+  negatives copy their positive's, retractions carry none.
+
+(Over 300 lines: labels, histories, negatives and weights are one table's
+columns and share its joins; splitting them would scatter one contract.)
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from ..lake import schemas
+from . import repeats
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -160,7 +167,8 @@ def _history_negatives(pos: "DataFrame", cfg: "FeaturesConfig", n_items: int) ->
     past = F.filter(F.array_distinct(F.arrays_zip(c("history_ids"), c("history_idx"))),
                     lambda e: e["history_ids"] != c("item_id"))
     draws = (pos.where(c("_positive"))
-             .select("event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx", past.alias("_past"))
+             .select("event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx",
+                     *repeats.EXAMPLE_COLUMNS, past.alias("_past"))
              .where(F.size("_past") > 0)
              .withColumn("j", F.explode(F.sequence(F.lit(0), F.lit(cfg.history_negatives - 1)))))
     at = F.pmod(F.xxhash64(c("event_id"), c("j"), F.lit(cfg.seed), F.lit("history")), F.size("_past")) + 1
@@ -169,7 +177,31 @@ def _history_negatives(pos: "DataFrame", cfg: "FeaturesConfig", n_items: int) ->
         F.concat(c("event_id"), F.lit(":h"), c("j").cast("string")).alias("event_id"),
         c("user_id"), c("_e.history_ids").alias("item_id"), c("user_idx"), c("_e.history_idx").alias("item_idx"),
         F.lit(0.0).alias("label"), weight.cast("float").alias("weight"), c("event_time"),
-        F.lit("negative").alias("kind"), "history_ids", "history_idx", c("event_id").alias("src"))
+        F.lit("negative").alias("kind"), "history_ids", "history_idx", *repeats.EXAMPLE_COLUMNS,
+        c("event_id").alias("src"))
+
+
+def _no_repeats(alias: bool = True) -> list["Column"]:
+    """Empty repeat lists (typed as TRAINING_EXAMPLES has them)."""
+    from pyspark.sql import functions as F
+
+    cols = [F.array().cast(spark_type(schemas.TRAINING_EXAMPLES.field(n).type)) for n in repeats.EXAMPLE_COLUMNS]
+    return [e.alias(n) for e, n in zip(cols, repeats.EXAMPLE_COLUMNS)] if alias else cols
+
+
+def _with_repeats(ev: "DataFrame", base: "DataFrame", cfg: "FeaturesConfig") -> "DataFrame":
+    """``ev`` (with ``_basket``) plus each event's whole-history repeat lists as
+    of its basket (``repeats.example_rows``; empty with ``features.repeat_items=0``)."""
+    from pyspark.sql import functions as F
+
+    c = F.col
+    if not cfg.repeat_items:
+        return ev.select("*", *_no_repeats())
+    lines = ev.select("user_id", "event_time", "item_id", "item_idx", "_basket", "_positive")
+    rep = repeats.example_rows(base, lines, cfg.repeat_half_life_days, cfg.repeat_items)
+    ev = ev.withColumn("_basket_us", F.unix_micros(c("_basket"))).join(rep, ["user_id", "_basket_us"], "left")
+    return ev.select(*[n for n in ev.columns if n not in repeats.EXAMPLE_COLUMNS and n != "_basket_us"],
+                     *[F.coalesce(c(n), e).alias(n) for n, e in zip(repeats.EXAMPLE_COLUMNS, _no_repeats(False))])
 
 
 def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFrame", cfg: "FeaturesConfig",
@@ -196,8 +228,12 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
     empty_s, empty_l = F.array().cast("array<string>"), F.array().cast("array<bigint>")
     if history is None:
         history = spark.createDataFrame([], "user_id string, history_ids array<string>, history_idx array<bigint>")
+    base = history
     history = history.select("user_id", c("history_ids").alias("_h_ids"), c("history_idx").alias("_h_idx"))
     ev = ev.join(history, "user_id", "left")
+    ev = ev.withColumn("_basket", F.date_trunc("day", c("event_time"))
+                       if cfg.history_before == "day" else c("event_time"))
+    ev = _with_repeats(ev, base, cfg)
     if N > 0:
         # The history an event is trained with is the one it would be served
         # with: everything before its day (features.history_before=day; the
@@ -211,8 +247,6 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
         # Per basket: its last N items (time, version, id order); then the last
         # N items of the N baskets before it (each basket has >= 1 item).
         line = F.struct("event_time", "source_version", "event_id", "item_id", "item_idx")
-        ev = ev.withColumn("_basket", F.date_trunc("day", c("event_time"))
-                           if cfg.history_before == "day" else c("event_time"))
         baskets = ev.groupBy("user_id", "_basket").agg(_last(F.sort_array(F.collect_list(line)), N).alias("_b"))
         w = Window.partitionBy("user_id").orderBy("_basket").rowsBetween(-N, -1)
         baskets = baskets.select("user_id", "_basket",
@@ -225,11 +259,12 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
                                                          F.transform(before, lambda e: e["item_idx"])), N))
     else:
         ev = ev.withColumn("history_ids", empty_s).withColumn("history_idx", empty_l)
+    R = list(repeats.EXAMPLE_COLUMNS)
     cols = ["event_id", "user_id", "item_id", "user_idx", "item_idx", "label", "weight", "event_time",
-            "kind", "history_ids", "history_idx", "src"]
+            "kind", "history_ids", "history_idx", *R, "src"]
     pos = ev.select(c("event_id"), c("user_id"), c("item_id"), c("user_idx"), c("item_idx"), c("label"),
                     weight(cfg).alias("weight"), c("event_time"), F.lit("event").alias("kind"),
-                    "history_ids", "history_idx", c("event_id").alias("src"), c("_positive"))
+                    "history_ids", "history_idx", *R, c("event_id").alias("src"), c("_positive"))
 
     ret = with_indices(retractions, cfg).join(history, "user_id", "left").select(
         F.concat(c("event_id"), F.lit(":r"), c("source_version").cast("string")).alias("event_id"),
@@ -237,12 +272,13 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
         F.lit(cfg.retraction_weight).alias("weight"), c("event_time"), F.lit("retraction").alias("kind"),
         (_last(F.coalesce(c("_h_ids"), empty_s), N) if N else empty_s).alias("history_ids"),
         (_last(F.coalesce(c("_h_idx"), empty_l), N) if N else empty_l).alias("history_idx"),
-        c("event_id").alias("src"))
+        # a retraction is the correction of one purchase, not a repeat decision: no repeat lists
+        *_no_repeats(), c("event_id").alias("src"))
     out = pos.drop("_positive").unionByName(ret)
 
     if cfg.negatives > 0:
         draws = pos.where(c("_positive")).select(
-            "event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx",
+            "event_id", "user_id", "user_idx", "event_time", "history_ids", "history_idx", *R,
             F.explode(F.sequence(F.lit(0), F.lit(cfg.negatives - 1))).alias("j"))
         h = F.xxhash64(c("event_id"), c("j"), F.lit(cfg.seed))
         table, key = None, None
@@ -259,7 +295,7 @@ def build_examples(events: "DataFrame", retractions: "DataFrame", items: "DataFr
                 F.concat(c("event_id"), F.lit(":n"), c("j").cast("string")).alias("event_id"),
                 c("user_id"), c("item_id"), c("user_idx"), c("item_idx"),
                 F.lit(0.0).alias("label"), F.lit(1.0).alias("weight"), c("event_time"),
-                F.lit("negative").alias("kind"), "history_ids", "history_idx", c("event_id").alias("src"))
+                F.lit("negative").alias("kind"), "history_ids", "history_idx", *R, c("event_id").alias("src"))
             out = out.unionByName(neg.select(*cols))
         if cfg.history_negatives > 0 and N > 0 and key == "pos" and n:
             out = out.unionByName(_history_negatives(pos, cfg, n).select(*cols))

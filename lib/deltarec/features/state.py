@@ -10,14 +10,19 @@ a night's cost follows the night, not the history.
 
 History is what a user did: a retraction does not remove an item from the
 history (the retraction example carries the correction to the model), it
-counts in ``retractions`` (and lowers the item's ``popularity``).
+counts in ``retractions`` (and lowers the item's ``popularity``). The
+whole-history repeat lists (``repeat_*``, ``repeats.py``; with
+``features.repeat_items`` > 0) are counts, not a history: a retraction takes
+its purchase out of them. A state row written before they existed reads as
+empty lists.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from ..lake import schemas
-from .examples import bucket, label, spark_type
+from . import repeats
+from .examples import bucket, label, positive, spark_type
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -52,8 +57,19 @@ def next_user_state(base: "DataFrame", events: "DataFrame", retractions: "DataFr
     rcounts = retractions.groupBy("user_id").agg(F.count(F.lit(1)).alias("_t_retr"),
                                                  F.max("source_version").alias("_r_v"))
     touched = counts.join(rcounts, "user_id", "full").join(hist, "user_id", "left")
-    b = base.select("user_id", *[c(n).alias("_b_" + n) for n in schemas.USER_STATE.names if n != "user_id"])
+    b = base.select("user_id", *[(c(n) if n in base.columns else F.lit(None)).alias("_b_" + n)
+                                 for n in schemas.USER_STATE.names if n != "user_id"])
     s = touched.join(b, "user_id", "left")
+    if cfg.repeat_items:
+        adds = new.where(F.coalesce(positive(cfg), F.lit(False))).select(
+            "user_id", "event_time", "item_id", bucket(c("item_id"), cfg.item_buckets).alias("item_idx"))
+        rep = repeats.state_rows(base, adds, retractions, cfg.repeat_half_life_days, cfg.repeat_items)
+        s = s.join(rep.select("user_id", *[c(n).alias("_r_" + n) for n in repeats.STATE_COLUMNS]), "user_id", "left")
+        # a customer touched tonight without a purchase or retraction keeps the lists as they were
+        kept = [F.when(c("_r_repeat_as_of").isNotNull() | c("_r_repeat_ids").isNotNull(), c("_r_" + n))
+                .otherwise(c("_b_" + n)).alias(n) for n in repeats.STATE_COLUMNS]
+    else:
+        kept = [F.lit(None).alias(n) for n in repeats.STATE_COLUMNS]
     empty = F.array().cast("array<string>")
     ids = F.concat(F.coalesce(c("_b_history_ids"), empty), F.coalesce(c("_t_ids"), empty))
     ids = F.slice(ids, F.greatest(F.size(ids) - F.lit(N - 1), F.lit(1)), F.lit(N)) if N else empty
@@ -66,6 +82,7 @@ def next_user_state(base: "DataFrame", events: "DataFrame", retractions: "DataFr
         F.least(c("_b_first_seen"), c("_t_first")).alias("first_seen"),
         F.greatest(c("_b_last_seen"), c("_t_last")).alias("last_seen"),
         F.greatest(c("_t_v"), c("_r_v")).alias("source_version"),
+        *kept,
     )
     return _typed(out, schemas.USER_STATE)
 

@@ -55,6 +55,13 @@ TRAINING_EXAMPLES = pa.schema(
         pa.field("history_ids", pa.list_(pa.string())),  # the user's items before this event, oldest first
         pa.field("history_idx", pa.list_(pa.int64())),
         pa.field("holdout", pa.bool_()),  # from the source event id: tonight's evaluation slice
+        # The customer's whole-history repeat lists as of the event's day (features/repeats.py; empty with
+        # features.repeat_items=0): items, decayed counts rescaled to that day, counts, days since the last.
+        pa.field("repeat_ids", pa.list_(pa.string())),
+        pa.field("repeat_idx", pa.list_(pa.int64())),
+        pa.field("repeat_weights", pa.list_(pa.float32())),
+        pa.field("repeat_counts", pa.list_(pa.float32())),
+        pa.field("repeat_ages", pa.list_(pa.float32())),
     ]
 )
 
@@ -86,6 +93,14 @@ USER_STATE = pa.schema(
         pa.field("first_seen", TS),
         pa.field("last_seen", TS),
         pa.field("source_version", pa.int64()),  # last source version that changed this row
+        # Whole-history repeat lists (features/repeats.py; null: features.repeat_items=0 or written before),
+        # one entry per distinct item bought, ranked by decayed count; decayed counts as of repeat_as_of.
+        pa.field("repeat_ids", pa.list_(pa.string())),
+        pa.field("repeat_idx", pa.list_(pa.int64())),
+        pa.field("repeat_counts", pa.list_(pa.float64())),  # purchases minus retractions
+        pa.field("repeat_decayed", pa.list_(pa.float64())),  # sum of 0.5 ** (age / repeat_half_life_days)
+        pa.field("repeat_last", pa.list_(TS)),  # last purchase
+        pa.field("repeat_as_of", TS),
     ]
 )
 

@@ -22,7 +22,15 @@ history" and "something new", over exact or hashed ids.
   tower's), t the item's recent popularity and age as of the day
   (``item_clock.py``; as of the checkpoint's day when scoring).
 
-The repeat term sees only the history the examples carry
+With ``features.repeat_items`` > 0 (``repeat_items`` here) π_u ranges over
+the customer's whole-history repeat lists instead (``repeat_idx`` with decayed
+counts, counts and days since the last purchase: ``features/repeats.py``),
+``softmax_j(w · (log decayed, log1p count, share, 0.5 ** (days / 7)) + w' · t
++ r_j)``, starting at w = (1, 0, 0, 0), w' = 0: π_u is then the decayed-count
+share, the personal_recency baseline. A caller without the lists gets the
+window's π. (Over 300 lines: the two repeat sources share every other part.)
+
+The repeat term otherwise sees only the history the examples carry
 (``features.history_length`` lines): 20 lines hold about one Online Retail
 invoice, about 40 % of the repeats the whole history holds; 50 hold most of the
 signal (benchmarks/README.md, #17 session 3).
@@ -50,6 +58,8 @@ DECAYS = (0.97, 0.9, 0.7)  # per line back in the history
 RECENCY_DECAY = 0.9
 REPEAT_FEATURES = 3 + len(DECAYS)  # log1p(count), share, decayed shares, recency
 GATE_FEATURES = 2
+WHOLE_FEATURES = 4  # log decayed count, log1p(count), decayed share, 0.5 ** (days since last / 7)
+WHOLE_INPUTS = ("repeat_idx", "repeat_weights", "repeat_counts", "repeat_ages")
 NEG_INF = float("-inf")
 
 
@@ -85,14 +95,15 @@ class RepeatExploreModel(IdModel):
                  hidden: list[int] | tuple[int, ...] = (64,), dropout: float = 0.0, embedding: str = "hashed",
                  user_rows: int = 0, item_rows: int = 0, text: dict[str, Any] | None = None,
                  history_length: int = 50, item_half_lives: list[float] | tuple[float, ...] = (3.0, 21.0),
-                 repeat_gate: bool = True, oov_buckets: int = 16):
+                 repeat_gate: bool = True, oov_buckets: int = 16, repeat_items: int = 0):
         super().__init__()
         if history_length < 1:
             raise ValueError(f"history_length={history_length}: the repeat-explore model reads at least 1 item")
         self._init_ids(embedding, user_buckets, item_buckets, user_rows, item_rows, oov_buckets)
         self.history_length = history_length
         self.repeat_gate = bool(repeat_gate)
-        self.inputs = ("history_idx", "event_day")
+        self.repeat_items = int(repeat_items)
+        self.inputs = ("history_idx", "event_day") + (WHOLE_INPUTS if self.repeat_items else ())
         D = embedding_dim
         self.user_emb = nn.Embedding(self.rows_of["user"], D)
         self.item_emb = nn.Embedding(self.rows_of["item"], D)
@@ -114,6 +125,9 @@ class RepeatExploreModel(IdModel):
         self.repeat = nn.Linear(REPEAT_FEATURES, 1, bias=False)
         self.repeat_time = nn.Linear(self.clock.n_features, 1, bias=False)  # recent popularity of a past item
         self.item_repeat = nn.Embedding(self.rows_of["item"], 1)
+        # the whole-history lists' features (features.repeat_items > 0); starts as log of the decayed count:
+        # with the gate at "repeat" the model ranks past items exactly as the personal_recency baseline
+        self.repeat_whole = nn.Linear(WHOLE_FEATURES, 1, bias=False)
         self.gate = nn.Linear(GATE_FEATURES, 1)
         self.user_gate = nn.Embedding(self.rows_of["user"], 1)
         nn.init.normal_(self.user_emb.weight, std=INIT_STD)
@@ -128,7 +142,8 @@ class RepeatExploreModel(IdModel):
             self.repeat.weight.copy_(torch.tensor([[1.0] + [0.0] * (REPEAT_FEATURES - 1)]))
             K = len(self.clock.half_lives)
             self.item_time.weight[0, :K] = 1.0 / K
-            self.repeat_time.weight[0, :K] = 0.5 / K
+            self.repeat_time.weight[0, :K] = 0.5 / K if not self.repeat_items else 0.0
+            self.repeat_whole.weight.copy_(torch.tensor([[1.0] + [0.0] * (WHOLE_FEATURES - 1)]))
         if text:
             from .text import TextTower
 
@@ -147,27 +162,55 @@ class RepeatExploreModel(IdModel):
             return rows, rows
         return h, h
 
+    def _repeat_source(self, batch: dict[str, torch.Tensor]):
+        """(ids, rows, features (N, K, WHOLE_FEATURES), valid (N, K)) of the
+        whole-history repeat lists, or None (off, or a caller without them: the
+        history window stands in)."""
+        if not self.repeat_items or "repeat_idx" not in batch:
+            return None
+        idx = batch["repeat_idx"][:, :self.repeat_items].long()
+        if self.embedding == "dynamic":
+            rows = batch["repeat_row"][:, :self.repeat_items] if "repeat_row" in batch else self.lookup("item", idx)
+            rows = torch.where(idx >= 0, rows, torch.full_like(rows, -1))
+        else:
+            rows = idx
+        valid = idx >= 0
+        w = batch["repeat_weights"][:, :self.repeat_items].float().clamp(min=1e-6)
+        n = batch["repeat_counts"][:, :self.repeat_items].float().clamp(min=0)
+        age = batch["repeat_ages"][:, :self.repeat_items].float().clamp(min=0)
+        share = (w * valid) / (w * valid).sum(1, keepdim=True).clamp(min=1e-12)
+        f = torch.stack([torch.log(w), torch.log1p(n), share, 0.5 ** (age / 7.0)], -1) * valid.unsqueeze(-1)
+        return rows, rows, f, valid
+
     def _items(self, items: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids to compare with the history, table rows) of candidate items."""
         rows = self.rows(items, "item")
         return rows, rows
 
-    def _user(self, batch: dict[str, torch.Tensor], hist_rows: torch.Tensor, day: torch.Tensor | None):
+    def _user(self, batch: dict[str, torch.Tensor], hist_rows: torch.Tensor, day: torch.Tensor | None,
+              whole=None):
         """φ_u (N, D), gate log-probabilities (log g, log(1 - g)) (N,), and the
-        history's repeat logits log π (N, L) (-inf off the distinct valid positions)."""
+        repeat logits log π (N, L) over the history window's positions, or
+        (N, K) over ``whole``'s lists (-inf off the distinct valid positions)."""
         ur = self.rows(batch, "user")
         u = self.user_emb(ur)
         valid = hist_rows >= 0
         h_emb = self.item_emb(hist_rows.clamp(min=0)) * valid.unsqueeze(-1)
         pooled = h_emb.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
         phi = u + self.user_tower(torch.cat([u, pooled], -1))
-        f, newest, _ = history_features(hist_rows)
-        t = self.clock.features(hist_rows, None if day is None else day[:, None])
-        r = (self.repeat(f) + self.repeat_time(t)).squeeze(-1) + self.item_repeat(hist_rows.clamp(min=0)).squeeze(-1)
+        if whole is None:
+            f, newest, _ = history_features(hist_rows)
+            size = valid.sum(1).to(torch.float32)
+            rep_rows, r = hist_rows, self.repeat(f)
+        else:
+            rep_rows, f, newest = whole[1], whole[2], whole[3]
+            size = (batch["repeat_counts"][:, :self.repeat_items].float().clamp(min=0) * newest).sum(1)
+            r = self.repeat_whole(f)
+        t = self.clock.features(rep_rows, None if day is None else day[:, None])
+        r = (r + self.repeat_time(t)).squeeze(-1) + self.item_repeat(rep_rows.clamp(min=0)).squeeze(-1)
         r = r.masked_fill(~newest, NEG_INF)
         has = newest.any(1)
         log_pi = r - torch.logsumexp(r.masked_fill(~has.unsqueeze(1), 0.0), 1, keepdim=True)
-        size = valid.sum(1).to(torch.float32)
         z = self.gate(torch.stack([torch.log1p(size), torch.log1p(newest.sum(1).to(torch.float32))], -1)).squeeze(-1)
         z = z + self.user_gate(ur).squeeze(-1)
         if not self.repeat_gate:  # ablation: a fixed, even mix
@@ -218,12 +261,14 @@ class RepeatExploreModel(IdModel):
         (when present) dates the items' popularity and age."""
         hist_ids, hist_rows = self._hist(batch)
         day = batch.get("event_day")
-        phi, log_g, log_1mg, log_pi = self._user(batch, hist_rows, day)
+        whole = self._repeat_source(batch)
+        phi, log_g, log_1mg, log_pi = self._user(batch, hist_rows, day, whole)
+        rep_ids = hist_ids if whole is None else whole[0]
         out = []
         for it in (items if isinstance(items, (list, tuple)) else [items]):
             ids, rows = self._items(it)
             explore = log_1mg.unsqueeze(1) + self._explore(phi, rows, it["item_idx"], day)
-            out.append(torch.logaddexp(explore, log_g.unsqueeze(1) + self._repeat_at(hist_ids, log_pi, ids)))
+            out.append(torch.logaddexp(explore, log_g.unsqueeze(1) + self._repeat_at(rep_ids, log_pi, ids)))
         return out if isinstance(items, (list, tuple)) else out[0]
 
     @torch.no_grad()
@@ -234,9 +279,10 @@ class RepeatExploreModel(IdModel):
         explore score e (N, C)."""
         hist_ids, hist_rows = self._hist(batch)
         day = batch.get("event_day")
-        phi, log_g, _, log_pi = self._user(batch, hist_rows, day)
+        whole = self._repeat_source(batch)
+        phi, log_g, _, log_pi = self._user(batch, hist_rows, day, whole)
         ids, rows = self._items(items)
-        return {"gate": log_g.exp(), "repeat": self._repeat_at(hist_ids, log_pi, ids),
+        return {"gate": log_g.exp(), "repeat": self._repeat_at(hist_ids if whole is None else whole[0], log_pi, ids),
                 "explore": self._explore(phi, rows, items["item_idx"], day)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,15 +291,23 @@ class RepeatExploreModel(IdModel):
 
     @torch.no_grad()
     def score_all(self, user_idx: torch.Tensor, item_idx: torch.Tensor,
-                  history_idx: torch.Tensor | None = None) -> torch.Tensor:
+                  history_idx: torch.Tensor | None = None,
+                  repeat: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """(U, I) scores of users ``user_idx`` for items ``item_idx`` (hashed
         indices), ``history_idx`` (U, L) each user's items before the scored
-        day (-1 padded, newest last; None: no history), as of the model's day."""
+        day (-1 padded, newest last; None: no history), as of the model's day;
+        ``repeat``: the users' whole-history lists (``WHOLE_INPUTS``, (U, K) each,
+        ``features.repeats.state_arrays``) as of the scored day."""
         if history_idx is not None and history_idx.shape[0] != len(user_idx):
             raise ValueError(f"history_idx has {history_idx.shape[0]} rows for {len(user_idx)} users: one row per user")
         batch = {"user_idx": user_idx}
         if history_idx is not None:
             batch["history_idx"] = history_idx.long()
+        if repeat is not None:
+            for k in WHOLE_INPUTS:
+                if repeat[k].shape[0] != len(user_idx):
+                    raise ValueError(f"repeat[{k!r}] has {repeat[k].shape[0]} rows for {len(user_idx)} users")
+                batch[k] = torch.as_tensor(repeat[k])
         return self.score_candidates(batch, {"item_idx": item_idx.long()})
 
     def item_space(self) -> dict[str, torch.Tensor]:
@@ -272,7 +326,7 @@ def _repeat_explore(user_buckets: int, item_buckets: int, embedding_dim: int = 3
                     dropout: float = 0.0, embedding: str = "hashed", user_rows: int = 0, item_rows: int = 0,
                     text: dict[str, Any] | None = None, history_length: int = 50,
                     item_half_lives: list[float] = (3.0, 21.0), repeat_gate: bool = True,
-                    oov_buckets: int = 16) -> RepeatExploreModel:
+                    oov_buckets: int = 16, repeat_items: int = 0) -> RepeatExploreModel:
     return RepeatExploreModel(user_buckets, item_buckets, embedding_dim, list(hidden), dropout, embedding,
                               user_rows, item_rows, text, history_length, tuple(item_half_lives), repeat_gate,
-                              oov_buckets)
+                              oov_buckets, repeat_items)

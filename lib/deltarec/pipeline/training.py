@@ -75,7 +75,7 @@ def model_params(cfg: "Config") -> dict[str, Any]:
         params.update(history_length=f.history_length)
     elif m.name == "repeat_explore":
         params.update(history_length=max(f.history_length, 1), item_half_lives=list(m.item_half_lives),
-                      repeat_gate=m.repeat_gate)
+                      repeat_gate=m.repeat_gate, repeat_items=f.repeat_items)
     if m.text.enabled:
         from .text_embeddings import text_params
 
@@ -100,6 +100,7 @@ def train_spec(cfg: "Config", run_id: str, first: int, last: int, inputs: "Train
         patience=t.patience, progress=t.progress, use_gpu=t.use_gpu,
         resume_dir=resume_dir, checkpoint_every_steps=t.checkpoint_every_steps,
         replay_files=inputs.replay, history_length=history_length(cfg),
+        repeat_items=cfg.features.repeat_items if cfg.model.name == "repeat_explore" else 0,
         vocab_min_count=cfg.model.vocab.min_count, vocab_ttl_nights=cfg.model.vocab.ttl_nights,
         vocab_oov_buckets=cfg.model.vocab.oov_buckets,
         proximal=forgetting.proximal if warm else 0.0, ewc=forgetting.ewc if warm else 0.0,

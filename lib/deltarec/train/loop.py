@@ -114,9 +114,10 @@ def _teacher(spec: TrainSpec, model, has_parent: bool):
 
 
 def _read(spec: TrainSpec, rank: int, world: int, vocabs, model) -> Batch:
-    cols = columns_for(spec.history_length, vocabs is not None, "event_day" in getattr(model, "inputs", ()))
+    repeat = spec.repeat_items if "repeat_idx" in getattr(model, "inputs", ()) else 0
+    cols = columns_for(spec.history_length, vocabs is not None, "event_day" in getattr(model, "inputs", ()), repeat)
     return to_shard(read_shard(list(spec.files) + list(spec.replay_files), rank, world, cols),
-                    spec.history_length, vocabs)
+                    spec.history_length, vocabs, repeat)
 
 
 def _penalties(spec: TrainSpec, model, anchor) -> torch.Tensor | None:

@@ -63,6 +63,7 @@ class TrainSpec:
     # they never count towards the vocabulary's admission or last-seen).
     replay_files: list[str] = field(default_factory=list)
     history_length: int = 0  # > 0: batches carry history_idx (N, L) (sequence models)
+    repeat_items: int = 0  # > 0: batches carry the whole-history repeat lists (N, K) (features/repeats.py)
     # Dynamic vocabulary (model_params["embedding"] == "dynamic"): admission / eviction.
     vocab_min_count: int = 1
     vocab_ttl_nights: int = 0
