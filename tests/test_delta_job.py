@@ -11,7 +11,7 @@ from deltalake import DeltaTable, write_deltalake
 from conftest import make_config
 
 from deltarec.features import validate as V
-from deltarec.features.cancellations import match_cancellations
+from deltarec.features.cancellations import cancellation_matches
 from deltarec.features.changes import SchemaDriftError
 from deltarec.lake import open_lake, schemas
 from deltarec.pipeline import delta_job as J
@@ -322,11 +322,11 @@ def test_history_before_the_events_day_or_its_time(spark, lake_root):
     assert got["time"] == {"x": [], "y1": ["ix"], "y2": ["ix"], "z": ["ix", "iy", "iy2"]}
 
 
-def test_match_cancellations_is_the_one_rule():
-    """The rule both the delta job's pre-selection and validate apply, on plain
-    Arrow tables: the latest purchase in force at or before the cancellation
-    (in time and version), judged by each event's newest row, one purchase per
-    cancellation and the earliest cancellation first."""
+def test_the_cancellation_rule(spark):
+    """The rule validate applies, in Spark: the latest purchase in force at or
+    before the cancellation (in time and version), judged by each event's
+    newest row, one purchase per cancellation and the earliest cancellation
+    first."""
     def h(hours):
         return T0 + dt.timedelta(hours=hours)
 
@@ -352,26 +352,55 @@ def test_match_cancellations_is_the_one_rule():
         {"event_id": "w1", "user_id": "u3", "item_id": "i1", "event_time": h(4), "source_version": 2},  # none
     ], schema=pa.schema([("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
                          ("event_time", schemas.TS), ("source_version", pa.int64())]))
-    got = match_cancellations(cancels, rows)
-    pairs = dict(zip(got["_cancel_id"].to_pylist(), got["event_id"].to_pylist()))
+    got = [r.asDict() for r in cancellation_matches(spark.createDataFrame(cancels),
+                                                    spark.createDataFrame(rows)).collect()]
+    pairs = {r["_cancel_id"]: r["event_id"] for r in got}
     # x0 (4h) and x1 (5h) both pick p1: the earlier x0 claims it, x1 matches nothing
     assert pairs == {"x0": "p1", "x2": "p2", "y1": "c1", "z1": "t2"}
-    by_cancel = {r["_cancel_id"]: r for r in got.to_pylist()}
-    assert by_cancel["x2"]["_purchase_time"] == h(10) and by_cancel["x2"]["event_time"] == h(20)
+    by_cancel = {r["_cancel_id"]: r for r in got}
+    utc = dt.timezone.utc
+    assert by_cancel["x2"]["_purchase_time"].astimezone(utc) == h(10)
+    assert by_cancel["x2"]["event_time"].astimezone(utc) == h(20)
     assert by_cancel["x2"]["_cv"] == 2 and by_cancel["y1"]["user_id"] == "u1" and by_cancel["y1"]["item_id"] == "i2"
-    # the delta job's pre-selection: the purchases the rule picks among earlier runs' rows only
-    assert match_cancellations(cancels, rows.slice(0, 0)).num_rows == 0
+    # nothing known: nothing matched
+    assert cancellation_matches(spark.createDataFrame(cancels), spark.createDataFrame(rows.slice(0, 0))).count() == 0
 
 
-def test_pre_selection_in_spark_picks_what_the_rule_picks(spark):
-    """The delta job pre-selects earlier runs' purchases in Spark (the index
-    never reaches the driver): for every cancellation, the purchase
-    ``match_cancellations`` would give it. The ids must be the ones the rule
-    returns, on random histories with corrections, retractions, ties in time
-    and several cancellations per pair."""
+def rule_by_hand(cancels: pa.Table, rows: pa.Table) -> tuple[dict, dict]:
+    """The cancellation rule as plain loops (the oracle): each cancellation's
+    pick, and the matches once the earliest cancellation claims a purchase
+    several picked."""
+    events: dict[str, list] = {}
+    for r in rows.to_pylist():
+        events.setdefault(r["event_id"], []).append(r)
+    held = []
+    for rs in events.values():
+        newest = max(rs, key=lambda r: (r["source_version"], not r["trained"]))  # one version: not in force first
+        if newest["trained"] and newest["event_type"] == "purchase":
+            held.append(newest)
+    picks = {}
+    for x in cancels.to_pylist():
+        cand = [p for p in held if (p["user_id"], p["item_id"]) == (x["user_id"], x["item_id"])
+                and p["event_time"] <= x["event_time"] and p["source_version"] <= x["source_version"]]
+        if cand:
+            best = max(cand, key=lambda p: (p["event_time"], p["source_version"], p["event_id"]))
+            picks[x["event_id"]] = (best["event_id"], (x["event_time"], x["source_version"], x["event_id"]))
+    claims: dict[str, tuple] = {}
+    for cid, (eid, key) in picks.items():
+        if eid not in claims or key < claims[eid]:
+            claims[eid] = key
+    return {cid: eid for cid, (eid, _) in picks.items()}, {key[2]: eid for eid, key in claims.items()}
+
+
+def test_the_rule_in_spark_is_the_rule_by_hand(spark):
+    """The delta job pre-selects earlier runs' purchases with
+    ``latest_purchases`` and validate applies ``cancellation_matches``, both
+    in Spark (nothing reaches the driver): on random histories with
+    corrections, retractions, ties in time and several cancellations per
+    pair, they give what the rule written as plain loops gives."""
     import numpy as np
 
-    from deltarec.features.prior import latest_purchase_per_cancellation
+    from deltarec.features.cancellations import latest_purchases
 
     rng = np.random.default_rng(7)
     rows = []
@@ -388,7 +417,8 @@ def test_pre_selection_in_spark_picks_what_the_rule_picks(spark):
         for k in range(25)], schema=pa.schema([("event_id", pa.string()), ("user_id", pa.string()),
                                                ("item_id", pa.string()), ("event_time", schemas.TS),
                                                ("source_version", pa.int64())]))
-    want = set(match_cancellations(cancels, rows)["event_id"].to_pylist())
-    assert len(want) >= 5, want  # enough matches for the comparison to mean something
-    got = latest_purchase_per_cancellation(spark.createDataFrame(cancels), spark.createDataFrame(rows))
-    assert {r["event_id"] for r in got.collect()} == want
+    picks, matches = rule_by_hand(cancels, rows)
+    assert len(picks) >= 5 and len(matches) < len(picks), (picks, matches)  # some claims were contested
+    sc, sr = spark.createDataFrame(cancels), spark.createDataFrame(rows)
+    assert {r["_cancel_id"]: r["event_id"] for r in latest_purchases(sc, sr).collect()} == picks
+    assert {r["_cancel_id"]: r["event_id"] for r in cancellation_matches(sc, sr).collect()} == matches

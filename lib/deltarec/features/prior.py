@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from .cancellations import latest_purchases
 from .validate import CANCEL, CONSUMED_CHANGES, EVENT_CHANGES
 
 if TYPE_CHECKING:
@@ -72,32 +73,5 @@ def prior_index(lake: "LakeEngine", keys: "DataFrame", first: int, table: str,
     # (the rest of a popular pair's history stays on the executors): the final
     # choice among it and tonight's purchases is validate's, by the same rule
     rows = rows_of.where(~c("_changed")).select(*index.columns)
-    picked = latest_purchase_per_cancellation(cancels, rows)
+    picked = latest_purchases(cancels, rows).select("event_id").distinct()
     return ids, prior.unionByName(rows.join(F.broadcast(picked), "event_id", "left_semi"))
-
-
-def latest_purchase_per_cancellation(cancels: "DataFrame", rows: "DataFrame") -> "DataFrame":
-    """Event ids of the purchase each cancellation would take by
-    ``match_cancellations``' rule (features/cancellations.py), among ``rows``
-    (every index row of the candidate events), in Spark: an event judged by
-    its newest row (at one version, a row no longer in force first); a
-    trained purchase of the pair at or before the cancellation in time and
-    version; the latest (time, version, event id). Which cancellation claims
-    a purchase several picked does not change the set of ids, so it is left
-    to the rule itself."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    c = F.col
-    trained = F.coalesce(c("trained"), F.lit(False))
-    newest = rows.withColumn("_n", F.row_number().over(
-        Window.partitionBy("event_id").orderBy(c("source_version").desc_nulls_last(), trained.asc())))
-    held = newest.where((c("_n") == 1) & trained & (c("event_type") == "purchase") & c("event_time").isNotNull()
-                        & c("user_id").isNotNull() & c("item_id").isNotNull()).select(
-        "event_id", "user_id", "item_id", c("event_time").alias("_t"), c("source_version").alias("_sv"))
-    x = cancels.select(c("event_id").alias("_cancel_id"), "user_id", "item_id", c("event_time").alias("_xt"),
-                       c("source_version").alias("_cv")).dropna(subset=["_xt", "user_id", "item_id", "_cv"])
-    cand = x.join(held, ["user_id", "item_id"]).where((c("_t") <= c("_xt")) & (c("_sv") <= c("_cv")))
-    best = cand.withColumn("_n", F.row_number().over(
-        Window.partitionBy("_cancel_id").orderBy(c("_t").desc(), c("_sv").desc(), c("event_id").desc())))
-    return best.where(c("_n") == 1).select("event_id").distinct()

@@ -24,7 +24,7 @@ explicit example; the contract's *retraction example*: label 0, weight
   most recent one at or before the cancellation that is still in force, from
   the event index of earlier runs or tonight's events; one cancellation
   retracts one purchase. No match: ``unmatched_cancellation``. The rule is
-  ``features/cancellations.py`` (applied on the driver to two small collects).
+  ``features/cancellations.py`` (in Spark: nothing of it reaches the driver).
 
 "Before" is known from the event index (``EVENT_INDEX``): one row per consumed
 change, the newest row of an event id being its current state. It is also what
@@ -253,11 +253,10 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),
         F.lit(DUPLICATE_EVENT_ID)).otherwise(c("_reason"))).drop("_seen", "_ins")
     rows = rows.withColumn("_detail", F.coalesce(c("_detail"), _detail(cfg, rating_scale)))  # theirs, else ours
-    # Held (``materialize``): `rows` and the lookup every output below shares
-    # (the earlier state of changed events), so each is computed once however
-    # many outputs are read — on a small night each Spark job is mostly fixed
-    # cost. (The cancellations' matches are a small local DataFrame:
-    # cancellations.py.)
+    # Held (``materialize``): `rows`, the lookup every output below shares
+    # (the earlier state of changed events) and the cancellations' matches,
+    # so each is computed once however many outputs are read — on a small
+    # night each Spark job is mostly fixed cost.
     hold = materialize or (lambda df: df.cache())
     rows = hold(rows)
 
@@ -301,7 +300,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
 
     # -- cancellations: retract the most recent matching purchase still in force (features/cancellations.py)
     canc = ok.where(is_cancel)
-    matches = cancellation_matches(canc, known)
+    matches = hold(cancellation_matches(canc, known))
     canc = canc.join(matches.select("_cancel_id", "_cv"),
                      (c("event_id") == c("_cancel_id")) & (c("source_version") == c("_cv")), "left")
     canc_ok = canc.where(c("_cancel_id").isNotNull()).drop("_cancel_id", "_cv")
@@ -349,7 +348,7 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
                    .unionByName(quarantine(canc_bad.withColumn("_detail", F.lit(
                        "no purchase of this user and item in force at or before the cancellation")),
                        UNMATCHED_CANCELLATION)))
-    return Validated(accepted, events, retractions, index, quarantined, rows, (rows, prev))
+    return Validated(accepted, events, retractions, index, quarantined, rows, (rows, prev, matches))
 
 
 def check_threshold(counts: dict[str, int], consumed: int, max_fraction: float) -> None:
