@@ -10,9 +10,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def test_delta_scaling_compares_first_runs_with_first_runs_and_reruns_with_reruns():
     import delta_scaling
 
-    def row(multiple, seconds):
-        runs = [{"s": s, "cpu_s": s, "load1": 1.0, "stages": {}, "jobs": {"x": 1}} for s in seconds]
-        return delta_scaling.summary({"multiple": multiple, "_runs": runs})
+    def row(multiple, seconds, night=50_000):
+        runs = [{"s": s, "cpu_s": s, "load1": 1.0, "stages": {}, "jobs": {"x": 1}, "driver_peak_mb": 1.0,
+                 "driver_rss_mb": 300.0, "driver_io_mb": 2.0} for s in seconds]  # what each timed night records
+        return delta_scaling.summary({"multiple": multiple, "night": night, "_runs": runs})
 
     # a first run pays what a rerun of the same range does not (warm caches)
     rows = [row(1, [10.0, 8.0]), row(16, [12.0, 8.4])]
@@ -21,6 +22,10 @@ def test_delta_scaling_compares_first_runs_with_first_runs_and_reruns_with_rerun
     # not the 16x rerun over the 1x first run (what the fastest of all runs gave)
     mixed = [row(1, [8.0, 10.0]), row(16, [12.0, 8.4])]
     assert delta_scaling.ratio(mixed, "first_s") == 12.0 / 8.0 and delta_scaling.ratio(mixed, "rerun_s") == 8.4 / 10.0
+    # night size: the largest night against the smallest, both at 1x history; history: at the smallest night
+    sizes = [*rows, row(1, [40.0, 30.0], night=200_000), row(16, [90.0, 80.0], night=200_000)]
+    assert delta_scaling.night_ratio(sizes, "first_s") == 40.0 / 10.0
+    assert delta_scaling.ratio(sizes, "first_s") == 12.0 / 10.0
 
 
 def test_train_throughput_reference_is_the_fastest_one_worker_run():
