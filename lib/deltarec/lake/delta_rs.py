@@ -178,8 +178,8 @@ class DeltaRsEngine(LakeEngine):
         if isinstance(data, pa.Table):
             return commit(to_arrow(data, schema))
         # A DataFrame: the executors write it, the driver streams it into delta-rs (staging.py)
-        with staged(data, self.root, schema if schema is not None else spark_arrow_schema(data)) as rows:
-            return commit(rows.reader())
+        with staged(data, self.root, schema if schema is not None else spark_arrow_schema(data)) as st:
+            return commit(st.reader())
 
     def replace_partition(self, table: str, data: "DataFrame", partition: dict[str, str], schema: pa.Schema,
                           count_by: str | None = None) -> dict[str, Any]:
@@ -230,8 +230,8 @@ class DeltaRsEngine(LakeEngine):
             target = _arrow_schema(self._table(table))  # cast to the target's types, as a collected source was
             schema = pa.schema([target.field(n) for n in data.columns]) if set(data.columns) <= set(target.names) \
                 else spark_arrow_schema(data)
-            with staged(data, self.root, schema) as rows:
-                return self._merge(table, rows.reader(), on, update, commit_metadata, update_if)
+            with staged(data, self.root, schema) as st:
+                return self._merge(table, st.reader(), on, update, commit_metadata, update_if)
         return self._merge(table, to_arrow(data), on, update, commit_metadata, update_if)
 
     def _merge(self, table, source, on, update, commit_metadata, update_if) -> dict[str, int]:

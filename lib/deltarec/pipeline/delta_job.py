@@ -174,15 +174,6 @@ def small_night(spark: "SparkSession", cfg: "Config", rows: int, adaptive: str |
     return small
 
 
-def _typed(df: "DataFrame", schema) -> "DataFrame":
-    """``df``'s columns of the Arrow ``schema``, cast to its Spark types (what a
-    collect cast to it gave before)."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
-
-    return df.select(*[F.col(f.name).cast(f.dataType) for f in from_arrow_schema(schema)])
-
-
 def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight:
     from pyspark.sql import functions as F
 
@@ -246,10 +237,10 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
 
     # Tonight's state rows stay on the executors: the MERGEs take the DataFrames
     # (delta-rs: staged Parquet streamed into delta-rs; lake/staging.py).
-    new_users = _typed(next_user_state(base_users, events, retractions, features), schemas.USER_STATE)
-    new_items = cut(_typed(next_item_stats(base_items, events, retractions, features, items), schemas.ITEM_STATS))
-    tonight_items = new_items
-    stats_after = base_items.join(tonight_items.select("item_id"), "item_id", "left_anti").unionByName(tonight_items)
+    # (both already in their tables' columns and types: features/state.py)
+    new_users = next_user_state(base_users, events, retractions, features)
+    new_items = cut(next_item_stats(base_items, events, retractions, features, items))
+    stats_after = base_items.join(new_items.select("item_id"), "item_id", "left_anti").unionByName(new_items)
     if items is None:  # no catalogue table: negatives come from every item seen so far
         items = stats_after.select("item_id")
     stage.mark("state")
