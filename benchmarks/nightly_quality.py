@@ -270,19 +270,10 @@ def user_repeats(lake, cfg, users: np.ndarray, when: dt.datetime) -> dict[str, n
         return None
     state = lake.read_arrow(cfg.lake.user_state_table)
     at = {u: j for j, u in enumerate(state["user_id"].to_pylist())}
-    rows = [at.get(u, -1) for u in users]
-    t = state.take(pa.array([max(r, 0) for r in rows], pa.int64())) if state.num_rows else state
+    # a customer the lake has no state for: a null row, which reads as no lists
+    rows = state.take(pa.array([at.get(u) for u in users], pa.int64()))
     ref = np.full(len(users), int(when.timestamp() * 1_000_000), dtype=np.int64)
-    out = state_arrays(t, ref, k, cfg.features.repeat_half_life_days) if state.num_rows else \
-        state_arrays(pa.table({"user_id": pa.array([None] * len(users), pa.string())}), ref, k,
-                     cfg.features.repeat_half_life_days)
-    missing = np.array([r < 0 for r in rows], dtype=bool)
-    if missing.any():  # a customer the lake has no state for: no lists
-        out["repeat_idx"][missing] = -1
-        for c in out:
-            if c != "repeat_idx":
-                out[c][missing] = 0.0
-    return out
+    return state_arrays(rows, ref, k, cfg.features.repeat_half_life_days)
 
 
 def model_scores(model, users: np.ndarray, cat_idx: np.ndarray, data: Interactions, mask: np.ndarray,

@@ -173,12 +173,17 @@ def repeat_tensors(table: pa.Table, k: int, vocabs: dict[str, Any] | None = None
     for c in REPEAT_FLOAT:
         out[c] = torch.from_numpy(pad_lists(table[c], k, fill=0.0, dtype=np.float32))
     if vocabs:
-        ids, idx = table["repeat_ids"], table["repeat_idx"]
-        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], ids.type)
-        idx = idx.combine_chunks() if idx.num_chunks else pa.array([], idx.type)
-        rows = vocabs["item"].rows_for(pc.list_flatten(ids), pc.list_flatten(idx))
-        out["repeat_row"] = torch.from_numpy(pad_lists(ids, k, values=rows))
+        out["repeat_row"] = list_rows(table["repeat_ids"], table["repeat_idx"], vocabs["item"], k)
     return out
+
+
+def list_rows(ids: pa.ChunkedArray, idx: pa.ChunkedArray, vocab, length: int) -> torch.Tensor:
+    """The dynamic vocabulary's rows of lists of item ids (and their hashed
+    indices), as ``pad_lists`` pads them: (N, length)."""
+    ids = ids.combine_chunks() if ids.num_chunks else pa.array([], ids.type)
+    idx = idx.combine_chunks() if idx.num_chunks else pa.array([], idx.type)
+    rows = vocab.rows_for(pc.list_flatten(ids), pc.list_flatten(idx))
+    return torch.from_numpy(pad_lists(ids, length, values=rows))
 
 
 def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | None = None,
@@ -205,12 +210,7 @@ def to_shard(table: pa.Table, history_length: int = 0, vocabs: dict[str, Any] | 
         b["user_row"] = torch.from_numpy(vocabs["user"].rows_for(table["user_id"], table["user_idx"]))
         b["item_row"] = torch.from_numpy(vocabs["item"].rows_for(table["item_id"], table["item_idx"]))
         if history_length:
-            hist = table["history_ids"]
-            hist = hist.combine_chunks() if hist.num_chunks else pa.array([], hist.type)
-            hidx = table["history_idx"]
-            hidx = hidx.combine_chunks() if hidx.num_chunks else pa.array([], hidx.type)
-            rows = vocabs["item"].rows_for(pc.list_flatten(hist), pc.list_flatten(hidx))
-            b["history_row"] = torch.from_numpy(pad_lists(hist, history_length, values=rows))
+            b["history_row"] = list_rows(table["history_ids"], table["history_idx"], vocabs["item"], history_length)
     if repeat_items:
         b.update(repeat_tensors(table, repeat_items, vocabs))
     return b

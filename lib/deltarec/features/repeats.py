@@ -157,7 +157,6 @@ _STATE_OUT = ("user_id string, repeat_ids array<string>, repeat_idx array<bigint
               "repeat_decayed array<double>, repeat_last array<bigint>, repeat_as_of bigint")
 _EXAMPLE_OUT = ("user_id string, _basket_us bigint, repeat_ids array<string>, repeat_idx array<bigint>, "
                 "repeat_weights array<float>, repeat_counts array<float>, repeat_ages array<float>")
-_OPS = "user_id string, _t bigint, _basket_us bigint, item_id string, item_idx bigint, _op string"
 
 
 def _base_micros(base: "DataFrame") -> "DataFrame":
