@@ -368,9 +368,10 @@ class ModelConfig(Section):
         "and age. ranking stays the default for now: repeat_explore with dynamic ids and sampled_softmax scored "
         "0.188 NDCG@10 (incremental) vs ranking's 0.174 over 3 loaded-machine Online Retail nights, both below "
         "personal (0.220); not yet the 14-night run that decides (benchmarks/README.md, #17)."))
-    embedding: Literal["hashed", "dynamic"] = Field("hashed", description=(
-        "hashed: ids hashed into features.*_buckets rows; dynamic: a vocabulary that grows (admission) "
-        "and forgets (eviction), see model.vocab."))
+    embedding: Literal["hashed", "dynamic"] = Field("dynamic", description=(
+        "dynamic: a vocabulary that grows (admission) and forgets (eviction), see model.vocab: every admitted "
+        "id its own row; hashed: ids hashed into features.*_buckets rows, where ids that share a bucket share "
+        "a row (the model cannot tell them apart)."))
     embedding_dim: int = Field(32, ge=1, description="Embedding width.")
     hidden: list[Count] = Field([64, 32], description=(
         "Widths of the MLP's hidden layers ([]: a linear head); sequential: the first is the feed-forward width."))
