@@ -263,17 +263,13 @@ def user_repeats(lake, cfg, users: np.ndarray, when: dt.datetime) -> dict[str, n
     """The users' whole-history repeat lists as serving reads them: the lake's
     ``user_state`` after the night (``features/repeats.py``), as of ``when``
     (the scored day's start); None with ``features.repeat_items=0``."""
-    from deltarec.features.repeats import state_arrays
+    from deltarec.features.repeats import user_arrays
 
     k = cfg.features.repeat_items
     if not k:
         return None
-    state = lake.read_arrow(cfg.lake.user_state_table)
-    at = {u: j for j, u in enumerate(state["user_id"].to_pylist())}
-    # a customer the lake has no state for: a null row, which reads as no lists
-    rows = state.take(pa.array([at.get(u) for u in users], pa.int64()))
-    ref = np.full(len(users), int(when.timestamp() * 1_000_000), dtype=np.int64)
-    return state_arrays(rows, ref, k, cfg.features.repeat_half_life_days)
+    return user_arrays(lake.read_arrow(cfg.lake.user_state_table), list(users), int(when.timestamp() * 1_000_000), k,
+                       cfg.features.repeat_half_life_days)
 
 
 def model_scores(model, users: np.ndarray, cat_idx: np.ndarray, data: Interactions, mask: np.ndarray,

@@ -59,10 +59,12 @@ def same_ranking(got_items, got_scores, want_items, want_scores, tol=1e-4):
             assert g in tied or i == len(want_items) - 1, (i, g, w, got_items, want_items)
 
 
-def independent_topk(spark, cfg, lake, champion, users: list[str], k: int, days: int):
+def independent_topk(spark, cfg, lake, champion, users: list[str], k: int, days: int, repeat=None, bought=None):
     """Top-k of ``users`` from the champion's checkpoint: catalogue, ids and
     histories rebuilt here from the lake with Spark's own hashing, every
-    catalogue item scored (collisions included) and sorted by (-score, id)."""
+    catalogue item scored (collisions included) and sorted by (-score, id).
+    ``repeat``: ``score_all``'s repeat lists of ``users`` (None: not passed);
+    ``bought``: user → item ids appended to their stored history."""
     import datetime as dt
 
     import torch
@@ -77,7 +79,8 @@ def independent_topk(spark, cfg, lake, champion, users: list[str], k: int, days:
     cut = pc.max(stats["last_seen"]).as_py() - dt.timedelta(days=days)
     items = sorted(stats.filter(pc.greater_equal(stats["last_seen"], pa.scalar(cut, stats["last_seen"].type)))
                    ["item_id"].to_pylist())
-    state = {r["user_id"]: r["history_ids"] for r in lake.read_arrow(cfg.lake.user_state_table).to_pylist()}
+    state = {r["user_id"]: r["history_ids"] + (bought or {}).get(r["user_id"], [])
+             for r in lake.read_arrow(cfg.lake.user_state_table).to_pylist()}
     ids_needed = sorted(set(items) | {h for u in users for h in state[u]})
     hashed = spark.createDataFrame([(i,) for i in ids_needed], "item_id string").select(
         "item_id", bucket(F.col("item_id"), f["item_buckets"]).alias("b"))
@@ -96,7 +99,8 @@ def independent_topk(spark, cfg, lake, champion, users: list[str], k: int, days:
             hist[r, L - len(h):] = h
     with torch.no_grad():
         scores = model.score_all(torch.tensor([user_b[u] for u in users]), torch.tensor([item_b[i] for i in items]),
-                                 history_idx=torch.from_numpy(hist)).numpy()
+                                 history_idx=torch.from_numpy(hist),
+                                 **({} if repeat is None else {"repeat": repeat})).numpy()
     ids = np.asarray(items)
     out = {}
     for r, u in enumerate(users):

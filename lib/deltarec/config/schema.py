@@ -304,9 +304,10 @@ class FeaturesConfig(Section):
         "Distinct items per customer in user_state's whole-history repeat lists (count, time-decayed count, "
         "last purchase; features/repeats.py), kept by decayed count and carried into every example: "
         "model.name=repeat_explore's repeat term reads them instead of the history window. 0: off. Training, "
-        "the gate and benchmarks/nightly_quality.py read them; the recommendations table, the HTTP scorer and "
-        "the prequential metrics do not yet (they score with the history window), and a user_state table "
-        "created before this option does not gain its columns: keep 0 for a served model for now."))
+        "the gate, the prequential metrics (as of the scored day), benchmarks/nightly_quality.py and serving "
+        "(the recommendations table, the HTTP scorer and the MLflow model, as of the day after the data) read "
+        "them. A user_state table created before this option does not gain its columns (its customers then "
+        "have no lists)."))
     repeat_half_life_days: float = Field(90.0, ge=0, description=(
         "Days: a purchase counts 0.5 ** (age / this) in the repeat lists' decayed counts (90: the "
         "personal_recency baseline's tuned half-life on Online Retail). 0: no decay."))

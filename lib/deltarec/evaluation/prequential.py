@@ -27,28 +27,53 @@ def user_histories(rows, length: int) -> tuple[np.ndarray, np.ndarray]:
     (U, length) -1 padded). Rows at the same time are taken in the delta job's
     history order (event_id), so the first one's history holds none of the
     scored period's items."""
-    import pyarrow.compute as pc
-
     from ..data.shards import first_histories
+
+    rows = rows.select([c for c in ("user_idx", "event_time", "history_idx", "event_id") if c in rows.column_names])
+    return first_histories(_in_history_order(rows), max(length, 1))
+
+
+def _in_history_order(rows):
+    """``rows`` by user, time and (when present) event_id: the delta job's history order."""
+    import pyarrow.compute as pc
 
     keys = [("user_idx", "ascending"), ("event_time", "ascending")]
     if "event_id" in rows.column_names:
         keys.append(("event_id", "ascending"))
-    rows = rows.select([c for c in ("user_idx", "event_time", "history_idx", "event_id") if c in rows.column_names])
-    return first_histories(rows.take(pc.sort_indices(rows, sort_keys=keys)), max(length, 1))
+    return rows.take(pc.sort_indices(rows, sort_keys=keys))
+
+
+def user_repeats(rows, state, k: int, half_life_days: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each user's whole-history repeat lists as of the start of the scored
+    day (the day of the first row of ``rows``: an Arrow table with user_id,
+    user_idx, event_time, optionally event_id), from USER_STATE rows ``state``
+    as they were before the scored period: (sorted users, ``state_arrays``).
+    A hashed user's lists are those of the customer of its first row (as
+    :func:`user_histories` takes its history)."""
+    from ..features.repeats import day_start, to_micros, user_arrays
+
+    rows = _in_history_order(rows.select([c for c in ("user_id", "user_idx", "event_time", "event_id")
+                                          if c in rows.column_names]))
+    users = np.asarray(rows["user_idx"].to_numpy(), dtype=np.int64)
+    uniq, first = np.unique(users, return_index=True)
+    ids = rows["user_id"].take(first).to_pylist()
+    when = day_start(to_micros(min(rows["event_time"].to_pylist())))
+    return uniq, user_arrays(state, ids, when, k, half_life_days)
 
 
 def align_histories(users: np.ndarray, histories: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
     """Rows of ``histories`` ((sorted users, (H, L))) for ``users``; -1 (no
     history) for a user it does not have."""
-    if histories is None:
-        return None
-    have, hist = histories
-    out = np.full((len(users), hist.shape[1]), -1, dtype=np.int64)
+    return None if histories is None else _align(users, *histories, -1)
+
+
+def _align(users: np.ndarray, have: np.ndarray, values: np.ndarray, missing) -> np.ndarray:
+    """Rows of ``values`` (one per sorted user of ``have``) for ``users``; ``missing`` for a user it does not have."""
+    out = np.full((len(users), *values.shape[1:]), missing, dtype=values.dtype)
     if len(have):
         pos = np.clip(np.searchsorted(have, users), 0, len(have) - 1)
         found = have[pos] == users
-        out[found] = hist[pos[found]]
+        out[found] = values[pos[found]]
     return out
 
 
@@ -62,12 +87,18 @@ def _takes_history(model) -> bool:
 
 
 def model_topk(model: "torch.nn.Module", users: np.ndarray, catalog: np.ndarray, k: int,
-               chunk: int = 256, histories: np.ndarray | None = None) -> np.ndarray:
+               chunk: int = 256, histories: np.ndarray | None = None,
+               repeats: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Top ``k`` of ``catalog`` for each user; ``histories`` (len(users), L):
-    each user's items before the scored period, for a model that reads them."""
+    each user's items before the scored period, and ``repeats`` (len(users),
+    K each) their repeat lists as of it, for a model that reads them."""
     import torch
 
+    from ..serving.scorer import repeat_items
+
     model.eval()
+    if not repeat_items(model):
+        repeats = None
     cat = torch.from_numpy(catalog.astype(np.int64))
     with_hist = histories is not None and _takes_history(model)
     if with_hist and len(histories) != len(users):
@@ -77,6 +108,8 @@ def model_topk(model: "torch.nn.Module", users: np.ndarray, catalog: np.ndarray,
         for s in range(0, len(users), chunk):
             u = torch.from_numpy(users[s:s + chunk].astype(np.int64))
             kw = {"history_idx": torch.from_numpy(np.ascontiguousarray(histories[s:s + chunk]))} if with_hist else {}
+            if repeats is not None:
+                kw["repeat"] = {c: torch.from_numpy(np.ascontiguousarray(v[s:s + chunk])) for c, v in repeats.items()}
             scores = model.score_all(u, cat, **kw).numpy()
             out.append(catalog[topk_from_scores(scores, k)])
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
@@ -84,19 +117,23 @@ def model_topk(model: "torch.nn.Module", users: np.ndarray, catalog: np.ndarray,
 
 def evaluate(models: dict[str, "torch.nn.Module"], popular: np.ndarray | None, users: np.ndarray,
              items: np.ndarray, catalog: np.ndarray, k: int,
-             histories: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+             histories: tuple[np.ndarray, np.ndarray] | None = None,
+             repeats: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """HR@k / NDCG@k (and recall, MRR) per model and for the popularity list.
     ``histories``: (sorted users, (H, L)) as :func:`user_histories` gives,
-    passed to every model that reads a history."""
+    passed to every model that reads a history; ``repeats``: (sorted users,
+    (H, K) arrays) as :func:`user_repeats` gives, to every model that reads them."""
     uniq, relevant = relevant_sets(users, items)
     out: dict[str, Any] = {"users": int(len(uniq)), "k": k}
     if len(uniq) == 0 or len(catalog) == 0:
         return out
     hist = align_histories(uniq, histories)
+    rep = None if repeats is None else {c: _align(uniq, repeats[0], v, -1 if c == "repeat_idx" else 0)
+                                        for c, v in repeats[1].items()}
     top_k = min(k, len(catalog))  # eval.k beyond a small catalogue: the whole catalogue is the top k
     for name, model in models.items():
-        out[name] = _rounded(ranking_metrics(model_topk(model, uniq, catalog, top_k, histories=hist), relevant,
-                                             top_k))
+        out[name] = _rounded(ranking_metrics(model_topk(model, uniq, catalog, top_k, histories=hist, repeats=rep),
+                                             relevant, top_k))
     if popular is not None and len(popular):
         top = np.tile(np.asarray(popular[:k], dtype=np.int64), (len(uniq), 1))
         out["popularity"] = _rounded(ranking_metrics(top, relevant, min(k, top.shape[1])))

@@ -102,7 +102,7 @@ class RepeatState:
                 "repeat_ages": [max(ref - v[3], 0) / US_PER_DAY for _, v in r]}
 
 
-def _us(t) -> int | None:
+def to_micros(t) -> int | None:
     """µs since the epoch of an int, a numpy/pandas or a Python timestamp (None: null)."""
     if t is None or (isinstance(t, float) and t != t):
         return None
@@ -113,12 +113,12 @@ def _us(t) -> int | None:
 
 def from_row(ids, idx, counts, decayed, last, as_of) -> RepeatState:
     """A RepeatState from USER_STATE's columns (nulls: an empty state, e.g. a lake written before them)."""
-    as_of = _us(as_of)
+    as_of = to_micros(as_of)
     if ids is None or len(ids) == 0 or as_of is None:
         return RepeatState()
     s = RepeatState(as_of=as_of)
     for i, x, n, d, t in zip(ids, idx, counts, decayed, last):
-        s.items[str(i)] = [int(x), float(n), float(d), _us(t)]
+        s.items[str(i)] = [int(x), float(n), float(d), to_micros(t)]
     return s
 
 
@@ -140,16 +140,61 @@ def state_arrays(table: "pa.Table", ref_us: np.ndarray, k: int, half_life_days: 
     padded and the float columns (U, k) 0 padded, ranked by decayed count — what
     a training example carries for the same customer and day."""
     U = table.num_rows
-    out = {"repeat_idx": np.full((U, k), -1, np.int64), **{c: np.zeros((U, k), np.float32) for c in FLOAT_COLUMNS}}
     cols = {c: table[c].to_pylist() if c in table.column_names else [None] * U for c in STATE_COLUMNS}
-    for u in range(U):
-        s = from_row(*(cols[c][u] for c in STATE_COLUMNS))
+    return feature_arrays([from_row(*(cols[c][u] for c in STATE_COLUMNS)) for u in range(U)], ref_us, k,
+                          half_life_days)
+
+
+def feature_arrays(states: list[RepeatState], ref_us: np.ndarray, k: int,
+                   half_life_days: float) -> dict[str, np.ndarray]:
+    """:func:`state_arrays` of RepeatStates, each as of its ``ref_us``."""
+    U = len(states)
+    out = {"repeat_idx": np.full((U, k), -1, np.int64), **{c: np.zeros((U, k), np.float32) for c in FLOAT_COLUMNS}}
+    for u, s in enumerate(states):
         f = s.features(int(ref_us[u]), k, half_life_days)
         n = len(f["repeat_idx"])
         out["repeat_idx"][u, :n] = f["repeat_idx"]
         for c in FLOAT_COLUMNS:
             out[c][u, :n] = f[c]
     return out
+
+
+def user_arrays(state: "pa.Table", users: list[str], ref_us: int, k: int,
+                half_life_days: float) -> dict[str, np.ndarray]:
+    """:func:`state_arrays` of ``users`` (ids) from USER_STATE rows ``state``,
+    all as of ``ref_us``, in the order given; a user ``state`` has no row for
+    gets no lists."""
+    import pyarrow as pa
+
+    at = {u: j for j, u in enumerate(state["user_id"].to_pylist())}
+    rows = state.take(pa.array([at.get(u) for u in users], pa.int64()))  # null rows: no lists
+    return state_arrays(rows, np.full(len(users), ref_us, dtype=np.int64), k, half_life_days)
+
+
+def plain_rows(state: "pa.Table") -> dict[str, tuple]:
+    """user id → its repeat columns (``STATE_COLUMNS`` order) as plain values,
+    times as µs (``torch.save(weights_only=True)`` takes them), for
+    :func:`from_row`; {} when ``state`` has no repeat columns."""
+    if "repeat_ids" not in state.column_names:
+        return {}
+    cols = [state[c].to_pylist() for c in STATE_COLUMNS]
+    cols[4] = [None if ts is None else [to_micros(t) for t in ts] for ts in cols[4]]
+    cols[5] = [to_micros(t) for t in cols[5]]
+    return {u: tuple(row) for u, *row in zip(state["user_id"].to_pylist(), *cols) if u is not None and row[0]}
+
+
+def live_state(row: tuple | None, bought: list[tuple[str, int]], ref_us: int, half_life_days: float,
+               k: int) -> RepeatState:
+    """A customer's state from its :func:`plain_rows` row (None: no lists) with
+    ``bought`` (item id, bucket: purchases since the state, e.g. a live
+    request's basket) folded in as bought at ``ref_us``."""
+    s = from_row(*row) if row else RepeatState()
+    return fold(s, [(ref_us, i, x) for i, x in bought], [], half_life_days, k) if bought else s
+
+
+def day_start(us: int) -> int:
+    """µs of the start (00:00 UTC) of the day holding ``us``."""
+    return us - us % US_PER_DAY
 
 
 # ------------------------------------------------------------ Spark: one Python fold per customer
@@ -159,18 +204,21 @@ _EXAMPLE_OUT = ("user_id string, _basket_us bigint, repeat_ids array<string>, re
                 "repeat_weights array<float>, repeat_counts array<float>, repeat_ages array<float>")
 
 
-def _base_micros(base: "DataFrame") -> "DataFrame":
-    """USER_STATE's repeat columns with times as µs (nulls when the table predates them)."""
+def micros_columns(base: "DataFrame") -> list:
+    """USER_STATE's repeat columns (``STATE_COLUMNS``) as Spark columns with
+    times as µs (nulls when the table predates them)."""
     from pyspark.sql import functions as F
 
     c = F.col
     if "repeat_ids" not in base.columns:
-        return base.select("user_id", *[F.lit(None).alias(n) for n in STATE_COLUMNS[:-2]],
-                           F.lit(None).cast("array<bigint>").alias("repeat_last"),
-                           F.lit(None).cast("bigint").alias("repeat_as_of"))
-    return base.select("user_id", *STATE_COLUMNS[:-2],
-                       F.transform(c("repeat_last"), lambda t: F.unix_micros(t)).alias("repeat_last"),
-                       F.unix_micros(c("repeat_as_of")).alias("repeat_as_of"))
+        types = ("array<string>", "array<bigint>", "array<double>", "array<double>", "array<bigint>", "bigint")
+        return [F.lit(None).cast(t).alias(n) for n, t in zip(STATE_COLUMNS, types)]
+    return [*STATE_COLUMNS[:-2], F.transform(c("repeat_last"), lambda t: F.unix_micros(t)).alias("repeat_last"),
+            F.unix_micros(c("repeat_as_of")).alias("repeat_as_of")]
+
+
+def _base_micros(base: "DataFrame") -> "DataFrame":
+    return base.select("user_id", *micros_columns(base))
 
 
 def _base_state(b) -> RepeatState:

@@ -2,10 +2,12 @@
 trains on it (prequential evaluation).
 
 Reads tonight's examples (label-1 events), the ledger, the checkpoints of the
-champion, the newest rejected candidate and the lineage's first model, and
-(for the popularity baseline) committed runs' positives through the engine's
-``lookup``. Writes nothing: the result goes into the run's ledger metrics and
-reaches ``lake.metrics_table`` only once the run commits
+champion, the newest rejected candidate and the lineage's first model, (for
+the popularity baseline) committed runs' positives and (for a model that reads
+the repeat lists) tonight's customers' ``user_state`` rows as the night read
+them, before its own commit, through the engine's ``lookup``. Writes
+nothing: the result goes into the run's ledger metrics and reaches
+``lake.metrics_table`` only once the run commits
 (``publish.store_run_metrics``), so a run that loses a race stores none. The
 metric code itself is ``evaluation/prequential.py``.
 """
@@ -37,19 +39,25 @@ def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_exa
     last ``eval.popularity_days`` days ('popularity'); ``runs`` names the run
     scored in each role; ``errors`` says why a role was left out (a
     checkpoint that cannot be loaded: only the champion's is required).
-    ``{}`` when tonight has no positives. ``run_id``, ``first`` and ``last``
-    are accepted for callers and not used: nothing is stored here."""
+    ``{}`` when tonight has no positives. A model that reads the repeat lists
+    gets them as of the scored day's start from ``user_state`` before the
+    commit of source version ``first`` (the state the night started from).
+    ``run_id`` and ``last`` are accepted for callers and not used: nothing is
+    stored here."""
     from pyspark.sql import functions as F
 
     from ..evaluation.prequential import catalog_indices, evaluate, user_histories
+    from ..serving.scorer import repeat_items
     from ..train.checkpoint import load_model
 
     pos = new_examples.where(F.col("label") == 1)
     if "kind" in new_examples.columns:  # contract 1: retractions are label 0 anyway; events only
         pos = pos.where(F.col("kind") == "event")
     # histories (and the event id that orders same-time rows as the delta job did) for models that read them
+    # (and the customer, whose repeat lists a model may read)
     pos = pos.select("user_idx", "item_idx", "event_time",
-                     *[c for c in ("history_idx", "event_id") if c in new_examples.columns]).toArrow()
+                     *[c for c in ("history_idx", "event_id") if c in new_examples.columns],
+                     *(["user_id"] if cfg.features.repeat_items else [])).toArrow()
     if pos.num_rows == 0:
         return {}
     k = cfg.eval.k
@@ -83,12 +91,31 @@ def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_exa
     if "history_idx" in pos.column_names:  # each user's items before tonight, for models that read them
         width = max([int(getattr(m, "history_length", 0) or 0) for m in models.values()] + [1])
         histories = user_histories(pos, width)
+    K = max(repeat_items(m) for m in models.values())
+    repeats = night_repeats(lake, cfg, pos, first, K) if K and "user_id" in pos.column_names else None
     out = evaluate(models, top, pos["user_idx"].to_numpy(), pos["item_idx"].to_numpy(),
-                   catalog_indices(items, cfg.features), k, histories=histories)
+                   catalog_indices(items, cfg.features), k, histories=histories, repeats=repeats)
     out["runs"] = run_ids
     if errors:
         out["errors"] = errors
     return out
+
+
+def night_repeats(lake: "LakeEngine", cfg: "Config", pos, first: int, k: int):
+    """:func:`~deltarec.evaluation.prequential.user_repeats` of the customers of
+    ``pos`` (tonight's positives) from their ``user_state`` rows before the
+    commit of source version ``first``: the lists as the night found them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ..evaluation.prequential import user_repeats
+    from .delta_job import base_version
+
+    table = cfg.lake.user_state_table
+    version = base_version(lake, table, first)
+    keys = pa.table({"user_id": pc.unique(pos["user_id"])})
+    state = lake.lookup(table, keys, version=version) if version is not None else keys.slice(0, 0)
+    return user_repeats(pos, state, k, cfg.features.repeat_half_life_days)
 
 
 def popular(lake: "LakeEngine", table: str, committed: list[str], since: dt.datetime, until: dt.datetime,

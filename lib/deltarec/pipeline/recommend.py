@@ -57,7 +57,7 @@ def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEng
     its checkpoint does not verify, or scoring fails (the table is unchanged)."""
     from ..features.examples import bucket  # noqa: F401  (fail here, not in a task, if Spark is missing)
     from ..registry.core import record_event
-    from ..serving.catalog import catalog_from_item_stats
+    from ..serving.catalog import catalog_from_item_stats, scoring_time
     from ..serving.scorer import parse_exclude
     from ..train.checkpoint import verify_checkpoint
 
@@ -82,20 +82,24 @@ def refresh_recommendations(spark: "SparkSession", cfg: "Config", lake: "LakeEng
     popular = popularity(lake, cfg, ledger, {i for items in catalog.items for i in items},
                          pc.max(stats["last_seen"]).as_py() if stats.num_rows else None)
     state_version = lake.version(L.user_state_table)
-    users = users_frame(spark, lake, cfg, state_version, ub, ib, salt)
+    repeat_k, half_life = repeat_settings(cfg, champ)
+    as_of = scoring_time(stats)  # the repeat lists are scored as of the day after the data
+    users = users_frame(spark, lake, cfg, state_version, ub, ib, salt, repeats=repeat_k > 0)
     t_driver = time.perf_counter()
     generated = dt.datetime.now(dt.timezone.utc)
     threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
     spec = {"checkpoint": champ.checkpoint_path, "sha256": champ.checkpoint_sha256, "run_id": champ.run_id,
             "catalog": catalog.to_dict(), "popular": popular, "k": R.k, "max_k": R.max_k, "exclude": rule,
             "block_pairs": R.block_pairs, "threads": threads, "generated_at": generated,
-            "table_uri": lake.uri(R.table), "refresh": uuid.uuid4().hex[:12]}
+            "table_uri": lake.uri(R.table), "refresh": uuid.uuid4().hex[:12], "repeat_as_of": as_of,
+            "repeat_half_life_days": half_life}
     meta = {"run_id": champ.run_id, "model": cfg.model.name, "checkpoint_path": champ.checkpoint_path,
             "checkpoint_sha256": champ.checkpoint_sha256, "runs_version": runs_version,
             "user_state_version": state_version, "item_stats_version": stats_version, "k": R.k,
             "max_k": R.max_k, "exclude": R.exclude, "catalog_days": R.catalog_days, "active_days": R.active_days,
             "popularity_days": R.popularity_days, "user_buckets": ub, "item_buckets": ib, "salt": salt,
-            "catalog_items": len(catalog), "reason": reason, "generated_at": generated.isoformat()}
+            "catalog_items": len(catalog), "reason": reason, "generated_at": generated.isoformat(),
+            "repeat_items": repeat_k, "repeat_as_of": as_of}
     if lake.name == "delta-spark":  # Spark's Delta writer: tasks write, the driver commits
         out = users.mapInArrow(score_task(spec, "rows"), RECS_DDL)
         t_tasks = time.perf_counter()
@@ -154,6 +158,15 @@ def hashing(cfg: "Config", run: RunRecord) -> tuple[int, int, str]:
             int(f.get("item_buckets", cfg.features.item_buckets)), str(f.get("salt", cfg.features.salt) or ""))
 
 
+def repeat_settings(cfg: "Config", run: RunRecord) -> tuple[int, float]:
+    """(``features.repeat_items``, ``features.repeat_half_life_days``) the
+    champion was trained with: its own config, like :func:`hashing` (0: no
+    lists; a model that does not read them ignores them)."""
+    f = (run.config or {}).get("features") or {}
+    return (int(f.get("repeat_items", cfg.features.repeat_items)),
+            float(f.get("repeat_half_life_days", cfg.features.repeat_half_life_days)))
+
+
 def popularity(lake: "LakeEngine", cfg: "Config", ledger: Ledger, allowed: set[str],
                newest: dt.datetime | None = None) -> list[tuple[str, float]]:
     """The popularity list: catalogue items with most positive events of
@@ -178,13 +191,16 @@ def popularity(lake: "LakeEngine", cfg: "Config", ledger: Ledger, allowed: set[s
 
 
 def users_frame(spark: "SparkSession", lake: "LakeEngine", cfg: "Config", version: int | None,
-                user_buckets: int, item_buckets: int, salt: str) -> "DataFrame":
+                user_buckets: int, item_buckets: int, salt: str, *, repeats: bool = False) -> "DataFrame":
     """One row per user to score (user_id, user_idx, history_ids, history_idx),
     ids hashed as the champion hashed them, plus one row with a null user_id
-    (the popularity list), spread over the scoring tasks."""
+    (the popularity list), spread over the scoring tasks. ``repeats``: with
+    the user's repeat lists too (``features.repeats.STATE_COLUMNS``, times as
+    µs; nulls when user_state predates them), for a champion that reads them."""
     from pyspark.sql import functions as F
 
     from ..features.examples import bucket
+    from ..features.repeats import micros_columns
 
     L, R = cfg.lake, cfg.recommend
     schema = "user_id string, user_idx bigint, history_ids array<string>, history_idx array<bigint>"
@@ -203,10 +219,11 @@ def users_frame(spark: "SparkSession", lake: "LakeEngine", cfg: "Config", versio
     hist = F.coalesce(F.col("history_ids"), F.array().cast("array<string>"))
     users = state.where(F.col("user_id").isNotNull()).select(
         "user_id", bucket(F.col("user_id"), user_buckets, salt).alias("user_idx"), hist.alias("history_ids"),
-        F.transform(hist, lambda i: bucket(i, item_buckets)).alias("history_idx"))
+        F.transform(hist, lambda i: bucket(i, item_buckets)).alias("history_idx"),
+        *(micros_columns(state) if repeats else []))
     fallback = spark.createDataFrame([(None, -1, [], [])], schema)
     parts = R.partitions or _parallelism(spark, cfg)
-    return users.unionByName(fallback).repartition(parts)
+    return users.unionByName(fallback, allowMissingColumns=True).repartition(parts)
 
 
 def _parallelism(spark: "SparkSession", cfg: "Config") -> int:

@@ -28,8 +28,9 @@ def _champion_model(path: str, sha256: str):
 
 
 def score_batch(model, catalog, batch: pa.RecordBatch | pa.Table, spec: dict[str, Any]) -> pa.Table:
-    """RECOMMENDATIONS rows of the users in ``batch`` (see ``pipeline.recommend.users_frame``)."""
-    from .scorer import excluded, top_items
+    """RECOMMENDATIONS rows of the users in ``batch`` (see ``pipeline.recommend.users_frame``);
+    a model that reads the repeat lists gets them as of ``spec["repeat_as_of"]``."""
+    from .scorer import excluded, repeat_items, top_items
 
     ids = batch.column("user_id").to_pylist()
     hist_ids = batch.column("history_ids").to_pylist()
@@ -37,7 +38,8 @@ def score_batch(model, catalog, batch: pa.RecordBatch | pa.Table, spec: dict[str
     uidx = batch.column("user_idx").to_pylist()
     scored = [i for i, u in enumerate(ids) if u is not None and hist_ids[i]]
     top = top_items(model, catalog, [uidx[i] for i in scored], [hist_idx[i] for i in scored], spec["k"],
-                    [excluded(hist_ids[i], spec["exclude"]) for i in scored], spec["block_pairs"])
+                    [excluded(hist_ids[i], spec["exclude"]) for i in scored], spec["block_pairs"],
+                    repeats=_repeats(model, batch, scored, spec) if repeat_items(model) else None)
     by_row = dict(zip(scored, top))
     cols: dict[str, list] = {n: [] for n in ("user_id", "rank", "item_id", "score", "source")}
     for i, u in enumerate(ids):
@@ -53,6 +55,21 @@ def score_batch(model, catalog, batch: pa.RecordBatch | pa.Table, spec: dict[str
     cols["run_id"] = [spec["run_id"]] * n
     cols["generated_at"] = [spec["generated_at"]] * n
     return pa.Table.from_pydict(cols, schema=RECOMMENDATIONS)
+
+
+def _repeats(model, batch: pa.RecordBatch | pa.Table, rows: list[int], spec: dict[str, Any]):
+    """The repeat lists of ``batch``'s ``rows`` as of the refresh's time (empty
+    lists when the batch has no repeat columns: a user_state that predates them)."""
+    import numpy as np
+
+    from ..features.repeats import state_arrays
+    from .scorer import repeat_items
+
+    if spec.get("repeat_as_of") is None:  # no item_stats rows: an empty catalogue, nothing is scored
+        return None
+    ref = np.full(len(rows), spec["repeat_as_of"], dtype=np.int64)
+    return state_arrays(batch.take(pa.array(rows, pa.int64())), ref, repeat_items(model),
+                        spec["repeat_half_life_days"])
 
 
 def score_task(spec: dict[str, Any], mode: str):

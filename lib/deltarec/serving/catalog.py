@@ -64,6 +64,18 @@ def popular_items(rows: pa.Table, allowed: Iterable[str], days: int, n: int) -> 
     return [(str(ids[i]), float(cnt[i])) for i in order]
 
 
+def scoring_time(item_stats: pa.Table) -> int | None:
+    """When a refresh scores, in µs since the epoch: the start of the UTC day
+    after the newest ``last_seen`` (the data's clock; the day a model trained
+    on that data ranks for), or None for an empty table. The repeat lists are
+    scored as of it, by the refresh and by the server and the MLflow model that
+    read the same item_stats."""
+    from ..features.repeats import US_PER_DAY, day_start, to_micros
+
+    newest = pc.max(item_stats["last_seen"]).as_py() if item_stats.num_rows else None
+    return None if newest is None else day_start(to_micros(newest)) + US_PER_DAY
+
+
 def user_histories(user_state: pa.Table) -> dict[str, list[str]]:
     """user key → its stored history (item ids, oldest first)."""
     keys = user_state["user_id"].to_pylist()

@@ -2,16 +2,18 @@
 
 ``predict`` takes a DataFrame with ``user_id`` (raw ids), optionally
 ``history`` (a list of raw item ids, oldest first, replacing the history stored
-for that user) and ``k``; it returns one row per input row: ``user_id``,
-``item_ids`` and ``scores`` (best first), ``fallback`` ("popularity" for a user
-with no history, else None) and ``run_id``.
+for that user; the stored repeat lists stay) and ``k``; it returns one row per
+input row: ``user_id``, ``item_ids`` and ``scores`` (best first), ``fallback``
+("popularity" for a user with no history, else None) and ``run_id``.
 
 The artifact carries everything: ``bundle.pt`` (``torch.save`` of plain
 values: the network's name, parameters and weights, the catalogue, every
-item's hashed bucket, each user's stored history, the popularity list, the
-hashing parameters) and the deltarec package as code (the model classes and
-the top-k routine), so ``mlflow.pyfunc.load_model`` needs mlflow and torch,
-not a lake, Spark or an installed deltarec.
+item's hashed bucket, each user's stored history and, for a model that reads
+them, repeat lists with the time they are scored as of (the one a refresh of
+the same lake uses), the popularity list, the hashing parameters) and the
+deltarec package as code (the model classes and the top-k routine), so
+``mlflow.pyfunc.load_model`` needs mlflow and torch, not a lake, Spark or an
+installed deltarec.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class DeltarecRecommender(mlflow.pyfunc.PythonModel):
         self.catalog = Catalog.from_dict(b["catalog"])
         self.item_bucket = dict(zip(b["items"]["ids"], b["items"]["buckets"]))
         self.histories = dict(zip(b["users"]["keys"], b["users"]["histories"]))
+        self.repeats = dict(zip(b["users"]["keys"], b["users"].get("repeats") or []))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
@@ -82,7 +85,8 @@ class DeltarecRecommender(mlflow.pyfunc.PythonModel):
         rule = parse_exclude(b["exclude"])
         top = top_items(self.model, self.catalog, [bucket(keys[i], b["user_buckets"], b["salt"]) for i in live],
                         [[self.item_bucket[x] for x in hists[i]] for i in live], max(ks, default=1),
-                        [excluded(hists[i], rule) for i in live])
+                        [excluded(hists[i], rule) for i in live],
+                        repeats=self.repeat_arrays([keys[i] for i in live]))
         scored = dict(zip(live, top))
         out = {"user_id": [], "item_ids": [], "scores": [], "fallback": [], "run_id": []}
         for i, k in enumerate(ks):
@@ -94,14 +98,27 @@ class DeltarecRecommender(mlflow.pyfunc.PythonModel):
             out["run_id"].append(b["run_id"])
         return pd.DataFrame(out)
 
+    def repeat_arrays(self, keys: list[str]):
+        """The users' stored repeat lists as of the bundle's time (None: the model reads none)."""
+        from ..features.repeats import feature_arrays, live_state
+        from .scorer import repeat_items
+
+        b, k = self.bundle, repeat_items(self.model)
+        at, half_life = b.get("repeat_as_of"), b.get("repeat_half_life_days")
+        if not k or at is None:  # None: no item_stats rows, no catalogue
+            return None
+        states = [live_state(self.repeats.get(u), [], at, half_life, k) for u in keys]
+        return feature_arrays(states, [at] * len(keys), k, half_life)
+
 
 def build_bundle(lake: "LakeEngine", cfg: "Config", run: "RunRecord") -> dict[str, Any]:
     """What the MLflow model of ``run`` carries, from the lake as it is now
     (the same catalogue, histories and popularity a refresh would use)."""
     from ..lake.ledger import Ledger
-    from ..pipeline.recommend import hashing, popularity
+    from ..features.repeats import plain_rows
+    from ..pipeline.recommend import hashing, popularity, repeat_settings
     from ..train.checkpoint import load_checkpoint
-    from .catalog import catalog_from_item_stats, user_histories
+    from .catalog import catalog_from_item_stats, scoring_time, user_histories
 
     L, R = cfg.lake, cfg.recommend
     ck = load_checkpoint(run.checkpoint_path, run.checkpoint_sha256)
@@ -114,13 +131,17 @@ def build_bundle(lake: "LakeEngine", cfg: "Config", run: "RunRecord") -> dict[st
 
     stats = lake.read_arrow(L.item_stats_table)
     catalog, every = catalog_from_item_stats(stats, R.catalog_days, ib)
-    hist = user_histories(lake.read_arrow(L.user_state_table)) if lake.exists(L.user_state_table) else {}
+    state = lake.read_arrow(L.user_state_table) if lake.exists(L.user_state_table) else None
+    hist = user_histories(state) if state is not None else {}
+    repeats = plain_rows(state) if params.get("repeat_items") and state is not None else {}
     popular = popularity(lake, cfg, Ledger(lake, L.runs_table), {i for items in catalog.items for i in items},
                          pc.max(stats["last_seen"]).as_py() if stats.num_rows else None)
     return {"format": BUNDLE_FORMAT, "run_id": run.run_id, "checkpoint_sha256": run.checkpoint_sha256,
             "model": ck.meta["model"], "model_params": params, "state_dict": ck.model_state,
             "catalog": catalog.to_dict(), "items": {"ids": list(every), "buckets": list(every.values())},
-            "users": {"keys": list(hist), "histories": list(hist.values())},
+            "users": {"keys": list(hist), "histories": list(hist.values()),
+                      "repeats": [repeats.get(u) for u in hist] if repeats else []},
+            "repeat_as_of": scoring_time(stats), "repeat_half_life_days": repeat_settings(cfg, run)[1],
             "popular": [[i, s] for i, s in popular], "k": R.k, "max_k": R.max_k, "exclude": R.exclude,
             "user_buckets": ub, "item_buckets": ib, "salt": salt}
 

@@ -88,15 +88,31 @@ def history_length(model: torch.nn.Module) -> int:
     return int(getattr(model, "history_length", 0) or 0)
 
 
+def repeat_items(model: torch.nn.Module) -> int:
+    """Items of the whole-history repeat lists the model reads (0: none; its
+    ``score_all`` then takes no ``repeat``)."""
+    import inspect
+
+    try:
+        takes = "repeat" in inspect.signature(model.score_all).parameters
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    return int(getattr(model, "repeat_items", 0) or 0) if takes else 0
+
+
 @torch.no_grad()
 def top_items(model: torch.nn.Module, catalog: Catalog, user_idx: Sequence[int],
               histories: Sequence[Sequence[int]] | None, k: int,
               exclude: Sequence[frozenset[str]] | None = None,
-              block_pairs: int = 1 << 14) -> list[list[tuple[str, float]]]:
+              block_pairs: int = 1 << 14,
+              repeats: dict[str, np.ndarray] | None = None) -> list[list[tuple[str, float]]]:
     """For each user: up to ``k`` (item id, score), best first.
 
     ``histories``: each user's hashed item indices, oldest first (None: as
-    users with no history); ``exclude``: item ids each user must not get.
+    users with no history); ``exclude``: item ids each user must not get;
+    ``repeats``: the users' whole-history repeat lists as of the time scored
+    (``features.repeats.state_arrays``: (U, K) each), passed to a model that
+    reads them (:func:`repeat_items`) and ignored by any other.
     Users are scored in blocks of about ``block_pairs`` user × bucket scores."""
     n_users, n_buckets = len(user_idx), len(catalog.buckets)
     if n_users == 0 or n_buckets == 0:
@@ -106,11 +122,17 @@ def top_items(model: torch.nn.Module, catalog: Catalog, user_idx: Sequence[int],
     cat = torch.from_numpy(catalog.buckets)
     users = np.asarray(user_idx, dtype=np.int64)
     hist = pad_histories(histories, L) if (L and histories is not None) else None
+    if repeats is not None and not repeat_items(model):
+        repeats = None
+    if repeats is not None and any(len(v) != n_users for v in repeats.values()):
+        raise ValueError(f"repeats has {[len(v) for v in repeats.values()]} rows for {n_users} users: one per user")
     block = max(1, block_pairs // n_buckets)
     out: list[list[tuple[str, float]]] = []
     for s in range(0, n_users, block):
         e = min(s + block, n_users)
         kw = {"history_idx": torch.from_numpy(hist[s:e])} if hist is not None else {}
+        if repeats is not None:
+            kw["repeat"] = {c: torch.from_numpy(np.ascontiguousarray(v[s:e])) for c, v in repeats.items()}
         scores = model.score_all(torch.from_numpy(users[s:e]), cat, **kw).float()
         skip = list(exclude[s:e]) if exclude is not None else [frozenset()] * (e - s)
         # k + |excluded| buckets hold at least k allowed items (a bucket holds >= 1)

@@ -2,15 +2,17 @@
 
 A :class:`Snapshot` is immutable once built: the champion's network (checksums
 verified), one version of the recommendations table as an in-memory Arrow index,
-and the catalogue and user histories of the table versions that refresh read
-(recorded in its commit metadata), for live scoring. The server swaps whole
-snapshots, so a request sees one champion's model and table or the other's.
+and the catalogue, user histories and (for a model that reads them) repeat
+lists of the table versions that refresh read (recorded in its commit
+metadata), for live scoring as of the refresh's time, so a live score equals
+the table's. The server swaps whole snapshots, so a request sees one
+champion's model and table or the other's.
 """
 from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -74,6 +76,11 @@ class Snapshot:
     item_bucket: dict[str, int]  # every item ever seen → its hashed bucket
     histories: dict[str, list[str]]  # user key → stored history (item ids, oldest first)
     index: RecsIndex
+    # user key → its repeat lists (features.repeats.plain_rows), scored as of repeat_as_of (µs), the
+    # refresh's time; empty for a model that reads none
+    repeats: dict[str, tuple] = field(default_factory=dict)
+    repeat_as_of: int | None = None
+    repeat_half_life_days: float = 0.0
 
     @property
     def max_k(self) -> int:
@@ -101,8 +108,9 @@ class Snapshot:
 
     def score(self, key: str, items: list[str], k: int) -> dict[str, Any]:
         """Top ``k`` from the model for ``key`` with ``items`` (known item ids,
-        oldest first) appended to its stored history."""
-        from .scorer import excluded, parse_exclude, top_items
+        oldest first) appended to its stored history (and, for a model that
+        reads the repeat lists, bought at the refresh's time)."""
+        from .scorer import excluded, parse_exclude, repeat_items, top_items
 
         history = self.histories.get(key, []) + list(items)
         if not history:
@@ -111,9 +119,20 @@ class Snapshot:
         uidx = bucket(key, int(m["user_buckets"]), m.get("salt") or "")
         hidx = [self.item_bucket[i] if i in self.item_bucket else bucket(i, int(m["item_buckets"]))
                 for i in history]
+        K = repeat_items(self.model) if self.repeat_as_of is not None else 0  # None: no item_stats, no catalogue
+        bought = list(zip(items, hidx[len(hidx) - len(items):]))
+        rep = self.repeat_arrays(key, bought, K) if K else None
         (top,) = top_items(self.model, self.catalog, [uidx], [hidx], k,
-                           [excluded(history, parse_exclude(m["exclude"]))])
+                           [excluded(history, parse_exclude(m["exclude"]))], repeats=rep)
         return {"items": top, "fallback": None, "from": "model"}
+
+    def repeat_arrays(self, key: str, bought: list[tuple[str, int]], k: int) -> dict[str, np.ndarray]:
+        """``key``'s repeat lists with ``bought`` (item id, bucket) folded in, as of the refresh's time."""
+        from ..features.repeats import feature_arrays, live_state
+
+        at = self.repeat_as_of
+        s = live_state(self.repeats.get(key), bought, at, self.repeat_half_life_days, k)
+        return feature_arrays([s], [at], k, self.repeat_half_life_days)
 
 
 def load_snapshot(lake: "LakeEngine", cfg: "Config", champion: "RunRecord", version: int,
@@ -122,7 +141,10 @@ def load_snapshot(lake: "LakeEngine", cfg: "Config", champion: "RunRecord", vers
     version ``refreshed``, names that champion) completely; raises on any
     problem, leaving nothing half-built. Users erased from the table since the
     refresh lose their stored history too (the refresh's user_state still has it)."""
-    from .catalog import catalog_from_item_stats, user_histories
+    from ..features.repeats import plain_rows
+    from ..pipeline.recommend import repeat_settings
+    from .catalog import catalog_from_item_stats, scoring_time, user_histories
+    from .scorer import repeat_items
     from ..train.checkpoint import load_model
 
     t0 = time.perf_counter()
@@ -138,12 +160,17 @@ def load_snapshot(lake: "LakeEngine", cfg: "Config", champion: "RunRecord", vers
     stats = lake.read_arrow(cfg.lake.item_stats_table, meta["item_stats_version"])
     catalog, item_bucket = catalog_from_item_stats(stats, int(meta["catalog_days"]), int(meta["item_buckets"]))
     histories: dict[str, list[str]] = {}
+    repeats: dict[str, tuple] = {}
     if meta.get("user_state_version") is not None:
-        histories = user_histories(lake.read_arrow(cfg.lake.user_state_table, meta["user_state_version"]))
+        state = lake.read_arrow(cfg.lake.user_state_table, meta["user_state_version"])
+        histories = user_histories(state)
+        repeats = plain_rows(state) if repeat_items(model) else {}
     if refreshed is not None and refreshed != version:
         before = set(lake.read_arrow(cfg.recommend.table, refreshed)["user_id"].to_pylist())
         for user in before - set(recs["user_id"].to_pylist()):
             histories.pop(user, None)
+            repeats.pop(user, None)
     index = RecsIndex(recs)
     return Snapshot(champion.run_id, champion.checkpoint_sha256, version, meta, dt.datetime.now(dt.timezone.utc),
-                    round(time.perf_counter() - t0, 3), model, catalog, item_bucket, histories, index)
+                    round(time.perf_counter() - t0, 3), model, catalog, item_bucket, histories, index, repeats,
+                    scoring_time(stats), repeat_settings(cfg, champion)[1])
