@@ -59,6 +59,16 @@ def _release_cached_data():
         gc.collect()  # Python-side DataFrame handles pin JVM objects until collected
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_worker_pools():
+    """Warm worker pools (train/pool.py) live as long as the driver, here the
+    whole run: close them after each module so none idles under the next
+    modules' tests (idle Horovod ranks kept a core busy)."""
+    yield
+    if "deltarec.train.pool" in sys.modules:
+        sys.modules["deltarec.train.pool"].close_pools()
+
+
 @pytest.fixture
 def lake_root(tmp_path):
     return tmp_path / "lake"

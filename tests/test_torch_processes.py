@@ -37,6 +37,34 @@ def test_warm_pool_serves_the_next_run_with_the_same_processes(tmp_path, backend
     _assert_same(one, b, "warm run")  # nothing of the first run leaks into the second
 
 
+def test_an_idle_horovod_pool_closes_and_the_next_run_starts_it_again(tmp_path):
+    """Idle Horovod ranks keep negotiating (a core busy on 2 cores): the pool
+    closes after its idle seconds; a run before them keeps the same ranks."""
+    import time
+
+    from deltarec.train.pool import WorkerPool
+
+    pq.write_table(examples(B * STEPS, seed=5), tmp_path / "two.parquet")
+    pool = WorkerPool("horovod", WORLD, idle_close_s=4.0)
+    try:
+        a = pool.run(spec([tmp_path / "two.parquet"], tmp_path / "ck1"))
+        b = pool.run(spec([tmp_path / "two.parquet"], tmp_path / "ck2"))  # within the idle time: warm
+        assert not any("error" in r for r in a + b), a + b
+        pids = [p.pid for p in pool.procs]
+        assert [r["pid"] for r in a[0]["ranks"]] == [r["pid"] for r in b[0]["ranks"]] == pids
+        procs = list(pool.procs)
+        assert procs and all(p.is_alive() for p in procs)
+        deadline = time.monotonic() + 30
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(p.is_alive() for p in procs) and pool.procs == []  # closed after 4 idle seconds
+        c = pool.run(spec([tmp_path / "two.parquet"], tmp_path / "ck3"))
+        assert c[0]["steps"] == STEPS and pool.alive  # started again
+    finally:
+        pool.close()
+    assert not pool.alive and WorkerPool("torch", WORLD).idle_close_s is None  # torch ranks wait for free
+
+
 def test_local_process_error_names_the_failing_rank_and_the_next_run_starts_fresh(tmp_path):
     t = examples(B * 2)
     bad = t.column("item_idx").to_numpy().copy()

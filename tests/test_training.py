@@ -146,7 +146,8 @@ def test_horovod_worker_error_names_the_failing_rank(spark, tmp_path):
     t = t.set_column(1, "item_idx", pa.array(bad))
     pq.write_table(t, tmp_path / "x.parquet")
     with pytest.raises(Exception, match=r"worker rank 1/2 \(horovod\) failed: IndexError") as e:
-        HorovodBackend(spark, WORLD).run(spec([tmp_path / "x.parquet"], tmp_path / "ck"))
+        # a bounded wait: should rank 1's shutdown race rank 0's enqueue, rank 0 stops after 60 s, not never
+        HorovodBackend(spark, WORLD).run(spec([tmp_path / "x.parquet"], tmp_path / "ck", collective_timeout_s=60))
     assert "rank 0/2" not in str(e.value).split("\n")[0]
     # the session survives a failed training job
     assert spark.range(3).count() == 3

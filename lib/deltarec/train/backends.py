@@ -129,7 +129,7 @@ class TorchBackend(_DistributedBackend):
             raise TrainingFailed(_worker_message(e)) from e
 
 
-_SECONDARY = ("shut down", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_SECONDARY = ("shut down", "did not complete in", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def _raise_worker_errors(results: list[dict[str, Any]]) -> None:

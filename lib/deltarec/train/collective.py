@@ -12,6 +12,7 @@ themselves. Each offers the same few operations:
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -109,14 +110,37 @@ class HorovodCollective:
 
     name = "horovod"
 
-    def __init__(self, hvd):
+    def __init__(self, hvd, timeout_s: float = 600.0):
         self.hvd = hvd
         self.rank = hvd.rank()
         self.size = hvd.size()
         self.local_rank = hvd.local_rank()
+        self.timeout_s = timeout_s  # TrainSpec.collective_timeout_s, set by the worker
+
+    def _wait(self, handle, what: str):
+        """``hvd.synchronize(handle)`` that cannot spin forever. When a peer
+        rank fails and shuts Horovod down, this rank's pending collective
+        normally fails with "Horovod has been shut down"; but when the peer's
+        shutdown races this rank's enqueue, Horovod's background thread can
+        stop with the handle never completed, and ``synchronize`` then spins
+        on it at 100 % CPU for ever (seen: 10 min in the test suite, a rank
+        whose peer had exited). Polling with a deadline turns that into an
+        error that names the wait."""
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.0
+        while not self.hvd.poll(handle):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"horovod {what} did not complete in {self.timeout_s:.0f} s on rank {self.rank}/{self.size}: "
+                    "a peer rank stopped or hung (its own error comes first); raise "
+                    "TrainSpec.collective_timeout_s if a rank legitimately waits longer")
+            time.sleep(pause)
+            pause = min(0.005, pause + 0.0001)  # a step's collective takes ms: start by yielding only
+        return self.hvd.synchronize(handle)
 
     def allreduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self.hvd.allreduce(t, op=self.hvd.Average, name="deltarec.allreduce_mean")
+        handle = self.hvd.allreduce_async(t, op=self.hvd.Average, name="deltarec.allreduce_mean")
+        return self._wait(handle, "allreduce")
 
     def allgather(self, t: torch.Tensor) -> list[torch.Tensor]:
         # Horovod's allgather takes tensors of different lengths and concatenates
@@ -125,7 +149,8 @@ class HorovodCollective:
         if t.element_size() > 8:
             raise TypeError(f"allgather: {t.dtype} elements are wider than the 8-byte length it carries")
         length = torch.tensor([t.numel()], dtype=torch.long, device=t.device).view(t.dtype)
-        lengths, flat = self.hvd.grouped_allgather([length, t], name="deltarec.allgather")
+        handle = self.hvd.grouped_allgather_async([length, t], name="deltarec.allgather")
+        lengths, flat = self._wait(handle, "allgather")
         return list(torch.split(flat, lengths.clone().view(torch.long).tolist()))
 
     def allgather_object(self, obj: Any) -> list[Any]:

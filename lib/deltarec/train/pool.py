@@ -26,6 +26,7 @@ import atexit
 import os
 import queue
 import socket
+import threading
 import time
 from typing import Any, Callable
 
@@ -33,6 +34,14 @@ from .spec import TrainSpec
 from .workers import TrainingFailed, entry_phases, guarded, warm_up
 
 KINDS = ("torch", "horovod")
+
+# An idle pool of Horovod ranks is not free: each rank's background thread
+# negotiates every HOROVOD_CYCLE_TIME (0.1 ms here, workers.join_horovod), so
+# two idle ranks kept one of this 2-core machine's cores busy (measured: 10 s
+# of CPU per 10 s, for as long as the driver lived). Such a pool closes after
+# this many idle seconds; the next run starts it again. Torch ranks wait in a
+# queue at no cost and stay.
+IDLE_CLOSE_S = {"horovod": 60.0, "torch": None}
 
 
 def _free_port() -> int:
@@ -118,13 +127,17 @@ def _worker_main(kind: str, rank: int, env: dict[str, str], use_gpu: bool, inbox
 class WorkerPool:
     """``world`` local ranks of ``kind`` (torch or horovod) that start once."""
 
-    def __init__(self, kind: str, world: int, use_gpu: bool = False, timeout_s: float = 24 * 3600):
+    def __init__(self, kind: str, world: int, use_gpu: bool = False, timeout_s: float = 24 * 3600,
+                 idle_close_s: float | None = -1.0):
         if kind not in KINDS:
             raise ValueError(f"worker pool kind {kind!r}: choose one of {', '.join(KINDS)}")
         self.kind, self.world, self.use_gpu, self.timeout_s = kind, world, use_gpu, timeout_s
+        self.idle_close_s = IDLE_CLOSE_S[kind] if idle_close_s == -1.0 else idle_close_s
         self.procs: list = []
         self.runs = 0  # runs served: 0 means the next one pays the start
         self._release = None
+        self._lock = threading.RLock()  # run / close against the idle timer
+        self._idle_timer: threading.Timer | None = None
 
     @property
     def alive(self) -> bool:
@@ -148,14 +161,45 @@ class WorkerPool:
     def ensure_started(self) -> None:
         """Start the ranks unless they are running; returns at once (they
         import, join their group and warm up in the background)."""
-        if not self.alive:
-            self.close()
-            self.start()
+        with self._lock:
+            self._cancel_idle_close()
+            if not self.alive:
+                self.close()
+                self.start()
+            self._schedule_idle_close()
+
+    def _cancel_idle_close(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _schedule_idle_close(self) -> None:
+        if self.idle_close_s is not None and self.procs:
+            self._idle_timer = threading.Timer(self.idle_close_s, self._close_if_idle)
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
+
+    def _close_if_idle(self) -> None:
+        # blocks while a run holds the lock; a run that started meanwhile cancelled this timer
+        with self._lock:
+            if self._idle_timer is threading.current_thread():
+                self._idle_timer = None
+                self.close()
 
     def run(self, spec: TrainSpec) -> list[dict[str, Any]]:
         """Every rank's result (or ``{"error", "rank"}``), in rank order. A
         failure on any rank shuts the pool down."""
-        self.ensure_started()
+        with self._lock:
+            self._cancel_idle_close()
+            try:
+                return self._run(spec)
+            finally:
+                self._schedule_idle_close()
+
+    def _run(self, spec: TrainSpec) -> list[dict[str, Any]]:
+        if not self.alive:
+            self.close()
+            self.start()
         for box in self.inboxes:
             box.put(spec)
         got: dict[int, dict[str, Any]] = {}
@@ -188,6 +232,7 @@ class WorkerPool:
         return [got[r] for r in sorted(got)]
 
     def close(self) -> None:
+        self._cancel_idle_close()
         for p, box in zip(self.procs, getattr(self, "inboxes", [])):
             if p.is_alive():
                 box.put(None)

@@ -74,6 +74,9 @@ class TrainSpec:
     distill: float = 0.0
     fisher_batches: int = 0  # 0: no Fisher saved; else batches of the shard used for it (EWC's next night)
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "bce"})  # train.loss: losses.LossSpec's fields
+    # A Horovod collective that waits longer fails the run instead of spinning
+    # for ever on a peer that stopped (collective.HorovodCollective._wait).
+    collective_timeout_s: float = 600.0
 
 
 def make_optimizer(spec: TrainSpec, model: torch.nn.Module, lr: float | None = None) -> torch.optim.Optimizer:

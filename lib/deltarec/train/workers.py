@@ -53,6 +53,8 @@ def entry_phases(entered_at: float, group_seconds: float) -> dict[str, float]:
 
 
 def guarded(spec: TrainSpec, collective, phases: dict[str, float] | None = None) -> dict[str, Any]:
+    if hasattr(collective, "timeout_s"):
+        collective.timeout_s = spec.collective_timeout_s
     try:
         return train_worker(spec, collective, phases=phases)
     except Exception as e:
