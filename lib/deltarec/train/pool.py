@@ -42,6 +42,7 @@ KINDS = ("torch", "horovod")
 # this many idle seconds; the next run starts it again. Torch ranks wait in a
 # queue at no cost and stay.
 IDLE_CLOSE_S = {"horovod": 60.0, "torch": None}
+_BY_KIND = object()  # WorkerPool(idle_close_s=...) not given: IDLE_CLOSE_S[kind]
 
 
 def _free_port() -> int:
@@ -128,11 +129,11 @@ class WorkerPool:
     """``world`` local ranks of ``kind`` (torch or horovod) that start once."""
 
     def __init__(self, kind: str, world: int, use_gpu: bool = False, timeout_s: float = 24 * 3600,
-                 idle_close_s: float | None = -1.0):
+                 idle_close_s: Any = _BY_KIND):
         if kind not in KINDS:
             raise ValueError(f"worker pool kind {kind!r}: choose one of {', '.join(KINDS)}")
         self.kind, self.world, self.use_gpu, self.timeout_s = kind, world, use_gpu, timeout_s
-        self.idle_close_s = IDLE_CLOSE_S[kind] if idle_close_s == -1.0 else idle_close_s
+        self.idle_close_s: float | None = IDLE_CLOSE_S[kind] if idle_close_s is _BY_KIND else idle_close_s
         self.procs: list = []
         self.runs = 0  # runs served: 0 means the next one pays the start
         self._release = None
@@ -163,10 +164,13 @@ class WorkerPool:
         import, join their group and warm up in the background)."""
         with self._lock:
             self._cancel_idle_close()
-            if not self.alive:
-                self.close()
-                self.start()
+            self._start_unless_alive()
             self._schedule_idle_close()
+
+    def _start_unless_alive(self) -> None:
+        if not self.alive:
+            self.close()
+            self.start()
 
     def _cancel_idle_close(self) -> None:
         if self._idle_timer is not None:
@@ -197,9 +201,7 @@ class WorkerPool:
                 self._schedule_idle_close()
 
     def _run(self, spec: TrainSpec) -> list[dict[str, Any]]:
-        if not self.alive:
-            self.close()
-            self.start()
+        self._start_unless_alive()
         for box in self.inboxes:
             box.put(spec)
         got: dict[int, dict[str, Any]] = {}
