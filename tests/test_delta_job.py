@@ -163,16 +163,19 @@ def test_rerun_leaves_the_lake_as_one_run(spark, lake_root):
     append(cfg, lake, [ev("n1", "u1", "i2", 10), ev("n2", "u5", "i3", 11), ev("xc", "u0", "i0", 12, "cancel"),
                        ev("bad2", "u1", "i1", 13, qty=-3)])
     DeltaTable(lake.uri(cfg.lake.events_table)).delete("event_id = 'e1'")
-    adaptive = spark.conf.get("spark.sql.adaptive.enabled")
+    adaptive, partitions = spark.conf.get(J.ADAPTIVE), spark.conf.get(J.SHUFFLE)
     held = set(spark.sparkContext._jsc.getPersistentRDDs().keySet())
     first = J.prepare_night(spark, cfg, lake, 1, 2, "r1")
-    assert first.stats["adaptive_off"] and spark.conf.get("spark.sql.adaptive.enabled") == adaptive  # restored
+    assert first.stats["adaptive_off"] and spark.conf.get(J.ADAPTIVE) == adaptive  # restored
+    # a small night shuffles into spark.small_night_partitions: one file per staged write; then restored
+    assert first.stats["shuffle_partitions"] == cfg.spark.small_night_partitions == 1 != int(partitions)
+    assert spark.conf.get(J.SHUFFLE) == partitions and len(lake.data_files("training_examples", {"run_id": "r1"})) == 1
     # what the night cached or cut (local checkpoints) is released: training gets the executors' memory back
     assert set(spark.sparkContext._jsc.getPersistentRDDs().keySet()) == held
     once = snapshot(lake, ["r0", "r1"])
     on = cfg.replace(spark=cfg.spark.replace(adaptive_min_rows=0))  # the rerun with adaptive execution
     again = J.prepare_night(spark, on, lake, 1, 2, "r1")
-    assert not again.stats["adaptive_off"]
+    assert not again.stats["adaptive_off"] and again.stats["shuffle_partitions"] == int(partitions)
     assert snapshot(lake, ["r0", "r1"]) == once
     assert (again.consumed, again.examples, again.reasons) == (first.consumed, first.examples, first.reasons)
     kinds = first.stats["example_kinds"]

@@ -73,6 +73,7 @@ ITEM_STATS_TABLE = "item_stats"
 # A state row moves only forward: never replaced by one computed from older source versions.
 STATE_UPDATE_IF = "t.source_version IS NULL OR s.source_version >= t.source_version"
 ADAPTIVE = "spark.sql.adaptive.enabled"
+SHUFFLE = "spark.sql.shuffle.partitions"
 REWRITES = "_rewrites"  # not a change type: the count of unchanged rewrites, beside the kinds
 
 
@@ -149,28 +150,32 @@ def _check_change_fraction(cfg: "Config", lake: "LakeEngine", first: int, kinds:
 def prepare_night(spark: "SparkSession", cfg: "Config", lake: "LakeEngine", first: int, last: int,
                   run_id: str) -> PreparedNight:
     held = Held()  # released in `finally`, before training needs the memory
-    adaptive = spark.conf.get(ADAPTIVE, None)
+    session = {k: spark.conf.get(k, None) for k in (ADAPTIVE, SHUFFLE)}
     try:
         return _prepare(spark, cfg, lake, first, last, run_id, held)
     finally:
         held.release()
-        _set_adaptive(spark, adaptive)  # the session's own setting again
+        for key, value in session.items():  # the session's own settings again
+            _set_conf(spark, key, value)
 
 
-def _set_adaptive(spark: "SparkSession", value: str | None) -> None:
+def _set_conf(spark: "SparkSession", key: str, value: str | None) -> None:
     if value is None:
-        spark.conf.unset(ADAPTIVE)
+        spark.conf.unset(key)
     else:
-        spark.conf.set(ADAPTIVE, value)
+        spark.conf.set(key, value)
 
 
 def small_night(spark: "SparkSession", cfg: "Config", rows: int, adaptive: str | None) -> bool:
-    """Adaptive execution stays off (as while the night was counted) for a
-    night of fewer than ``spark.adaptive_min_rows`` change rows; a larger one
-    gets the session's setting ``adaptive`` back (prepare_night restores it
-    after the night either way)."""
+    """A night of fewer than ``spark.adaptive_min_rows`` change rows runs
+    with adaptive execution off (as while it was counted) and its shuffles in
+    ``spark.small_night_partitions`` partitions; a larger one gets the
+    session's setting ``adaptive`` back and keeps its partitions
+    (prepare_night restores both after the night either way)."""
     small = rows < cfg.spark.adaptive_min_rows
-    _set_adaptive(spark, "false" if small else adaptive)
+    _set_conf(spark, ADAPTIVE, "false" if small else adaptive)
+    if small and cfg.spark.small_night_partitions:
+        spark.conf.set(SHUFFLE, str(cfg.spark.small_night_partitions))
     return small
 
 
@@ -285,6 +290,7 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
     stage.mark("report")
     stats = {"outcomes": outcomes, "example_kinds": kinds, "retractions": causes, "rewrites_cancelled": n_rewrites,
              "users_updated": n_users, "items_updated": n_items, "adaptive_off": adaptive_off,
+             "shuffle_partitions": int(spark.conf.get(SHUFFLE)),
              "stage_seconds": stage.seconds, "stage_spark_jobs": stage.jobs}
     return PreparedNight(run_id, first, last, consumed, n_accepted, n_quarantined, reasons,
                          sum(kinds.values()), new_examples, items, stats)
