@@ -20,10 +20,10 @@ from test_recommend import independent_topk, same_ranking, table_rows
 K = 30  # lists longer than the window below: the two repeat sources differ for most customers
 # sampled_softmax (as the #17 benchmark trains it): scores are log-probabilities, so the repeat term moves the
 # customer's own items; 40 deep (the table, the prequential metrics) they are in the ranking, so scoring with
-# the lists or with the window changes the items and the metrics, not only the scores.
+# the lists or with the window changes the items and the metrics, not only the scores (the gate's too: ndcg@40).
 BASE = ("demo.history_days=2", "demo.nights=1", "train.epochs=1", "recommend.enabled=true",
         "model.name=repeat_explore", f"features.repeat_items={K}", "features.history_length=5",
-        "recommend.k=40", "eval.k=40", "train.loss=sampled_softmax")
+        "recommend.k=40", "eval.k=40", "train.loss=sampled_softmax", "gate.metrics=[ndcg@40, auc]")
 US_PER_DAY = 86_400_000_000
 UTC = dt.timezone.utc
 
@@ -200,3 +200,43 @@ def test_the_nights_prequential_metrics_score_with_the_lists_as_of_the_scored_da
     assert stored["users"] == want["users"]
     assert stored["champion"] == want["champion"] and stored["stale"] == want["champion"]
     assert window["champion"] != want["champion"]
+
+
+def test_the_nights_gate_ranks_each_customer_with_their_lists_as_of_the_scored_day(spark, lake):
+    """Night 2's stored gate metrics (candidate and champion) equal those
+    recomputed here on its held-out rows with each customer's lists from
+    user_state before night 2's commit, as of the start of the scored day,
+    and differ from the window-only ones: the gate ranks as the prequential
+    metrics and serving do."""
+    from deltarec.evaluation.gate import evaluate_models
+    from deltarec.evaluation.prequential import catalog_indices
+    from deltarec.train.checkpoint import load_model
+
+    cfg, L, runs = lake["cfg"], lake["lake"], lake["runs"]
+    first, night = runs
+    gate = night.metrics["gate"]
+    assert gate["champion_run_id"] == first.run_id and gate["n"] > 0, gate
+    rows = L.read_arrow(cfg.lake.examples_table).filter(
+        (pc.field("run_id") == night.run_id) & pc.field("holdout")).select(
+        ["user_idx", "item_idx", "label", "history_idx", "event_time", "event_id", "user_id"])
+    pos = rows.filter(pc.field("label") == 1.0)
+    mine = [v for v, m in L.commit_metadata(cfg.lake.user_state_table) if m.get("run_id") == night.run_id]
+    before = {r["user_id"]: r for r in L.read_arrow(cfg.lake.user_state_table, min(mine) - 1).to_pylist()}
+    day = micros(dt.datetime.combine(pc.min(pos["event_time"]).as_py().date(), dt.time(), UTC))
+    idx_of = {}
+    for u, i in zip(pos["user_id"].to_pylist(), pos["user_idx"].to_pylist()):
+        idx_of.setdefault(i, set()).add(u)
+    assert all(len(v) == 1 for v in idx_of.values())  # no two scored customers share a bucket here
+    uniq = np.array(sorted(idx_of))
+    lists = lists_as_of([before.get(next(iter(idx_of[i]))) for i in uniq], day, cfg.features.repeat_half_life_days)
+    assert (lists["repeat_idx"] >= 0).any(axis=1).sum() >= 3  # returning customers, with lists
+    models = {"candidate": load_model(night), "champion": load_model(first)}
+    catalog = catalog_indices(spark.createDataFrame(L.read_arrow(cfg.lake.item_stats_table).select(["item_id"])),
+                              cfg.features)
+    ranking = [m for m in cfg.gate.metrics if "@" in m]
+    assert ranking, cfg.gate.metrics
+    want = evaluate_models(models, rows, catalog, ranking, repeats=(uniq, lists))
+    window = evaluate_models(models, rows, catalog, ranking)
+    for role in models:
+        assert {m: gate[role][m] for m in ranking} == want[role], (role, gate[role], want[role])
+    assert any(window[role] != want[role] for role in models), (window, want)

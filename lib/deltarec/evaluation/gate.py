@@ -142,16 +142,21 @@ def score_pairs(model: "torch.nn.Module", rows: pa.Table, chunk: int = 8192) -> 
 
 def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalog: np.ndarray,
                     metrics: list[str], *, slices: dict[str, np.ndarray] | None = None,
-                    gate: "GateConfig | None" = None) -> dict[str, Any]:
+                    gate: "GateConfig | None" = None,
+                    repeats: tuple[np.ndarray, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Metrics of each model on ``rows`` (columns user_idx, item_idx, label;
-    with history_idx and event_time, ranking passes each user's history).
+    with history_idx and event_time, ranking passes each user's history;
+    ``repeats``, each user's repeat lists as
+    :func:`~deltarec.evaluation.prequential.user_repeats` gives them, reach the
+    ranking of every model that reads them, as its pointwise scores read the
+    rows' own).
 
     Returns ``{role: {metric: value}, "n": rows, "users": held-out users with a
     positive, "holdout_users": distinct users of rows}``; with ``slices`` (name
     → boolean row mask) also ``{"slices": {name: {role: {metric: value}}}}``
     (slices never gate); with ``gate`` (bootstrap_samples > 0) and roles
     candidate and champion, ``{"bootstrap": {metric: paired_bootstrap}}``."""
-    from .prequential import align_histories, model_topk, relevant_sets, user_histories
+    from .prequential import align_histories, align_repeats, model_topk, relevant_sets, user_histories
 
     labels = rows["label"].to_numpy().astype(np.float64)
     users = rows["user_idx"].to_numpy()
@@ -184,7 +189,8 @@ def evaluate_models(models: dict[str, "torch.nn.Module"], rows: pa.Table, catalo
             if ks and pos.any() and len(catalog):
                 uniq, relevant = relevant_sets(u[pos], it[pos])
                 top = model_topk(model, uniq, catalog, min(max(ks), len(catalog)),
-                                 histories=align_histories(uniq, histories))
+                                 histories=align_histories(uniq, histories),
+                                 repeats=align_repeats(uniq, repeats))
                 for k in ks:
                     r = ranking_metrics(top, relevant, min(k, top.shape[1]))
                     for b in RANKING:

@@ -67,6 +67,16 @@ def align_histories(users: np.ndarray, histories: tuple[np.ndarray, np.ndarray] 
     return None if histories is None else _align(users, *histories, -1)
 
 
+def align_repeats(users: np.ndarray, repeats: tuple[np.ndarray, dict[str, np.ndarray]] | None
+                  ) -> dict[str, np.ndarray] | None:
+    """Rows of ``repeats`` ((sorted users, {column: (H, K)}), as
+    :func:`user_repeats` gives) for ``users``; empty lists (item -1, features
+    0) for a user it does not have."""
+    if repeats is None:
+        return None
+    return {c: _align(users, repeats[0], v, -1 if c == "repeat_idx" else 0) for c, v in repeats[1].items()}
+
+
 def _align(users: np.ndarray, have: np.ndarray, values: np.ndarray, missing) -> np.ndarray:
     """Rows of ``values`` (one per sorted user of ``have``) for ``users``; ``missing`` for a user it does not have."""
     out = np.full((len(users), *values.shape[1:]), missing, dtype=values.dtype)
@@ -128,8 +138,7 @@ def evaluate(models: dict[str, "torch.nn.Module"], popular: np.ndarray | None, u
     if len(uniq) == 0 or len(catalog) == 0:
         return out
     hist = align_histories(uniq, histories)
-    rep = None if repeats is None else {c: _align(uniq, repeats[0], v, -1 if c == "repeat_idx" else 0)
-                                        for c, v in repeats[1].items()}
+    rep = align_repeats(uniq, repeats)
     top_k = min(k, len(catalog))  # eval.k beyond a small catalogue: the whole catalogue is the top k
     for name, model in models.items():
         out[name] = _rounded(ranking_metrics(model_topk(model, uniq, catalog, top_k, histories=hist, repeats=rep),

@@ -71,8 +71,10 @@ def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", ite
         log.error("gate: %s", slice_error)
         slice_col = None
     # history_idx, event_time, event_id: each held-out user's history for the ranking metrics
+    # (and user_id: the customer's repeat lists, for a model that reads them)
     data = rows.select("user_idx", "item_idx", "label",
-                       *[c for c in dict.fromkeys(("history_idx", "event_time", "event_id", slice_col))
+                       *[c for c in dict.fromkeys(("history_idx", "event_time", "event_id", slice_col,
+                                                   "user_id" if cfg.features.repeat_items else None))
                          if c and c in new_examples.columns]).toArrow()
     committed = [r.run_id for r in Ledger(lake, cfg.lake.runs_table).runs(cfg.model.name)]
     table = cfg.lake.examples_table
@@ -83,7 +85,7 @@ def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", ite
     masks.pop("all", None)
     models = {"candidate": load_model(checkpoint), "champion": load_model(champion)}
     res = evaluate_models(models, data, catalog_indices(items, cfg.features), list(cfg.gate.metrics), slices=masks,
-                          gate=cfg.gate)
+                          gate=cfg.gate, repeats=held_out_repeats(cfg, lake, data, models, first))
     decision = decide(res.get("candidate", {}), res.get("champion", {}), cfg.gate, users=res["holdout_users"],
                       bootstrap=res.get("bootstrap"))
     if res["n"] == 0:
@@ -95,6 +97,22 @@ def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", ite
     if slice_error:
         out["slices_error"] = slice_error
     return out
+
+
+def held_out_repeats(cfg: "Config", lake: "LakeEngine", data: "pa.Table", models: dict, first: int):
+    """The repeat lists of the held-out rows' customers as the night found
+    them (``user_state`` before the commit of ``first``, as the prequential
+    step reads them), for the models that read them; None when none does."""
+    import pyarrow.compute as pc
+
+    from ..serving.scorer import repeat_items
+    from .prequential import night_repeats
+
+    k = max(repeat_items(m) for m in models.values())
+    if not k or "user_id" not in data.column_names:
+        return None
+    pos = data.filter(pc.equal(data["label"], 1))
+    return night_repeats(lake, cfg, pos, first, k) if pos.num_rows else None
 
 
 def unseen(lake: "LakeEngine", table: str, rows: "pa.Table", col: str, committed: list[str]) -> "np.ndarray":
