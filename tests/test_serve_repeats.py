@@ -162,6 +162,23 @@ def test_the_mlflow_bundle_ranks_as_the_table(lake, table):
         same_ranking(list(items), list(scores), *t["with_lists"][u])
 
 
+def night_lists(cfg, L, night, pos):
+    """(sorted user_idx of ``pos``, their lists): each scored customer's lists
+    from the user_state the night read (the version before its own commit),
+    as of the start of the day of ``pos``'s first event."""
+    mine = [v for v, m in L.commit_metadata(cfg.lake.user_state_table) if m.get("run_id") == night.run_id]
+    before = {r["user_id"]: r for r in L.read_arrow(cfg.lake.user_state_table, min(mine) - 1).to_pylist()}
+    day = micros(dt.datetime.combine(pc.min(pos["event_time"]).as_py().date(), dt.time(), UTC))
+    idx_of = {}
+    for u, i in zip(pos["user_id"].to_pylist(), pos["user_idx"].to_pylist()):
+        idx_of.setdefault(i, set()).add(u)
+    assert all(len(v) == 1 for v in idx_of.values())  # no two scored customers share a bucket here
+    uniq = np.array(sorted(idx_of))
+    lists = lists_as_of([before.get(next(iter(idx_of[i]))) for i in uniq], day, cfg.features.repeat_half_life_days)
+    assert (lists["repeat_idx"] >= 0).any(axis=1).sum() >= 3  # returning customers, with lists
+    return uniq, lists
+
+
 def test_the_nights_prequential_metrics_score_with_the_lists_as_of_the_scored_day(spark, lake):
     """Night 2's stored champion/stale metrics equal those recomputed here
     with the lists from user_state before night 2's commit, as of the start of
@@ -176,18 +193,8 @@ def test_the_nights_prequential_metrics_score_with_the_lists_as_of_the_scored_da
     assert stored["runs"] == {"champion": first.run_id, "stale": first.run_id}
     ex = L.read_arrow(cfg.lake.examples_table).filter(
         (pc.field("run_id") == night.run_id) & (pc.field("label") == 1.0) & (pc.field("kind") == "event"))
-    # the user_state the night read: the version before its own commit
-    mine = [v for v, m in L.commit_metadata(cfg.lake.user_state_table) if m.get("run_id") == night.run_id]
-    before = {r["user_id"]: r for r in L.read_arrow(cfg.lake.user_state_table, min(mine) - 1).to_pylist()}
     start = pc.min(ex["event_time"]).as_py()
-    day = micros(dt.datetime.combine(start.date(), dt.time(), UTC))
-    idx_of = {}
-    for u, i in zip(ex["user_id"].to_pylist(), ex["user_idx"].to_pylist()):
-        idx_of.setdefault(i, set()).add(u)
-    assert all(len(v) == 1 for v in idx_of.values())  # no two scored customers share a bucket here
-    uniq = np.array(sorted(idx_of))
-    lists = lists_as_of([before.get(next(iter(idx_of[i]))) for i in uniq], day, cfg.features.repeat_half_life_days)
-    assert (lists["repeat_idx"] >= 0).any(axis=1).sum() >= 3  # returning customers, with lists
+    uniq, lists = night_lists(cfg, L, night, ex)
     model = load_model(first)
     catalog = catalog_indices(spark.createDataFrame(L.read_arrow(cfg.lake.item_stats_table).select(["item_id"])),
                               cfg.features)
@@ -219,17 +226,7 @@ def test_the_nights_gate_ranks_each_customer_with_their_lists_as_of_the_scored_d
     rows = L.read_arrow(cfg.lake.examples_table).filter(
         (pc.field("run_id") == night.run_id) & pc.field("holdout")).select(
         ["user_idx", "item_idx", "label", "history_idx", "event_time", "event_id", "user_id"])
-    pos = rows.filter(pc.field("label") == 1.0)
-    mine = [v for v, m in L.commit_metadata(cfg.lake.user_state_table) if m.get("run_id") == night.run_id]
-    before = {r["user_id"]: r for r in L.read_arrow(cfg.lake.user_state_table, min(mine) - 1).to_pylist()}
-    day = micros(dt.datetime.combine(pc.min(pos["event_time"]).as_py().date(), dt.time(), UTC))
-    idx_of = {}
-    for u, i in zip(pos["user_id"].to_pylist(), pos["user_idx"].to_pylist()):
-        idx_of.setdefault(i, set()).add(u)
-    assert all(len(v) == 1 for v in idx_of.values())  # no two scored customers share a bucket here
-    uniq = np.array(sorted(idx_of))
-    lists = lists_as_of([before.get(next(iter(idx_of[i]))) for i in uniq], day, cfg.features.repeat_half_life_days)
-    assert (lists["repeat_idx"] >= 0).any(axis=1).sum() >= 3  # returning customers, with lists
+    uniq, lists = night_lists(cfg, L, night, rows.filter(pc.field("label") == 1.0))
     models = {"candidate": load_model(night), "champion": load_model(first)}
     catalog = catalog_indices(spark.createDataFrame(L.read_arrow(cfg.lake.item_stats_table).select(["item_id"])),
                               cfg.features)
