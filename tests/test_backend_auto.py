@@ -16,7 +16,8 @@ def examples_of(lake, cfg, run_id) -> int:
 
 
 def test_auto_trains_small_nights_in_process_and_large_ones_distributed(spark, lake_root, real_data_path):
-    cfg = make_config(lake_root, "demo.enabled=false", "train.backend=auto", "train.auto_min_examples=1000000000")
+    cfg = make_config(lake_root, "demo.enabled=false", "train.backend=auto", "train.auto_min_examples=1000000000",
+                      "train.collective_timeout_s=123")
     lake = open_lake(cfg.lake, spark)
     days, items, _ = demo_days(cfg)
     for _, ev in days[:2]:
@@ -24,6 +25,7 @@ def test_auto_trains_small_nights_in_process_and_large_ones_distributed(spark, l
     first = run_nightly(spark, cfg, lake=lake)
     train = first.metrics["train"]
     assert train["backend"] == "local" and train["world_size"] == 1
+    assert Ledger(lake).runs()[0].metrics["train_spec"]["collective_timeout_s"] == 123  # the config key reaches it
     choice = train["backend_choice"]
     assert choice["chose"] == "local" and choice["threshold"] == 1_000_000_000
     # the count is the rows of the files the workers read: the first (full) night's examples

@@ -442,6 +442,11 @@ class TrainConfig(Section):
         "one worker at 60k examples, and at 0.05x one whole night with the launch, so no size measured "
         "there pays; 2M is above every night of the demo. On a machine with a core (or GPU) per worker "
         "measure it there and lower it. 0: always distributed."))
+    collective_timeout_s: float = Field(600.0, gt=0, description=(
+        "horovod: seconds a rank waits for one collective (the gradient exchange's gathers) before it fails "
+        "the run, naming the wait, instead of spinning for ever on a peer that stopped or hung (a peer's "
+        "shutdown racing the call once left a rank spinning 10+ min). Raise it where a step or a straggler "
+        "legitimately takes longer."))
     launcher: Literal["spark", "processes"] = Field("spark", description=(
         "horovod and torch: spark runs the ranks on the executors (horovod.spark.run, TorchDistributor), "
         "processes as local processes on this machine, without Spark, started once and kept warm for the "

@@ -106,6 +106,7 @@ def train_spec(cfg: "Config", run_id: str, first: int, last: int, inputs: "Train
         proximal=forgetting.proximal if warm else 0.0, ewc=forgetting.ewc if warm else 0.0,
         distill=forgetting.distill if warm else 0.0,
         fisher_batches=forgetting.fisher_batches if forgetting.ewc > 0 else 0,
+        collective_timeout_s=t.collective_timeout_s,
         loss={"name": t.loss, "in_batch": t.loss_in_batch, "history_negatives": t.loss_history_negatives,
               "uniform_negatives": t.loss_uniform_negatives, "logq": t.loss_logq},
         meta={"parent_run_id": parent.run_id if parent else None, "strategy": choice.strategy,

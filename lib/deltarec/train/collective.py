@@ -133,7 +133,7 @@ class HorovodCollective:
                 raise RuntimeError(
                     f"horovod {what} did not complete in {self.timeout_s:.0f} s on rank {self.rank}/{self.size}: "
                     "a peer rank stopped or hung (its own error comes first); raise "
-                    "TrainSpec.collective_timeout_s if a rank legitimately waits longer")
+                    "train.collective_timeout_s if a rank legitimately waits longer")
             time.sleep(pause)
             pause = min(0.005, pause + 0.0001)  # a step's collective takes ms: start by yielding only
         return self.hvd.synchronize(handle)
