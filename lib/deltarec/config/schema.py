@@ -59,8 +59,8 @@ class SparkConfig(Section):
         "spark.sql.shuffle.partitions during a night below adaptive_min_rows change rows (restored after it); "
         "0: keep shuffle_partitions. Each shuffle partition is a task per stage and a file per staged write, "
         "a fixed cost a few thousand rows do not repay. Measured on local[2], 2-core VM, 2026-12-02: one "
-        "Online Retail day a night (about 2k change rows, the tests' model settings), 14.1-15.2 s a night with 1 "
-        "partition against 15.8-21.2 s with 2 (three runs each, side by side)."))
+        "Online Retail day a night (about 2k change rows, the tests' model settings), 14.1-18.1 s a night with 1 "
+        "partition (3 runs of 2 nights) against 15.8-21.2 s with 2 (5 runs), means about 15.4 and 18.5 s."))
     conf: dict[str, SparkValue] = Field(default_factory=dict, description=(
         "Any further spark.* settings, each one key with its full dotted name (--set "
         "spark.conf.spark.sql.adaptive.enabled=true); numbers and booleans become Spark's strings. "
