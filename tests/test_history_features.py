@@ -68,6 +68,16 @@ def test_repeat_term_adds_what_the_history_says():
     torch.testing.assert_close(a, fresh({"user_idx": users, "item_idx": item}))
 
 
+@pytest.mark.parametrize("hidden, dropout", [([], 0.0), ([16], 0.0), ([16, 8, 4], 0.3)])
+def test_score_all_splits_the_mlp_exactly_for_any_depth(hidden, dropout):
+    # score_all computes the MLP's first layer per user (not on [u, i, u*i] rows): any depth, dropout off in eval
+    m = ranking(history_length=0, hidden=hidden, dropout=dropout)
+    users, items = torch.arange(U), torch.arange(I)
+    s = m.score_all(users, items)
+    pairs = m({"user_idx": users.repeat_interleave(I), "item_idx": items.repeat(U)}).view(U, I)
+    torch.testing.assert_close(s, pairs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("embedding", ["hashed", "dynamic"])
 def test_score_all_equals_forward_row_by_row_with_history(embedding):
     m = randomize_repeat(ranking(embedding))

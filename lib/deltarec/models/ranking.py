@@ -136,10 +136,8 @@ class RankingModel(IdModel):
         (hashed indices, as in training_examples): (U, I). ``history_idx``
         (U, L): each user's items before the scored period, -1 padded, newest
         last; without it every user scores as one with no history."""
-        U, I = len(user_idx), len(item_idx)
-        users = user_idx.repeat_interleave(I)
-        items = item_idx.repeat(U)
-        out = self.forward({"user_idx": users, "item_idx": items}).view(U, I)
+        U = len(user_idx)
+        out = self._pairs(user_idx, item_idx)
         if self.history_length and history_idx is not None:
             if history_idx.shape[0] != U:
                 raise ValueError(f"history_idx has {history_idx.shape[0]} rows for {U} users: one row per user")
@@ -151,6 +149,25 @@ class RankingModel(IdModel):
             ir = self.rows({"item_idx": item_idx}, "item").unsqueeze(0)
             out = out + self._repeat(f, ur, ir)
         return out
+
+    def _pairs(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """(U, I): ``forward`` without the repeat term for every user x item,
+        each embedding looked up once. The MLP's first layer on [u, i, u * i]
+        splits into a user part, an item part and the u * i part, which is one
+        (I, d) @ (d, h) product per user with that user's weights (u_d * W[h, d]):
+        a third of the first layer's work and no (U*I, 3d) input built. Side by
+        side with forward over U*I rows, one thread, 1,000 users x 3,000 items:
+        1.6-1.7x faster, same scores to 1e-7 (benchmarks/score_all.py)."""
+        ur, ir = self.rows({"user_idx": user_idx}, "user"), self.rows({"item_idx": item_idx}, "item")
+        u = self.user_emb(ur)  # (U, d)
+        i = self.item_vectors({"item_idx": item_idx}, ir)  # (I, d)
+        first, d = self.mlp[0], u.shape[1]
+        wu, wi, wx = first.weight[:, :d], first.weight[:, d:2 * d], first.weight[:, 2 * d:]
+        z = torch.matmul(i, u.unsqueeze(2) * wx.T.unsqueeze(0))  # (U, I, h): sum_d i_d u_d wx[h, d]
+        z = z + (u @ wu.T + first.bias).unsqueeze(1) + (i @ wi.T).unsqueeze(0)
+        z = self.mlp[1:](z.reshape(-1, z.shape[-1]))  # ReLU, Linear, ...: row-wise, as in forward
+        deep = z.view(len(u), len(i))
+        return self.bias + self.item_bias(ir).squeeze(-1).unsqueeze(0) + u @ i.T + deep
 
 
 @register("ranking")
