@@ -177,7 +177,9 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
 
     ``trained_types``: event types that produce an event example (so a later
     change to them needs a retraction). ``prior_ids``: event ids consumed by
-    earlier runs (column ``event_id``). ``prior``: EVENT_INDEX rows of earlier
+    earlier runs (column ``event_id``), night-sized: at least those among
+    tonight's inserts (``features.prior.prior_index`` gives exactly these);
+    it is broadcast. ``prior``: EVENT_INDEX rows of earlier
     runs — at least every row of the event ids updated or deleted tonight and
     of the events that ever held a (user, item) cancelled tonight.
     ``rating_scale``: (min, max) of ``features.rating``; a rating outside it is
@@ -244,10 +246,9 @@ def validate(changes: "DataFrame", cfg: "ValidationConfig", run_id: str, *,
     ins = (c("_change_type") == "insert") & c("_reason").isNull()
     rows = rows.withColumn("_ins", ins)
     first = Window.partitionBy("event_id", "_ins").orderBy(c("source_version"), c("event_time"), c("order_id"))
-    tonight_ids = rows.where(ins).select("event_id").distinct()
-    # Semi-join first: the history side is only streamed, never shuffled or broadcast.
-    seen = prior_ids.join(F.broadcast(tonight_ids), "event_id", "left_semi").distinct() \
-        .withColumn("_seen", F.lit(True))
+    # prior_ids is night-sized (the ids among tonight's inserts that earlier
+    # runs consumed: features/prior.py finds them): broadcast as it is.
+    seen = prior_ids.select("event_id", F.lit(True).alias("_seen")).dropDuplicates(["event_id"])
     rows = rows.join(F.broadcast(seen), "event_id", "left")
     rows = rows.withColumn("_reason", F.when(
         ins & ((F.row_number().over(first) > 1) | F.coalesce(c("_seen"), F.lit(False))),

@@ -211,7 +211,8 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
                  prior_ids=prior_ids, prior=prior,
                  rating_scale=(features.rating.min, features.rating.max), materialize=cut)
     # validation's outputs: night-sized, each read by several of the outputs below
-    accepted, events, retractions = cut(v.accepted), cut(v.events), cut(v.retractions)
+    # (accepted rows only by the tallies: not held, one Spark job fewer)
+    accepted, events, retractions = v.accepted, cut(v.events), cut(v.retractions)
 
     # Counted in one aggregate (every Spark job costs a fixed fraction of a
     # second); the quarantine's rows stay on the executors until written.
