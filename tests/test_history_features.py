@@ -174,7 +174,8 @@ def test_checkpoint_without_the_repeat_term_scores_as_before_and_warm_starts():
 
 def test_history_length_zero_turns_the_term_off():
     m = randomize_repeat(ranking(history_length=0))
-    assert m.inputs == () and m.history_length == 0
+    assert m.inputs == ("event_day",) and m.history_length == 0  # the item clock's day stays
+    assert ranking(history_length=0, item_time=False).inputs == ()
     b = {"user_idx": torch.arange(6), "item_idx": torch.arange(6), "history_idx": histories(6)}
     torch.testing.assert_close(m(b), m({"user_idx": b["user_idx"], "item_idx": b["item_idx"]}))
     with pytest.raises(ValueError, match="history_length=-1"):
@@ -240,6 +241,6 @@ def test_nightly_gives_the_ranking_model_its_history(tmp_path):
     cfg = make_config(tmp_path, "features.history_length=7")
     params = model_params(cfg)
     assert params["history_length"] == 7 and history_length(cfg) == 7  # batches carry 7 items
-    assert build_model("ranking", **params).inputs == ("history_idx",)
-    off = make_config(tmp_path, "features.history_length=0")
+    assert build_model("ranking", **params).inputs == ("history_idx", "event_day")
+    off = make_config(tmp_path, "features.history_length=0", "model.item_time=false")
     assert history_length(off) == 0 and build_model("ranking", **model_params(off)).inputs == ()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import ROOT, make_config
 from deltarec.features.validate import QuarantineThresholdExceeded
@@ -74,6 +75,16 @@ def test_demo_runs_nights_then_rerun_is_a_noop(spark, lake_root, real_data_path)
         assert sum(st["seconds"] for st in stages.values()) <= res.seconds
         assert r["metrics"]["delta_job"]["outcomes"]["event"] > 0  # the delta job's counts are kept too
     assert runs[0]["metrics"]["stages"]["prequential"]["spark_jobs"] == 0  # the first run has no one to score
+    # the ranking model's item clock (model.item_time): each checkpoint knows the items' purchases up to the
+    # day after the newest purchase it trained on, and the first training learned to read it
+    lake = open_lake(cfg.lake, spark)
+    for r in runs:
+        state = load_file(str(Path(r["checkpoint"]["path"], "model.safetensors")))
+        ex = lake.read_arrow(cfg.lake.examples_table, filters=[("run_id", "=", r["run_id"])]).to_pandas()
+        bought = ex[(ex["label"] > 0) & (ex["kind"] == "event") & ~ex["holdout"].astype(bool)]
+        newest_day = int(bought["event_time"].max().timestamp() // 86_400)
+        assert int(state["clock.as_of"]) == newest_day + 1, r["run_id"]
+    assert state["item_time.weight"].abs().sum() > 0
 
     before = checkpoint_dirs(lake_root)
     again = run_demo(spark, cfg, out=lambda *_: None)  # lake exists: just a nightly run

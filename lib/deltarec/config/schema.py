@@ -391,9 +391,13 @@ class ModelConfig(Section):
     layers: int = Field(1, ge=1, description="sequential: transformer layers.")
     vocab: VocabConfig = Field(default_factory=VocabConfig, description="model.embedding=dynamic only.")
     text: TextConfig = Field(default_factory=TextConfig, description="The optional item-text tower.")
+    item_time: bool = Field(True, description=(
+        "ranking: the items' recent purchases (decayed by model.item_half_lives) and age, as of each "
+        "example's day, as inputs (models/item_clock.py): a model updated nightly ranks with last night's "
+        "trends. false: ids only (the model before #17; its checkpoints load into either)."))
     item_half_lives: list[Annotated[float, Field(gt=0)]] = Field([3.0, 21.0], min_length=1, description=(
-        "repeat_explore: half-lives in days of the items' decayed recent purchases (its time-aware "
-        "popularity inputs, beside the item's age)."))
+        "ranking (with model.item_time) and repeat_explore: half-lives in days of the items' decayed recent "
+        "purchases (the time-aware popularity inputs, beside the item's age)."))
     repeat_gate: bool = Field(True, description=(
         "repeat_explore: a learned per-customer repeat/explore gate. false: an even mix (the ablation)."))
 

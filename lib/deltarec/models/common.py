@@ -32,9 +32,10 @@ class IdModel(nn.Module):
     ``*_lookup`` row per bucket; they load and score as they did.)
 
     ``optional_state``: parameters a newer model added, whose zero means
-    "absent"; a checkpoint without them (saved before they existed) loads with
-    them at zero, so it scores as it did, through :meth:`upgrade_state`, the
-    one place that knows about old checkpoints."""
+    "absent", and buffers that go with them; a checkpoint without them (saved
+    before they existed) loads with the parameters at zero and the buffers as
+    a new model has them, so it scores as it did, through
+    :meth:`upgrade_state`, the one place that knows about old checkpoints."""
 
     id_tables: dict[str, list[str]] = {}
     optional_state: tuple[str, ...] = ()
@@ -107,9 +108,11 @@ class IdModel(nn.Module):
         own = self.state_dict()
         added = [k for k in self.optional_state if k not in state and k in own]
         if added:
-            log.warning("checkpoint predates %s: starting them at zero, where they change no score",
-                        ", ".join(added))
-            state = {**state, **{k: torch.zeros_like(own[k]) for k in added}}
+            log.warning("checkpoint predates %s: starting them at zero (buffers: empty), where they change no "
+                        "score", ", ".join(added))
+            buffers = dict(self.named_buffers())  # e.g. an item clock: empty, i.e. as this model was built
+            state = {**state, **{k: buffers[k].clone() if k in buffers else torch.zeros_like(own[k])
+                                 for k in added}}
         for name in ("user", "item"):
             if f"{name}_lookup" in state and not hasattr(self, f"{name}_lookup"):
                 for suffix in LOOKUP_SUFFIXES[1:]:  # the old dense form replaces the sparse one

@@ -1,8 +1,19 @@
 """Ranking / CTR model over user and item ids (hashed buckets or a dynamic vocabulary).
 
-score(u, i) = b + b_i + <e_u, e_i> + MLP([e_u, e_i, e_u * e_i]) + repeat(u, i, history)
+score(u, i) = b + b_i + <e_u, e_i> + MLP([e_u, e_i, e_u * e_i]) + repeat(u, i, history) + w_t · t(i, day)
 The dot product lets the model rank a whole catalogue quickly; the MLP adds
 interactions. With the text tower on, e_i = item embedding + text embedding.
+
+t(i, day) (``item_time``, on by default): the item's recent purchases decayed
+by each of ``item_half_lives`` and its age as of the row's day
+(``item_clock.py``; as of the checkpoint's day when scoring). The item bias
+b_i learns how popular an item was over the whole training data and stays
+there until the next steps move it; t carries "this item sells this week"
+into tomorrow's scores without a retrain, so a model updated last night ranks
+with last night's trends and a stale one with its own (#17: on data whose
+popularity moves within days, a model without it lost to the 7-day
+popularity list). w_t starts at zero, and a checkpoint from before the term
+loads with it at zero and the clock empty: it scores exactly as it did.
 
 repeat(u, i, h) = w · [log1p(n), [n > 0], 0.9^age, n / |h|] + [n > 0] · (r_u + r_i), where n is how often
 i occurs in the user's history h (``history_idx``: the last items before the
@@ -22,11 +33,14 @@ from torch import nn
 
 from . import register
 from .common import INIT_STD, IdModel
+from .item_clock import ItemClock
 
 REPEAT_FEATURES = 4  # log1p(count), present, recency, share of the history
 RECENCY_DECAY = 0.9  # per step back from the newest history item
 # parameters of the repeat term: a parent checkpoint without them gets them at zero (old behaviour)
 REPEAT_STATE = ("repeat.weight", "user_repeat_bias.weight", "item_repeat_bias.weight")
+# the time-aware item term: a parent checkpoint without it gets w_t = 0 and an empty clock
+TIME_STATE = ("item_time.weight", "clock.first_day", "clock.recent", "clock.as_of")
 
 
 def repeat_features(hist: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
@@ -62,19 +76,20 @@ def repeat_features_all(hist: torch.Tensor, item_idx: torch.Tensor, buckets: int
 class RankingModel(IdModel):
     id_tables = {"user": ["user_emb.weight", "user_repeat_bias.weight"],
                  "item": ["item_emb.weight", "item_bias.weight", "item_repeat_bias.weight"]}
-    optional_state = REPEAT_STATE  # IdModel.upgrade_state: absent in a checkpoint → at their (zero) init
+    optional_state = REPEAT_STATE + TIME_STATE  # IdModel.upgrade_state: absent in a checkpoint → at their init
 
     def __init__(self, user_buckets: int, item_buckets: int, embedding_dim: int = 32,
                  hidden: list[int] | tuple[int, ...] = (64, 32), dropout: float = 0.0,
                  embedding: str = "hashed", user_rows: int = 0, item_rows: int = 0,
-                 text: dict[str, Any] | None = None, history_length: int = 20):
+                 text: dict[str, Any] | None = None, history_length: int = 20, item_time: bool = True,
+                 item_half_lives: list[float] | tuple[float, ...] = (3.0, 21.0)):
         super().__init__()
         if history_length < 0:
             raise ValueError(f"history_length={history_length}: must be >= 0 (0: no repeat term)")
         self._init_ids(embedding, user_buckets, item_buckets, user_rows, item_rows)
         # batches carry the user's last history_length items; 0: the repeat term is off
         self.history_length = history_length
-        self.inputs = ("history_idx",) if history_length else ()
+        self.inputs = (("history_idx",) if history_length else ()) + (("event_day",) if item_time else ())
         self.user_emb = nn.Embedding(self.rows_of["user"], embedding_dim)
         self.item_emb = nn.Embedding(self.rows_of["item"], embedding_dim)
         self.item_bias = nn.Embedding(self.rows_of["item"], 1)
@@ -100,6 +115,11 @@ class RankingModel(IdModel):
             from .text import TextTower
 
             self.text = TextTower(item_buckets=item_buckets, out_dim=embedding_dim, **text)
+        # last, so the other parameters draw the same initial values as without it
+        if item_time:  # the trainer folds each night's purchases into the clock (train/warmstart.py)
+            self.clock = ItemClock(self.rows_of["item"], tuple(item_half_lives))
+            self.item_time = nn.Linear(self.clock.n_features, 1, bias=False)
+            nn.init.zeros_(self.item_time.weight)
 
     def _repeat(self, f: torch.Tensor, ur: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
         """The repeat term from features ``f`` (..., REPEAT_FEATURES) and the rows
@@ -127,7 +147,14 @@ class RankingModel(IdModel):
                     self.lookup("item", hist)
                 item = ir
             out = out + self._repeat(repeat_features(hist, item), ur, ir)
-        return out
+        return out + self._timed(ir, batch.get("event_day"))
+
+    def _timed(self, ir: torch.Tensor, day: torch.Tensor | None = None) -> torch.Tensor | float:
+        """w_t · t(i, day) of item rows ``ir`` as of each row's ``day`` (None:
+        the clock's day, i.e. scoring after the last night); 0 without the term."""
+        if not hasattr(self, "clock"):
+            return 0.0
+        return self.item_time(self.clock.features(ir, day)).squeeze(-1)
 
     @torch.no_grad()
     def score_all(self, user_idx: torch.Tensor, item_idx: torch.Tensor,
@@ -138,7 +165,7 @@ class RankingModel(IdModel):
         last; without it every user scores as one with no history."""
         U = len(user_idx)
         ur, ir = self.rows({"user_idx": user_idx}, "user"), self.rows({"item_idx": item_idx}, "item")
-        out = self._pairs(ur, ir, item_idx)
+        out = self._pairs(ur, ir, item_idx) + self._timed(ir)  # one value per item, as of the model's day
         if self.history_length and history_idx is not None:
             if history_idx.shape[0] != U:
                 raise ValueError(f"history_idx has {history_idx.shape[0]} rows for {U} users: one row per user")
@@ -173,6 +200,7 @@ class RankingModel(IdModel):
 def _ranking(user_buckets: int, item_buckets: int, embedding_dim: int = 32,
              hidden: list[int] = (64, 32), dropout: float = 0.0, embedding: str = "hashed",
              user_rows: int = 0, item_rows: int = 0, text: dict[str, Any] | None = None,
-             history_length: int = 20) -> RankingModel:
+             history_length: int = 20, item_time: bool = True,
+             item_half_lives: list[float] = (3.0, 21.0)) -> RankingModel:
     return RankingModel(user_buckets, item_buckets, embedding_dim, list(hidden), dropout, embedding,
-                        user_rows, item_rows, text, history_length)
+                        user_rows, item_rows, text, history_length, item_time, tuple(item_half_lives))

@@ -72,7 +72,8 @@ def model_params(cfg: "Config") -> dict[str, Any]:
     if m.name == "sequential":
         params.update(history_length=max(f.history_length, 1), heads=m.heads, layers=m.layers)
     elif m.name == "ranking":
-        params.update(history_length=f.history_length)
+        params.update(history_length=f.history_length, item_time=m.item_time,
+                      item_half_lives=list(m.item_half_lives))
     elif m.name == "repeat_explore":
         params.update(history_length=max(f.history_length, 1), item_half_lives=list(m.item_half_lives),
                       repeat_gate=m.repeat_gate, repeat_items=f.repeat_items)
