@@ -2,14 +2,15 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--quick] [--rows N] [--batch B]
         [--backends horovod,torch,processes,horovod-processes] [--workers 1,2]
-        [--optimizer adam] [--nights 3000,12000] [--reference-runs 3] [--repeat 1] [--gpu]
+        [--optimizer adam] [--model ranking|sequential] [--nights 3000,12000] [--reference-runs 3] [--repeat 1] [--gpu]
 
 Backends: ``horovod`` (``horovod.spark.run``), ``torch`` (TorchDistributor),
 ``processes`` / ``horovod-processes`` (torch / Horovod as local processes
 that start once and serve run after run, train/pool.py); ``local`` (one
 worker in this process) always runs.
 
-**Throughput** (``--rows`` examples, the ranking model of earlier figures):
+**Throughput** (``--rows`` examples; ``--model``: the ranking model of earlier
+figures, or ``sequential``, self-attention over a 20-item history, compute-bound):
 the real pipeline (Parquet → Arrow shard → tensors → steps with averaged
 gradients) on each backend at each worker count, and the same loop on tensors
 already in memory in this process, run ``--reference-runs`` times after a
@@ -69,6 +70,11 @@ from deltarec.train.loop import TrainSpec, train_worker  # noqa: E402
 from deltarec.train.pool import close_pools  # noqa: E402
 
 PARAMS = {"user_buckets": 16384, "item_buckets": 8192, "embedding_dim": 32, "hidden": [64, 32]}
+# --model: the throughput runs' model and its parameters (sequential: SASRec-style
+# self-attention over a 20-item history, the default conf's shape: compute-bound)
+MODELS = {"ranking": PARAMS,
+          "sequential": {"user_buckets": 16384, "item_buckets": 8192, "embedding_dim": 32, "hidden": [64],
+                         "history_length": 20}}
 # conf/local.yaml's model: what a demo night trains
 NIGHT_PARAMS = {"user_buckets": 16384, "item_buckets": 65536, "embedding_dim": 32, "hidden": [64, 32],
                 "history_length": 20}
@@ -96,15 +102,16 @@ def make_data(n: int, path: Path, params: dict, seed: int = 0) -> None:
 
 
 def spec(path: Path, out: Path, batch: int, gpu: bool = False, optimizer: str = "adam",
-         params: dict | None = None, epochs: int = 1) -> TrainSpec:
+         params: dict | None = None, epochs: int = 1, model: str = "ranking") -> TrainSpec:
     params = params or PARAMS
-    return TrainSpec(run_id="bench", files=[str(path)], model_name="ranking", model_params=params,
+    return TrainSpec(run_id="bench", files=[str(path)], model_name=model, model_params=params,
                      optimizer=optimizer, lr=0.003, weight_decay=0.0, batch_size=batch, epochs=epochs, seed=1,
                      checkpoint_dir=str(out), progress=False, use_gpu=gpu,
                      history_length=params.get("history_length", 0))
 
 
-def in_memory(path: Path, out: Path, batch: int, runs: int, gpu: bool, optimizer: str) -> list[dict]:
+def in_memory(path: Path, out: Path, batch: int, runs: int, gpu: bool, optimizer: str,
+              model: str = "ranking") -> list[dict]:
     """The same loop, model, optimizer and batches in this process on tensors
     already in memory: no data path, no other workers. One warm-up run
     (allocator, lazy imports), then ``runs`` measured ones."""
@@ -113,8 +120,9 @@ def in_memory(path: Path, out: Path, batch: int, runs: int, gpu: bool, optimizer
 
     shard = to_shard(read_shard([str(path)], 0, 1))
     torch.set_num_threads(1)
-    train_worker(spec(path, out / "warm", batch, gpu, optimizer), LocalCollective(), shard=shard)
-    return [train_worker(spec(path, out / f"mem{k}", batch, gpu, optimizer), LocalCollective(),
+    params = MODELS[model]
+    train_worker(spec(path, out / "warm", batch, gpu, optimizer, params, model=model), LocalCollective(), shard=shard)
+    return [train_worker(spec(path, out / f"mem{k}", batch, gpu, optimizer, params, model=model), LocalCollective(),
                          shard=shard)["ranks"][0] for k in range(runs)]
 
 
@@ -174,6 +182,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true", help="train on CUDA (workers share the visible GPUs)")
     ap.add_argument("--optimizer", default="adam",
                     help="train.optimizer of every run (adam, lazy_adam, adagrad, ...; default adam)")
+    ap.add_argument("--model", default="ranking", choices=sorted(MODELS),
+                    help="the throughput runs' model (ranking: embeddings + MLP, no history; sequential: "
+                         "self-attention over a 20-item history, compute-bound); the nights always train the "
+                         "demo's ranking model")
     ap.add_argument("--reference-runs", type=int, default=3, help="measured in-memory runs (after one warm-up)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of runs of every backend and worker count; the best steady figure counts, the "
@@ -207,8 +219,9 @@ def main(argv=None) -> int:
     rows, night_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "examples.parquet"
-        make_data(n, data, PARAMS)
-        mem = in_memory(data, Path(tmp), args.batch, args.reference_runs, args.gpu, args.optimizer)
+        params = MODELS[args.model]
+        make_data(n, data, params)
+        mem = in_memory(data, Path(tmp), args.batch, args.reference_runs, args.gpu, args.optimizer, args.model)
         for k, r in enumerate(mem):
             rows.append({"run": f"in memory #{k + 1}", "workers": 1, "steady": steady(r),
                          "per_worker": steady(r), "night": None, "wall": None})
@@ -218,7 +231,8 @@ def main(argv=None) -> int:
         for k in range(max(args.repeat, 1)):  # in rounds: load that comes and goes weighs on every run alike
             for name, w in runs:
                 tries[(name, w)].append(timed_run(backends[(name, w)], spec(
-                    data, Path(tmp) / f"ck-{name}-{w}-{k}", args.batch, args.gpu, args.optimizer)))
+                    data, Path(tmp) / f"ck-{name}-{w}-{k}", args.batch, args.gpu, args.optimizer, params,
+                    model=args.model)))
                 load.append(os.getloadavg()[0])
         for name, w in runs:
             done = tries[(name, w)]
@@ -257,7 +271,7 @@ def main(argv=None) -> int:
     ref = ref_row["per_worker"]
     best_mem = max(r["per_worker"] for r in rows if r["run"].startswith("in memory"))
     where = f"CUDA ({torch.cuda.get_device_name()})" if args.gpu else "CPU, torch threads 1 per worker"
-    print(f"\n{n} examples, global batch {args.batch}, optimizer {args.optimizer}, {where}, {os.cpu_count()} cores, "
+    print(f"\n{n} examples, model {args.model}, global batch {args.batch}, optimizer {args.optimizer}, {where}, {os.cpu_count()} cores, "
           f"best of {max(args.repeat, 1)} run(s) each, 1-min load average {min(load):.1f}-{max(load):.1f}\n")
     print(f"reference = the fastest steady per-worker run of the same loop with one worker: {ref_row['run']} "
           f"{ref:,.0f} ex/s (best in memory: {best_mem:,.0f}; in-memory runs: "
@@ -285,7 +299,7 @@ def main(argv=None) -> int:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(
-        {"rows": n, "batch": args.batch, "optimizer": args.optimizer, "gpu": args.gpu, "cores": os.cpu_count(),
+        {"rows": n, "model": args.model, "batch": args.batch, "optimizer": args.optimizer, "gpu": args.gpu, "cores": os.cpu_count(),
          "threads_per_worker": 1, "reference": ref, "reference_run": ref_row["run"], "load1": load,
          "runs": rows, "nights": night_rows}, indent=1))
     head = names[0] if names else "local"
