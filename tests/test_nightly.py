@@ -262,7 +262,7 @@ def test_demo_names_the_data_it_runs_on(tmp_path, real_data_path, caplog):
     """No silent fallback: the real file when it is there; otherwise a warning
     naming the missing file, and a description that says synthetic."""
     _, _, what = demo_days(make_config(tmp_path / "lake", "demo.max_days=2"))
-    assert what.startswith(f"Online Retail file {real_data_path} (")
+    assert what.startswith(f"data file {real_data_path} (")
     absent = tmp_path / "absent.parquet"
     with caplog.at_level("WARNING", logger="deltarec.demo"):
         days, _, what = demo_days(make_config(tmp_path / "lake", f"demo.data_path={absent}", "demo.max_days=2"))

@@ -98,7 +98,7 @@ def test_notebooks_are_databricks_source_with_markdown_and_code():
 
 def test_nightly_incremental_runs_the_nights_and_plots_metrics(lake, spark):
     ns = lake["ns"]
-    assert f"demo: Online Retail file {REAL_DATA} (" in lake["out"]  # the real data, not the synthetic fallback
+    assert f"demo: data file {REAL_DATA} (" in lake["out"]  # the real data, not the synthetic fallback
     assert [r.status for r in ns["results"]] == ["committed", "committed"]
     runs = Ledger(open_lake(lake["cfg"].lake, spark)).runs("ranking")
     assert [(r.source_first, r.source_last) for r in runs] == [(0, 2), (3, 3)]

@@ -50,7 +50,7 @@ def test_spark_submit_runs_the_nightly_job(tmp_path, real_data_path):
     assert Ledger(lake).watermark("ranking") == lake.version("behavior_events") == 3
     assert runs[1].parent_run_id == runs[0].run_id and runs[1].metrics["train"]["backend"] == "local"
     assert f"run {runs[0].run_id} (full): versions 0..2" in done.stdout
-    assert f"demo: Online Retail file {REAL_DATA} (" in done.stdout  # the real data, not the synthetic fallback
+    assert f"demo: data file {REAL_DATA} (" in done.stdout  # the real data, not the synthetic fallback
 
 
 def plan_json(capsys, lake_root) -> dict:

@@ -36,7 +36,7 @@ def demo_days(cfg: "Config") -> tuple[list[tuple["dt.date", "pa.Table"]], "pa.Ta
     path = Path(d.data_path)
     if path.is_file():
         raw = src.read_source_file(path)
-        what = f"Online Retail file {path} ({raw.num_rows} rows)"
+        what = f"data file {path} ({raw.num_rows} rows)"  # demo.data_path: any events file, not only Online Retail
     else:
         from ..demo import synthetic
 
