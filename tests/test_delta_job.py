@@ -425,3 +425,46 @@ def test_the_rule_in_spark_is_the_rule_by_hand(spark):
     sc, sr = spark.createDataFrame(cancels), spark.createDataFrame(rows)
     assert {r["_cancel_id"]: r["event_id"] for r in latest_purchases(sc, sr).collect()} == picks
     assert {r["_cancel_id"]: r["event_id"] for r in cancellation_matches(sc, sr).collect()} == matches
+
+
+def test_unchanged_rewrites_cancel_by_the_kth_rule(spark):
+    """cancel_rewrites: the k-th delete of a content pairs with its k-th insert
+    when the insert is not earlier; the pairs leave the changes, one row each
+    is counted, and everything else stays exactly once."""
+    from deltarec.features.changes import cancel_rewrites
+
+    def row(kind, v, event, qty=1):
+        return (f"e{event}", "u1", f"i{event}", "purchase", dt.datetime(2024, 1, 1), qty, kind, v)
+
+    rows = [
+        row("delete", 1, 1), row("insert", 1, 1),  # same commit (an overwrite): pair
+        row("delete", 1, 2), row("insert", 2, 2),  # rewritten a commit later: pair
+        row("insert", 1, 3), row("delete", 2, 3),  # inserted, then deleted: no pair
+        row("delete", 1, 4), row("delete", 2, 4), row("insert", 3, 4),  # 2 deletes, 1 insert: one pair
+        row("delete", 1, 5), row("insert", 1, 5, qty=2),  # content changed: no pair
+        row("update_preimage", 2, 6), row("update_postimage", 2, 6),  # updates never pair
+        row("insert", 3, 7),  # alone
+    ]
+    cols = "event_id string, user_id string, item_id string, event_type string, event_time timestamp, " \
+           "quantity int, _change_type string, _commit_version long"
+    kept, pairs = cancel_rewrites(spark.createDataFrame(rows, cols))
+
+    def key(r):
+        return (r[0], r[6], r[7], r[5])
+
+    # the rule by hand
+    left, n_pairs = list(rows), 0
+    for content in {r[:6] for r in rows}:
+        dels = sorted((r for r in left if r[:6] == content and r[6] == "delete"), key=lambda r: r[7])
+        ins = sorted((r for r in left if r[:6] == content and r[6] == "insert"), key=lambda r: r[7])
+        for d, i in zip(dels, ins):
+            if d[7] <= i[7]:
+                left.remove(d), left.remove(i)
+                n_pairs += 1
+    got = sorted(key(tuple(r[c] for c in ("event_id", "user_id", "item_id", "event_type", "event_time",
+                                         "quantity", "_change_type", "_commit_version"))) for r in kept.collect())
+    assert got == sorted(key(r) for r in left)
+    assert pairs.count() == n_pairs == 3
+    assert set(kept.columns) == {c.split()[0] for c in cols.split(", ")}  # no helper columns leak
+    assert {("e3", "insert"), ("e3", "delete"), ("e4", "delete"), ("e5", "delete"), ("e5", "insert"),
+            ("e6", "update_preimage"), ("e6", "update_postimage"), ("e7", "insert")} == {(k[0], k[1]) for k in got}

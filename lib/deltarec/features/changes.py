@@ -214,22 +214,30 @@ def cancel_rewrites(changes: "DataFrame") -> "tuple[DataFrame, DataFrame]":
     """(changes without the delete/insert pairs that rewrite an event unchanged,
     the pairs: one row each). The k-th delete of a content pairs with its k-th
     insert when the insert is not earlier; content is every behaviour column
-    (the event id included) and ``_bad``."""
+    (the event id included) and ``_bad``.
+
+    Two window passes over the rows and no join: each delete and insert is
+    numbered within its content and kind, then the k-th of each kind meet in
+    one (content, k) window. Both outputs come from that one plan (with
+    self-joins, each output re-read the rows and the pairs were computed once
+    per branch: three times)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     c = F.col
     content = [n for n in (*schemas.BEHAVIOR_EVENTS.names, "_bad") if n in changes.columns]
+    kind = c("_change_type")
+    both = kind.isin("delete", "insert")
+    # every row numbered (updates too): no window partition collects all the rows of one kind
     rows = changes.withColumn("_content", F.sha2(F.to_json(F.struct(*content)), 256))
-    w = Window.partitionBy("_content").orderBy("_commit_version")
-    dels = rows.where(c("_change_type") == "delete").withColumn("_k", F.row_number().over(w))
-    ins = rows.where(c("_change_type") == "insert").withColumn("_k", F.row_number().over(w))
-    pairs = (dels.select("_content", "_k", c("_commit_version").alias("_dv"))
-             .join(ins.select("_content", "_k", c("_commit_version").alias("_iv")), ["_content", "_k"])
-             .where(c("_dv") <= c("_iv")).select("_content", "_k"))
-    kept = (rows.where(~c("_change_type").isin("delete", "insert")).drop("_content")
-            .unionByName(dels.join(pairs, ["_content", "_k"], "left_anti").drop("_content", "_k"))
-            .unionByName(ins.join(pairs, ["_content", "_k"], "left_anti").drop("_content", "_k")))
+    rows = rows.withColumn("_k", F.row_number().over(
+        Window.partitionBy("_content", "_change_type").orderBy("_commit_version")))
+    meet = Window.partitionBy("_content", "_k")
+    dv = F.max(F.when(kind == "delete", c("_commit_version"))).over(meet)
+    iv = F.max(F.when(kind == "insert", c("_commit_version"))).over(meet)
+    rows = rows.withColumn("_paired", both & F.coalesce(dv <= iv, F.lit(False)))
+    kept = rows.where(~c("_paired")).drop("_content", "_k", "_paired")
+    pairs = rows.where(c("_paired") & (kind == "delete")).select("_content", "_k")
     return kept, pairs
 
 

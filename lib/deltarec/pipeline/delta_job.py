@@ -188,8 +188,13 @@ def _prepare(spark, cfg, lake, first, last, run_id, held: Held) -> PreparedNight
     index_table, users_table, items_table = (  # this lineage's state tables
         cfg.lake.event_index_table, cfg.lake.user_state_table, cfg.lake.item_stats_table)
     items = read_items(cfg, lake)  # (item_id, text) through source.items, checked first; None: no catalogue
-    changes, rewrites = cancel_rewrites(read_source_changes(spark, cfg, lake, first, last))
     keep, cut = held.keep, held.cut
+    # The change rows once (a leaf): cancel_rewrites and the keys read them in
+    # several branches, and over the feed's own plan (files joined with their
+    # versions) each branch re-read the files and broadcast the mapping again.
+    # A 2,438-row demo night's read_changes: 11 Spark jobs before, 6 with this
+    # cut and cancel_rewrites' join-free windows.
+    changes, rewrites = cancel_rewrites(cut(read_source_changes(spark, cfg, lake, first, last)))
     changes = keep(changes)
     keys = keep(tonight_keys(changes))
     adaptive = spark.conf.get(ADAPTIVE, None)
