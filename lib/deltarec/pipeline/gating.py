@@ -10,7 +10,7 @@ had (through the engine's ``lookup``). Writes nothing: the result reaches
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..evaluation.gate import GateDecision
 from ..lake.ledger import Ledger
@@ -29,12 +29,14 @@ log = logging.getLogger("deltarec.nightly")
 
 def gate_candidate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", items: "DataFrame",
                    choice: "StrategyChoice", checkpoint: dict[str, Any], run_id: str, first: int,
-                   last: int) -> dict[str, Any]:
+                   last: int, catalog: "Callable[[], np.ndarray] | None" = None) -> dict[str, Any]:
     """``metrics["gate"]``: the decision (``{"passed", "reason", "checks"}``)
     and, when the models were scored, both models' metrics on tonight's
     held-out rows and the per-slice metrics. Promoted without scoring: a
     lineage's first run, ``gate.enabled=false``, and a bucket-count change
-    (the champion cannot score ids hashed the new way)."""
+    (the champion cannot score ids hashed the new way). ``catalog``: gives
+    the catalogue's item indices (shared with the prequential stage), else
+    they come from ``items``."""
     if choice.parent is None:
         return {"decision": GateDecision(True, "first run of the lineage: champion by default").to_dict()}
     if choice.rehashed:
@@ -42,11 +44,12 @@ def gate_candidate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame",
                                                "score ids hashed the new way; champion by default").to_dict()}
     if not cfg.gate.enabled:
         return {"decision": GateDecision(True, "gate.enabled=false: promoted without evaluation").to_dict()}
-    return score_gate(cfg, lake, new_examples, items, choice.parent, checkpoint, run_id, first, last)
+    return score_gate(cfg, lake, new_examples, items, choice.parent, checkpoint, run_id, first, last, catalog)
 
 
 def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", items: "DataFrame", champion,
-               checkpoint: dict[str, Any], run_id: str, first: int, last: int) -> dict[str, Any]:
+               checkpoint: dict[str, Any], run_id: str, first: int, last: int,
+               catalog: "Callable[[], np.ndarray] | None" = None) -> dict[str, Any]:
     """Score the candidate (``checkpoint``) and ``champion`` on tonight's
     held-out rows (contract 1: ``holdout = true``) and decide."""
     from pyspark.sql import functions as F
@@ -84,7 +87,8 @@ def score_gate(cfg: "Config", lake: "LakeEngine", new_examples: "DataFrame", ite
                         by_name=slice_col or "column") if data.num_rows else {}
     masks.pop("all", None)
     models = {"candidate": load_model(checkpoint), "champion": load_model(champion)}
-    res = evaluate_models(models, data, catalog_indices(items, cfg.features), list(cfg.gate.metrics), slices=masks,
+    indices = catalog() if catalog else catalog_indices(items, cfg.features)
+    res = evaluate_models(models, data, indices, list(cfg.gate.metrics), slices=masks,
                           gate=cfg.gate, repeats=held_out_repeats(cfg, lake, data, models, first))
     decision = decide(res.get("candidate", {}), res.get("champion", {}), cfg.gate, users=res["holdout_users"],
                       bootstrap=res.get("bootstrap"))

@@ -21,6 +21,7 @@ the run's ``metrics["stages"]``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import shutil
 import time
@@ -28,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..evaluation.prequential import catalog_indices
 from ..lake import LakeError, open_lake
 from ..lake.ledger import Ledger, RunRecord
 from ..maintain import maybe_maintain
@@ -135,8 +137,10 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
 
         ensure_text_embeddings(spark, cfg, lake, night.items)
         clock.mark("text_embeddings")
+    # the item indices models rank over: one Spark read, shared by prequential and gate
+    catalog = functools.cache(lambda: catalog_indices(night.items, cfg.features))
     pre = score_prequential(cfg, lake, ledger, night.examples_df, night.items, choice.parent, run_id, first,
-                            last) if choice.comparable else {}
+                            last, catalog) if choice.comparable else {}
     clock.mark("prequential")
 
     run_dir = f"{lake.uri(cfg.lake.checkpoints_dir)}/{model}/{run_id}"
@@ -146,7 +150,7 @@ def run_nightly(spark: "SparkSession", cfg: "Config", *, lake: "LakeEngine | Non
     clock.mark("train")
     verify_checkpoint(trained.checkpoint["path"], trained.checkpoint["sha256"])  # complete before it exists
     gate = gate_candidate(cfg, lake, night.examples_df, night.items, choice, trained.checkpoint, run_id, first,
-                          last)
+                          last, catalog)
     clock.mark("gate")
 
     metrics = run_metrics(night, trained, choice, pre, gate, lineage_inputs(cfg, lake, spec.files),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..lake.ledger import CANDIDATE, Ledger, RunRecord
 
@@ -31,7 +31,7 @@ log = logging.getLogger("deltarec.nightly")
 
 def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_examples: "DataFrame",
                       items: "DataFrame", parent: RunRecord, run_id: str | None = None, first: int = 0,
-                      last: int = 0) -> dict[str, Any]:
+                      last: int = 0, catalog: "Callable[[], np.ndarray] | None" = None) -> dict[str, Any]:
     """HR@K/NDCG@K on the new positives, before anything trains on them, for:
     the champion (key 'champion': the warm-start parent), the newest
     candidate the gate did not promote since ('candidate'), the first model
@@ -43,7 +43,8 @@ def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_exa
     gets them as of the scored day's start from ``user_state`` before the
     commit of source version ``first`` (the state the night started from).
     ``run_id`` and ``last`` are accepted for callers and not used: nothing is
-    stored here."""
+    stored here. ``catalog``: gives the catalogue's item indices (the night
+    shares one computation with the gate), else they come from ``items``."""
     from pyspark.sql import functions as F
 
     from ..evaluation.prequential import catalog_indices, evaluate, user_histories
@@ -94,7 +95,8 @@ def score_prequential(cfg: "Config", lake: "LakeEngine", ledger: Ledger, new_exa
     K = max(repeat_items(m) for m in models.values())
     repeats = night_repeats(lake, cfg, pos, first, K) if K and "user_id" in pos.column_names else None
     out = evaluate(models, top, pos["user_idx"].to_numpy(), pos["item_idx"].to_numpy(),
-                   catalog_indices(items, cfg.features), k, histories=histories, repeats=repeats)
+                   catalog() if catalog else catalog_indices(items, cfg.features), k, histories=histories,
+                   repeats=repeats)
     out["runs"] = run_ids
     if errors:
         out["errors"] = errors
