@@ -171,7 +171,9 @@ def test_rerun_leaves_the_lake_as_one_run(spark, lake_root):
     assert first.stats["shuffle_partitions"] == cfg.spark.small_night_partitions == 1 != int(partitions)
     assert spark.conf.get(J.SHUFFLE) == partitions and len(lake.data_files("training_examples", {"run_id": "r1"})) == 1
     # what the night cached or cut (local checkpoints) is released: training gets the executors' memory back
-    assert set(spark.sparkContext._jsc.getPersistentRDDs().keySet()) == held
+    # (only the night's own: an earlier test's RDD may be cleaned by Spark's ContextCleaner meanwhile, once
+    # its handles are garbage collected: the full suite saw two go during this night)
+    assert set(spark.sparkContext._jsc.getPersistentRDDs().keySet()) - held == set()
     once = snapshot(lake, ["r0", "r1"])
     on = cfg.replace(spark=cfg.spark.replace(adaptive_min_rows=0))  # the rerun with adaptive execution
     again = J.prepare_night(spark, on, lake, 1, 2, "r1")
