@@ -271,7 +271,8 @@ def main(argv=None) -> int:
     ref = ref_row["per_worker"]
     best_mem = max(r["per_worker"] for r in rows if r["run"].startswith("in memory"))
     where = f"CUDA ({torch.cuda.get_device_name()})" if args.gpu else "CPU, torch threads 1 per worker"
-    print(f"\n{n} examples, model {args.model}, global batch {args.batch}, optimizer {args.optimizer}, {where}, {os.cpu_count()} cores, "
+    print(f"\n{n} examples, model {args.model}, global batch {args.batch}, optimizer {args.optimizer}, {where}, "
+          f"{os.cpu_count()} cores, "
           f"best of {max(args.repeat, 1)} run(s) each, 1-min load average {min(load):.1f}-{max(load):.1f}\n")
     print(f"reference = the fastest steady per-worker run of the same loop with one worker: {ref_row['run']} "
           f"{ref:,.0f} ex/s (best in memory: {best_mem:,.0f}; in-memory runs: "
@@ -299,7 +300,8 @@ def main(argv=None) -> int:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(
-        {"rows": n, "model": args.model, "batch": args.batch, "optimizer": args.optimizer, "gpu": args.gpu, "cores": os.cpu_count(),
+        {"rows": n, "model": args.model, "batch": args.batch, "optimizer": args.optimizer, "gpu": args.gpu,
+         "cores": os.cpu_count(),
          "threads_per_worker": 1, "reference": ref, "reference_run": ref_row["run"], "load1": load,
          "runs": rows, "nights": night_rows}, indent=1))
     head = names[0] if names else "local"
